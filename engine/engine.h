@@ -1,0 +1,116 @@
+/*
+ * The engine: one model on one backend, serving many sequences with
+ * continuous (iteration-level) batching over a paged KV cache.
+ *
+ * Single-threaded API: the owner (llm-run, llm-bench, the llm-engine
+ * daemon's loop) calls submit/cancel between steps and step() to advance
+ * every running sequence by one iteration.  The backend uses its own
+ * threads inside a step.  Results come back as events through a callback
+ * during step().
+ */
+#ifndef LLM_ENGINE_H
+#define LLM_ENGINE_H
+
+#include "common.h"
+#include "model.h"
+#include "sampler.h"
+
+typedef struct llm_engine llm_engine;
+
+typedef struct llm_engine_params {
+    const char *model_path;
+    const char *device;         /* "cpu" (default) or "cuda:N" */
+    int         n_threads;      /* 0: all cores */
+    size_t      kv_memory;      /* bytes for KV pages; 0: 256 MiB */
+    int         kv_type;        /* LLM_F16 (default) or LLM_F32 */
+    int         max_seqs;       /* running sequences at once; 0: 64 */
+    int         max_step_tokens;/* token budget per step; 0: 512 */
+    int         n_ctx;          /* max sequence length; 0: model's */
+    llm_progress_fn progress;   /* load progress, may be NULL */
+    void       *progress_ud;
+} llm_engine_params;
+
+enum {
+    LLM_FINISH_NONE = 0,
+    LLM_FINISH_STOP,        /* EOS / stop token */
+    LLM_FINISH_LENGTH,      /* max_tokens or context end */
+    LLM_FINISH_CANCELLED,
+    LLM_FINISH_ERROR
+};
+
+typedef struct llm_request {
+    const int32_t  *prompt;         /* copied at submit */
+    int             n_prompt;
+    int             max_tokens;     /* > 0 */
+    llm_sampling    sampling;
+    const int32_t  *stop_ids;       /* extra stop tokens (copied) */
+    int             n_stop_ids;
+    int             ignore_eos;
+    int             prompt_logits;  /* 1: emit LLM_EV_LOGITS for every
+                                       prompt position (teacher forcing) */
+    uint64_t        user_tag;       /* returned in every event */
+} llm_request;
+
+enum { LLM_EV_TOKEN = 1, LLM_EV_DONE = 2, LLM_EV_LOGITS = 3 };
+
+typedef struct llm_event {
+    int             type;
+    uint64_t        seq_id;
+    uint64_t        user_tag;
+    /* LLM_EV_TOKEN */
+    llm_sample_result sample;
+    /* LLM_EV_LOGITS: logits of prompt position pos, n_vocab floats,
+     * valid during the callback */
+    int             pos;
+    const float    *logits;
+    int             n_vocab;
+    /* LLM_EV_DONE */
+    int             finish;         /* LLM_FINISH_* */
+    int             n_prompt;
+    int             n_generated;
+    int             n_cached;       /* prompt tokens served from cache */
+    const char     *error;          /* LLM_FINISH_ERROR */
+} llm_event;
+
+typedef void (*llm_event_fn)(void *ud, const llm_event *ev);
+
+typedef struct llm_engine_stats {
+    int         n_waiting;
+    int         n_running;
+    int         kv_blocks_total;
+    int         kv_blocks_used;
+    int         block_size;
+    uint64_t    steps;
+    uint64_t    tokens_prefilled;
+    uint64_t    tokens_generated;
+    uint64_t    preemptions;
+    int         last_batch_tokens;
+    int         last_batch_seqs;
+} llm_engine_stats;
+
+llm_engine *llm_engine_new(const llm_engine_params *p, llm_err *err);
+void        llm_engine_free(llm_engine *e);
+
+const llm_model *llm_engine_model(const llm_engine *e);
+int              llm_engine_n_ctx(const llm_engine *e);
+
+/* Queues a sequence.  Fails (LLM_EINVAL) if the prompt is empty, has ids
+ * outside the vocabulary, or prompt + max_tokens exceeds the context. */
+int llm_engine_submit(llm_engine *e, const llm_request *req,
+                      uint64_t *seq_id, llm_err *err);
+
+/* Cancels a queued or running sequence: its KV blocks are freed at once
+ * and an LLM_EV_DONE with LLM_FINISH_CANCELLED comes from the next
+ * step().  LLM_ENOTFOUND if unknown or already finished. */
+int llm_engine_cancel(llm_engine *e, uint64_t seq_id);
+
+/* Runs one iteration; returns 0 (also when idle) or an error, which ends
+ * the sequences of the failed step with LLM_FINISH_ERROR. */
+int llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud,
+                    llm_err *err);
+
+/* 1 when nothing is queued or running (step() would do nothing). */
+int  llm_engine_idle(const llm_engine *e);
+void llm_engine_get_stats(const llm_engine *e, llm_engine_stats *s);
+
+#endif /* LLM_ENGINE_H */

@@ -1,0 +1,201 @@
+/*
+ * The compute backend interface: one table of function pointers that the
+ * CPU backend (kernels/cpu) and the CUDA backend (kernels/cuda) implement,
+ * in the manner of ggml-backend.  The engine only ever calls through this
+ * table: it never dereferences llm_tensor.data, which is a host address on
+ * the CPU backend and a device address on CUDA.
+ *
+ * Shapes are 2-D and row-major: ne[0] is the number of elements of a row
+ * (contiguous), ne[1] the number of rows, nb the bytes from one row to the
+ * next.  Weights are [out_features rows, in_features cols], as in GGUF and
+ * in PyTorch's nn.Linear, so y = x W^T.
+ *
+ * Every op returns 0 or a negative LLM_E* code with a message in
+ * llm_backend_error(be).  Ops may run asynchronously (CUDA stream);
+ * download() and synchronize() are the points where results are visible
+ * on the host.
+ *
+ * A step of the engine works on one batch (llm_batch): the tokens of
+ * several sequences, each sequence's tokens contiguous and in position
+ * order.  set_batch() hands the batch's index arrays to the backend once
+ * per step (the CUDA backend uploads them); the ops that need positions,
+ * sequences or block tables read them from there.
+ */
+#ifndef LLM_BACKEND_H
+#define LLM_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct llm_backend llm_backend;
+
+typedef struct llm_tensor {
+    void     *data;     /* backend address; opaque to the engine */
+    int       type;     /* llm_dtype */
+    int64_t   ne[2];    /* ne[0] = row length (cols), ne[1] = rows */
+    size_t    nb;       /* bytes per row */
+} llm_tensor;
+
+/* The paged KV cache of every layer.  For layer l, K and V are each
+ * [n_blocks, block_size, n_kv_heads, head_dim] of kv_type, contiguous. */
+typedef struct llm_kv_pool {
+    void     *k;        /* backend address of layer 0's K; layer l at
+                           k + l * layer_bytes */
+    void     *v;
+    int       type;     /* LLM_F16 or LLM_F32 */
+    int       n_layers;
+    int       n_blocks;
+    int       block_size;
+    int       n_kv_heads;
+    int       head_dim;
+    size_t    layer_bytes;
+} llm_kv_pool;
+
+/* Host-side description of one step.  Arrays are host memory owned by the
+ * engine; valid until the next set_batch(). */
+typedef struct llm_batch {
+    int             n_tokens;
+    const int32_t  *tokens;       /* [n_tokens] token ids */
+    const int32_t  *pos;          /* [n_tokens] absolute positions */
+    const int32_t  *tok_seq;      /* [n_tokens] index of the token's seq */
+
+    int             n_seqs;
+    const int32_t  *seq_start;    /* [n_seqs + 1] first token of each seq */
+    const int32_t  *seq_kv_len;   /* [n_seqs] KV length after this step
+                                     (tokens already cached + new ones) */
+    const int32_t  *block_table;  /* [n_seqs, max_blocks] physical block ids */
+    int             max_blocks;
+
+    int             n_out;        /* rows that need logits */
+    const int32_t  *out_rows;     /* [n_out] token indices into the batch */
+
+    /* Multi-LoRA (optional; n_adapters == 0 means base model only). */
+    int             n_adapters;
+    const int32_t  *tok_adapter;  /* [n_tokens] adapter slot or -1 */
+} llm_batch;
+
+typedef struct llm_rope_params {
+    int     n_rot;          /* rotated dims per head (<= head_dim) */
+    int     neox;           /* 1: rotate halves (HF layout);
+                               0: rotate adjacent pairs (GGUF llama) */
+    float   freq_base;
+    float   freq_scale;     /* linear scaling: 1.0 = none */
+    /* Llama 3 frequency scaling (llama3_type): factor > 0 enables it. */
+    float   l3_factor;
+    float   l3_low_freq_factor;
+    float   l3_high_freq_factor;
+    int     l3_orig_ctx;
+} llm_rope_params;
+
+typedef struct llm_backend_ops {
+    const char *name;
+
+    void        (*free)(llm_backend *be);
+    const char *(*error)(llm_backend *be);
+
+    /* Memory. */
+    void *(*alloc)(llm_backend *be, size_t bytes);          /* NULL on fail */
+    void  (*release)(llm_backend *be, void *data);
+    int   (*upload)(llm_backend *be, void *dst, const void *host, size_t n);
+    int   (*download)(llm_backend *be, void *host, const void *src,
+                      size_t n);
+    /* Weights from host memory that stays valid while the backend lives
+     * (an mmap'd model file).  The CPU backend returns host itself; a
+     * device backend copies.  *out receives the backend address. */
+    int   (*adopt_weights)(llm_backend *be, const void *host, size_t n,
+                           void **out);
+    int   (*synchronize)(llm_backend *be);
+
+    /* Per-step batch description. */
+    int (*set_batch)(llm_backend *be, const llm_batch *b);
+
+    /* out[t] = row batch.tokens[t] of table, as f32.  out: [n_tokens, dim]
+     * f32; table: [n_vocab, dim] any type. */
+    int (*embed)(llm_backend *be, llm_tensor *out, const llm_tensor *table);
+
+    /* out[i] = x[i] / rms(x[i]) * w.  x, out: [n, dim] f32 (may alias);
+     * w: [dim] f32. */
+    int (*rmsnorm)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
+                   const llm_tensor *w, float eps);
+
+    /* out = x W^T (+ bias).  x: [n, k] f32; w: [m, k] any type;
+     * bias: [m] f32 or NULL; out: [n, m] f32. */
+    int (*matmul)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
+                  const llm_tensor *w, const llm_tensor *bias);
+
+    /* In place rotary embedding of x: [n_tokens, n_heads * head_dim] f32,
+     * at positions batch.pos. */
+    int (*rope)(llm_backend *be, llm_tensor *x, int n_heads, int head_dim,
+                const llm_rope_params *rp);
+
+    /* Writes k, v: [n_tokens, n_kv_heads * head_dim] f32 into layer's
+     * pages at each token's position (block table of its seq). */
+    int (*kv_store)(llm_backend *be, const llm_kv_pool *kv, int layer,
+                    const llm_tensor *k, const llm_tensor *v);
+
+    /* Causal attention of q: [n_tokens, n_heads * head_dim] f32 over the
+     * layer's pages, positions 0 .. pos(t) of the token's sequence.
+     * out: [n_tokens, n_heads * head_dim] f32.  GQA: query head h reads
+     * KV head h / (n_heads / n_kv_heads). */
+    int (*attention)(llm_backend *be, llm_tensor *out, const llm_tensor *q,
+                     const llm_kv_pool *kv, int layer, int n_heads,
+                     float scale);
+
+    /* out = silu(gate) * up, all [n, d] f32 (out may alias gate). */
+    int (*silu_mul)(llm_backend *be, llm_tensor *out, const llm_tensor *gate,
+                    const llm_tensor *up);
+
+    /* out = a + b, [n, d] f32 (out may alias a). */
+    int (*add)(llm_backend *be, llm_tensor *out, const llm_tensor *a,
+               const llm_tensor *b);
+
+    /* out[i] = x[batch.out_rows[i]]: [n_out, d] f32. */
+    int (*gather_out_rows)(llm_backend *be, llm_tensor *out,
+                           const llm_tensor *x);
+
+    /* Copies whole KV blocks between pools' block ids (same layout),
+     * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */
+    int (*kv_copy_blocks)(llm_backend *be, const llm_kv_pool *kv,
+                          const int32_t *src_blocks,
+                          const int32_t *dst_blocks, int n);
+} llm_backend_ops;
+
+struct llm_backend {
+    const llm_backend_ops *ops;
+    void                  *ctx;     /* the backend's private state */
+};
+
+static inline const char *
+llm_backend_error(llm_backend *be)
+{
+    return be->ops->error(be);
+}
+
+/* Allocates a [rows, cols] tensor of type on the backend; 0 or LLM_ENOMEM. */
+int  llm_tensor_alloc(llm_backend *be, llm_tensor *t, int type, int64_t cols,
+                      int64_t rows);
+void llm_tensor_release(llm_backend *be, llm_tensor *t);
+
+/* A view of rows [first, first + n) of t. */
+llm_tensor llm_tensor_rows(const llm_tensor *t, int64_t first, int64_t n);
+
+/* Constructors of the built-in backends. NULL with err set on failure. */
+struct llm_err;
+llm_backend *llm_backend_cpu_new(int n_threads, struct llm_err *err);
+llm_backend *llm_backend_cuda_new(int device, struct llm_err *err);
+
+/* "cpu" or "cuda:N". */
+llm_backend *llm_backend_open(const char *spec, int n_threads,
+                              struct llm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LLM_BACKEND_H */

@@ -13,7 +13,8 @@ NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>
 
 OPT     ?= -O2
 CFLAGS  += $(OPT) -g -fPIC -std=gnu11 -pthread -Wall -Wextra \
-           -Wno-unused-parameter -Wno-sign-compare -D_GNU_SOURCE
+           -Wno-unused-parameter -Wno-sign-compare -Wno-format-truncation \
+           -D_GNU_SOURCE
 CPPFLAGS += -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread
 LDLIBS  += -lopenblas -ljansson -lm -lpthread
 
@@ -43,7 +44,7 @@ PROGRAMS    := $(patsubst engine/cmd/%.c,$(BUILD)/%,$(wildcard engine/cmd/*.c))
 TEST_SRCS   := $(wildcard t/unit/*.c)
 TEST_BIN    := $(BUILD)/unit-tests
 
-.PHONY: all lib programs deps test unit integration run clean module
+.PHONY: all lib programs deps test unit integration run clean module models
 all: lib programs $(TEST_BIN)
 
 lib: $(BUILD)/libllm.a
@@ -75,14 +76,54 @@ $(BUILD)/%: $(BUILD)/obj/engine/cmd/%.o $(BUILD)/libllm.a
 $(TEST_BIN): $(TEST_SRCS:%.c=$(BUILD)/obj/%.o) $(BUILD)/libllm.a
 	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
 
+# ---- the NGINX module ------------------------------------------------
+# Built by NGINX's own configure (Debian's nginx-dev tree, copied once into
+# $(BUILD)/nginx) with the flags of Debian's nginx, so that the stock
+# /usr/sbin/nginx loads it; the engine code it needs links in from
+# libllm.a (path passed to ./config in NGX_LLM_LIB).
+
+NGX_SRC     ?= /usr/share/nginx/src
+NGX_BUILD   := $(BUILD)/nginx
+MODULE_SO   := $(BUILD)/ngx_http_llm_module.so
+MODULE_DEPS := $(wildcard ngx_llm_module/*.c ngx_llm_module/*.h) \
+               engine/common.h engine/protocol.h engine/tokenizer.h \
+               $(wildcard engine/chat_template.h)
+
+module: $(MODULE_SO)
+
+$(NGX_BUILD)/objs/Makefile: config
+	@test -f $(NGX_SRC)/conf_flags \
+	    || { echo "$(NGX_SRC) missing: install nginx-dev (make deps)"; \
+	         exit 1; }
+	@test -f $(NGX_BUILD)/configure || { mkdir -p $(BUILD) \
+	    && rm -rf $(NGX_BUILD) && cp -r $(NGX_SRC) $(NGX_BUILD); }
+	cd $(NGX_BUILD) && NGX_LLM_LIB=$(CURDIR)/$(BUILD)/libllm.a bash -c \
+	    'source ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" \
+	     --with-cc-opt="-O2 -g -fPIC" --add-dynamic-module=$(CURDIR)' \
+	    > configure.log 2>&1 \
+	    || { tail -20 configure.log; exit 1; }
+
+# objs/Makefile does not know libllm.a: remove the .so to force the link.
+$(MODULE_SO): $(NGX_BUILD)/objs/Makefile $(MODULE_DEPS) $(BUILD)/libllm.a
+	rm -f $(NGX_BUILD)/objs/ngx_http_llm_module.so
+	cd $(NGX_BUILD) && MAKEFLAGS= $(MAKE) -f objs/Makefile modules
+	cp $(NGX_BUILD)/objs/ngx_http_llm_module.so $@
+
 deps:
 	@tools/install-deps.sh
+
+# An F32 copy of the default model, for comparisons with llama.cpp.
+F32_MODEL := .models/smollm2-135m-f32.gguf
+models: $(F32_MODEL)
+$(F32_MODEL):
+	@mkdir -p .models
+	$(PYTHON) tools/dequantize_gguf.py "$$(tools/default-model.sh)" $@
 
 unit: all
 	$(TEST_BIN)
 
 test: deps
-	$(MAKE) all
+	$(MAKE) all models
 	$(TEST_BIN)
 
 clean:

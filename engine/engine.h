@@ -91,8 +91,11 @@ typedef struct llm_engine_stats {
 llm_engine *llm_engine_new(const llm_engine_params *p, llm_err *err);
 void        llm_engine_free(llm_engine *e);
 
-const llm_model *llm_engine_model(const llm_engine *e);
-int              llm_engine_n_ctx(const llm_engine *e);
+struct llm_tokenizer;
+
+const llm_model            *llm_engine_model(const llm_engine *e);
+const struct llm_tokenizer *llm_engine_tokenizer(const llm_engine *e);
+int                         llm_engine_n_ctx(const llm_engine *e);
 
 /* Queues a sequence.  Fails (LLM_EINVAL) if the prompt is empty, has ids
  * outside the vocabulary, or prompt + max_tokens exceeds the context. */

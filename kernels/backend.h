@@ -85,12 +85,12 @@ typedef struct llm_rope_params {
     int     neox;           /* 1: rotate halves (HF layout);
                                0: rotate adjacent pairs (GGUF llama) */
     float   freq_base;
-    float   freq_scale;     /* linear scaling: 1.0 = none */
-    /* Llama 3 frequency scaling (llama3_type): factor > 0 enables it. */
-    float   l3_factor;
-    float   l3_low_freq_factor;
-    float   l3_high_freq_factor;
-    int     l3_orig_ctx;
+    float   freq_scale;     /* linear position scaling: 1.0 = none */
+    /* Per-frequency divisors of theta, [n_rot / 2] host floats, or NULL
+     * (Llama 3 scaling: from GGUF rope_freqs.weight or computed from a
+     * Hugging Face rope_scaling of type llama3).  Constant for the
+     * model's life; a device backend copies it once. */
+    const float *freq_factors;
 } llm_rope_params;
 
 typedef struct llm_backend_ops {

@@ -1,0 +1,596 @@
+/*
+ * The engine (see engine.h): sequences, one step = plan (scheduler.c),
+ * build the batch, run the model (forward.c), sample (sampler.c), emit
+ * events, retire finished sequences.
+ */
+#include "engine.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "forward.h"
+#include "kv_cache.h"
+#include "scheduler.h"
+#include "tokenizer.h"
+
+
+struct llm_engine {
+    llm_engine_params   p;
+    llm_backend        *be;
+    llm_model          *model;
+    llm_tokenizer      *tok;
+    llm_forward         fw;
+    llm_kv_blocks      *kv;
+    llm_scheduler       sched;
+    int                 n_ctx;
+    uint64_t            next_id;
+
+    /* sequences cancelled since the last step: their DONE is pending */
+    llm_seq_list        cancelled;
+
+    /* per-step scratch, host memory */
+    llm_seq           **plan;           /* [max_seqs] */
+    int32_t            *tokens;         /* [cap_tokens] */
+    int32_t            *pos;            /* [cap_tokens] */
+    int32_t            *tok_seq;        /* [cap_tokens] */
+    int32_t            *seq_start;      /* [max_seqs + 1] */
+    int32_t            *seq_kv_len;     /* [max_seqs] */
+    int32_t            *block_table;    /* [max_seqs, max_blocks] */
+    int                 max_blocks;
+    int32_t            *out_rows;       /* [cap_out] */
+    int32_t            *out_seq;        /* [cap_out] seq index, or -1 */
+    int32_t            *out_pos;        /* [cap_out] position of the row */
+    float              *logits;         /* [cap_out, n_vocab] */
+
+    llm_engine_stats    stats;
+};
+
+
+/* ---- sequences ---------------------------------------------------- */
+
+static void
+seq_free(llm_seq *s)
+{
+    if (s == NULL) {
+        return;
+    }
+    llm_block_table_destroy(&s->bt);
+    llm_sampler_free(s->sampler);
+    llm_free(s->tokens);
+    llm_free(s->stop_ids);
+    llm_free(s);
+}
+
+
+static int
+seq_is_stop(const llm_engine *e, const llm_seq *s, int32_t tok)
+{
+    int i;
+
+    if (!s->ignore_eos && llm_tokenizer_is_eog(e->tok, tok)) {
+        return 1;
+    }
+    for (i = 0; i < s->n_stop_ids; i++) {
+        if (s->stop_ids[i] == tok) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+
+/* ---- life cycle --------------------------------------------------- */
+
+llm_engine *
+llm_engine_new(const llm_engine_params *p, llm_err *err)
+{
+    llm_engine       *e;
+    size_t            block_bytes;
+    int               n_blocks, cap_tokens, cap_out, n_vocab;
+    const char       *device;
+
+    e = llm_calloc(1, sizeof(*e));
+    if (e == NULL) {
+        llm_err_set(err, LLM_ENOMEM, "out of memory");
+        return NULL;
+    }
+    e->p = *p;
+    if (e->p.kv_memory == 0) {
+        e->p.kv_memory = (size_t) 256 << 20;
+    }
+    if (e->p.kv_type != LLM_F32) {
+        e->p.kv_type = LLM_F16;
+    }
+    if (e->p.max_seqs <= 0) {
+        e->p.max_seqs = 64;
+    }
+    if (e->p.max_step_tokens <= 0) {
+        e->p.max_step_tokens = 512;
+    }
+    if (e->p.max_step_tokens < e->p.max_seqs) {
+        e->p.max_step_tokens = e->p.max_seqs;
+    }
+    device = e->p.device != NULL ? e->p.device : "cpu";
+
+    e->be = llm_backend_open(device, e->p.n_threads, err);
+    if (e->be == NULL) {
+        goto failed;
+    }
+    e->model = llm_model_load(p->model_path, e->be, p->progress,
+                              p->progress_ud, err);
+    if (e->model == NULL) {
+        goto failed;
+    }
+    e->tok = llm_tokenizer_load(p->model_path, err);
+    if (e->tok == NULL) {
+        goto failed;
+    }
+
+    e->n_ctx = e->model->cfg.n_ctx;
+    if (p->n_ctx > 0 && p->n_ctx < e->n_ctx) {
+        e->n_ctx = p->n_ctx;
+    }
+    n_vocab = e->model->cfg.n_vocab;
+
+    block_bytes = llm_forward_kv_block_bytes(&e->model->cfg,
+                                             LLM_KV_BLOCK_SIZE,
+                                             e->p.kv_type);
+    n_blocks = (int) (e->p.kv_memory / block_bytes);
+    if (n_blocks < 2) {
+        llm_err_set(err, LLM_EINVAL,
+                    "kv memory of %zu bytes holds fewer than 2 blocks of "
+                    "%zu bytes", e->p.kv_memory, block_bytes);
+        goto failed;
+    }
+    e->kv = llm_kv_blocks_new(n_blocks, LLM_KV_BLOCK_SIZE, err);
+    if (e->kv == NULL) {
+        goto failed;
+    }
+
+    cap_tokens = e->p.max_step_tokens;
+    /* one logits row per sequence; teacher-forced prompts use up to a
+     * whole step */
+    cap_out = cap_tokens;
+    if (llm_forward_init(&e->fw, e->be, e->model, cap_tokens, cap_out,
+                         n_blocks, LLM_KV_BLOCK_SIZE, e->p.kv_type, err)
+        != 0)
+    {
+        goto failed;
+    }
+
+    e->max_blocks = (e->n_ctx + LLM_KV_BLOCK_SIZE - 1) / LLM_KV_BLOCK_SIZE;
+    e->plan = llm_calloc((size_t) e->p.max_seqs, sizeof(llm_seq *));
+    e->tokens = llm_calloc((size_t) cap_tokens, sizeof(int32_t));
+    e->pos = llm_calloc((size_t) cap_tokens, sizeof(int32_t));
+    e->tok_seq = llm_calloc((size_t) cap_tokens, sizeof(int32_t));
+    e->seq_start = llm_calloc((size_t) e->p.max_seqs + 1, sizeof(int32_t));
+    e->seq_kv_len = llm_calloc((size_t) e->p.max_seqs, sizeof(int32_t));
+    e->block_table = llm_calloc((size_t) e->p.max_seqs
+                                * (size_t) e->max_blocks, sizeof(int32_t));
+    e->out_rows = llm_calloc((size_t) cap_out, sizeof(int32_t));
+    e->out_seq = llm_calloc((size_t) cap_out, sizeof(int32_t));
+    e->out_pos = llm_calloc((size_t) cap_out, sizeof(int32_t));
+    e->logits = llm_malloc((size_t) cap_out * (size_t) n_vocab
+                           * sizeof(float));
+    if (e->plan == NULL || e->tokens == NULL || e->pos == NULL
+        || e->tok_seq == NULL || e->seq_start == NULL
+        || e->seq_kv_len == NULL || e->block_table == NULL
+        || e->out_rows == NULL || e->out_seq == NULL || e->out_pos == NULL
+        || e->logits == NULL)
+    {
+        llm_err_set(err, LLM_ENOMEM, "out of memory for step buffers");
+        goto failed;
+    }
+
+    e->sched.kv = e->kv;
+    e->sched.max_seqs = e->p.max_seqs;
+    e->sched.max_step_tokens = e->p.max_step_tokens;
+    e->next_id = 1;
+    e->stats.kv_blocks_total = n_blocks;
+    e->stats.block_size = LLM_KV_BLOCK_SIZE;
+    return e;
+
+failed:
+    llm_engine_free(e);
+    return NULL;
+}
+
+
+void
+llm_engine_free(llm_engine *e)
+{
+    llm_seq_list *lists[3];
+    llm_seq      *s, *next;
+    int           i;
+
+    if (e == NULL) {
+        return;
+    }
+    lists[0] = &e->sched.waiting;
+    lists[1] = &e->sched.running;
+    lists[2] = &e->cancelled;
+    for (i = 0; i < 3; i++) {
+        for (s = lists[i]->head; s != NULL; s = next) {
+            next = s->next;
+            if (e->kv != NULL) {
+                llm_block_table_clear(e->kv, &s->bt);
+            }
+            seq_free(s);
+        }
+    }
+    llm_forward_free(&e->fw);
+    llm_kv_blocks_free(e->kv);
+    llm_tokenizer_free(e->tok);
+    llm_model_free(e->model);
+    if (e->be != NULL) {
+        e->be->ops->free(e->be);
+    }
+    llm_free(e->plan);
+    llm_free(e->tokens);
+    llm_free(e->pos);
+    llm_free(e->tok_seq);
+    llm_free(e->seq_start);
+    llm_free(e->seq_kv_len);
+    llm_free(e->block_table);
+    llm_free(e->out_rows);
+    llm_free(e->out_seq);
+    llm_free(e->out_pos);
+    llm_free(e->logits);
+    llm_free(e);
+}
+
+
+const llm_model *
+llm_engine_model(const llm_engine *e)
+{
+    return e->model;
+}
+
+
+int
+llm_engine_n_ctx(const llm_engine *e)
+{
+    return e->n_ctx;
+}
+
+
+const llm_tokenizer *
+llm_engine_tokenizer(const llm_engine *e)
+{
+    return e->tok;
+}
+
+
+/* ---- requests ----------------------------------------------------- */
+
+int
+llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
+                  llm_err *err)
+{
+    llm_seq *s;
+    int      i, total, rc;
+
+    if (req->n_prompt <= 0 || req->prompt == NULL) {
+        return llm_err_set(err, LLM_EINVAL, "the prompt is empty");
+    }
+    if (req->max_tokens <= 0) {
+        return llm_err_set(err, LLM_EINVAL,
+                           "max_tokens must be at least 1");
+    }
+    for (i = 0; i < req->n_prompt; i++) {
+        if (req->prompt[i] < 0 || req->prompt[i] >= e->model->cfg.n_vocab) {
+            return llm_err_set(err, LLM_EINVAL,
+                               "prompt token %d (at %d) is outside the "
+                               "vocabulary of %d", req->prompt[i], i,
+                               e->model->cfg.n_vocab);
+        }
+    }
+    total = req->n_prompt + req->max_tokens;
+    if (req->n_prompt > e->n_ctx || total > e->n_ctx) {
+        return llm_err_set(err, LLM_EINVAL,
+                           "prompt (%d tokens) plus max_tokens (%d) exceeds "
+                           "the context length of %d tokens", req->n_prompt,
+                           req->max_tokens, e->n_ctx);
+    }
+    if (llm_kv_blocks_for(e->kv, total) > llm_kv_n_blocks(e->kv)) {
+        return llm_err_set(err, LLM_EFULL,
+                           "prompt plus max_tokens (%d tokens) exceeds the "
+                           "whole KV cache (%d blocks of %d)", total,
+                           llm_kv_n_blocks(e->kv), LLM_KV_BLOCK_SIZE);
+    }
+    if ((rc = llm_sampling_check(&req->sampling, err)) != 0) {
+        return rc;
+    }
+
+    s = llm_calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return llm_err_set(err, LLM_ENOMEM, "out of memory");
+    }
+    s->cap = total;
+    s->tokens = llm_malloc((size_t) total * sizeof(int32_t));
+    s->sampler = llm_sampler_new(&req->sampling, e->model->cfg.n_vocab,
+                                 err);
+    if (req->n_stop_ids > 0) {
+        s->stop_ids = llm_malloc((size_t) req->n_stop_ids * sizeof(int32_t));
+    }
+    if (s->tokens == NULL || s->sampler == NULL
+        || (req->n_stop_ids > 0 && s->stop_ids == NULL)
+        || llm_sampler_add_prompt(s->sampler, req->prompt, req->n_prompt)
+           != 0)
+    {
+        seq_free(s);
+        return llm_err_set(err, LLM_ENOMEM, "out of memory");
+    }
+    memcpy(s->tokens, req->prompt, (size_t) req->n_prompt * sizeof(int32_t));
+    if (req->n_stop_ids > 0) {
+        memcpy(s->stop_ids, req->stop_ids,
+               (size_t) req->n_stop_ids * sizeof(int32_t));
+    }
+    s->n_stop_ids = req->n_stop_ids;
+    s->n_tokens = s->n_prompt = req->n_prompt;
+    s->max_tokens = req->max_tokens;
+    s->ignore_eos = req->ignore_eos;
+    s->prompt_logits = req->prompt_logits;
+    s->user_tag = req->user_tag;
+    s->id = e->next_id++;
+    s->arrival_ns = llm_now_ns();
+    s->state = LLM_SEQ_WAITING;
+    llm_seq_list_push_back(&e->sched.waiting, s);
+    if (seq_id != NULL) {
+        *seq_id = s->id;
+    }
+    return 0;
+}
+
+
+static llm_seq *
+engine_find(llm_engine *e, uint64_t id)
+{
+    llm_seq_list *lists[2] = { &e->sched.running, &e->sched.waiting };
+    llm_seq      *s;
+    int           i;
+
+    for (i = 0; i < 2; i++) {
+        for (s = lists[i]->head; s != NULL; s = s->next) {
+            if (s->id == id) {
+                return s;
+            }
+        }
+    }
+    return NULL;
+}
+
+
+int
+llm_engine_cancel(llm_engine *e, uint64_t seq_id)
+{
+    llm_seq *s = engine_find(e, seq_id);
+
+    if (s == NULL) {
+        return LLM_ENOTFOUND;
+    }
+    llm_scheduler_drop(&e->sched, s);   /* frees its KV blocks now */
+    llm_seq_list_push_back(&e->cancelled, s);
+    return 0;
+}
+
+
+int
+llm_engine_idle(const llm_engine *e)
+{
+    return e->sched.waiting.n == 0 && e->sched.running.n == 0
+           && e->cancelled.n == 0;
+}
+
+
+void
+llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
+{
+    *st = e->stats;
+    st->n_waiting = e->sched.waiting.n;
+    st->n_running = e->sched.running.n;
+    st->kv_blocks_used = llm_kv_n_blocks(e->kv) - llm_kv_n_free(e->kv);
+    st->preemptions = e->sched.preemptions;
+}
+
+
+/* ---- one step ----------------------------------------------------- */
+
+static void
+emit_done(llm_engine *e, llm_seq *s, int finish, const char *error,
+          llm_event_fn cb, void *ud)
+{
+    llm_event ev;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.type = LLM_EV_DONE;
+    ev.seq_id = s->id;
+    ev.user_tag = s->user_tag;
+    ev.finish = finish;
+    ev.n_prompt = s->n_prompt;
+    ev.n_generated = s->n_tokens - s->n_prompt;
+    ev.error = error;
+    cb(ud, &ev);
+}
+
+
+/* Lays the planned chunks out as one llm_batch. */
+static void
+build_batch(llm_engine *e, int n_seqs, llm_batch *b)
+{
+    int t = 0, n_out = 0, i, j;
+
+    for (i = 0; i < n_seqs; i++) {
+        llm_seq *s = e->plan[i];
+        int      first = s->n_computed;
+        int      end = first + s->chunk;
+
+        e->seq_start[i] = t;
+        e->seq_kv_len[i] = end;
+        memcpy(e->block_table + (size_t) i * e->max_blocks, s->bt.ids,
+               (size_t) s->bt.n * sizeof(int32_t));
+        for (j = first; j < end; j++, t++) {
+            e->tokens[t] = s->tokens[j];
+            e->pos[t] = j;
+            e->tok_seq[t] = i;
+            if (s->prompt_logits && j < s->n_prompt) {
+                /* teacher forcing: every prompt position has a row */
+                e->out_rows[n_out] = t;
+                e->out_seq[n_out] = j == s->n_tokens - 1 ? i : -1;
+                e->out_pos[n_out] = j;
+                n_out++;
+            } else if (j == s->n_tokens - 1) {
+                e->out_rows[n_out] = t;
+                e->out_seq[n_out] = i;
+                e->out_pos[n_out] = j;
+                n_out++;
+            }
+        }
+    }
+    e->seq_start[n_seqs] = t;
+
+    memset(b, 0, sizeof(*b));
+    b->n_tokens = t;
+    b->tokens = e->tokens;
+    b->pos = e->pos;
+    b->tok_seq = e->tok_seq;
+    b->n_seqs = n_seqs;
+    b->seq_start = e->seq_start;
+    b->seq_kv_len = e->seq_kv_len;
+    b->block_table = e->block_table;
+    b->max_blocks = e->max_blocks;
+    b->n_out = n_out;
+    b->out_rows = e->out_rows;
+}
+
+
+/* Samples the next token of seq from its logits row; returns the finish
+ * reason (LLM_FINISH_NONE to go on). */
+static int
+seq_advance(llm_engine *e, llm_seq *s, float *row, llm_event_fn cb,
+            void *ud, int *failed)
+{
+    llm_event ev;
+    int       n_gen;
+
+    memset(&ev, 0, sizeof(ev));
+    if (llm_sampler_sample(s->sampler, row, &ev.sample) != 0) {
+        *failed = 1;
+        return LLM_FINISH_ERROR;
+    }
+    s->tokens[s->n_tokens++] = ev.sample.token;
+    e->stats.tokens_generated++;
+    if (s->first_token_ns == 0) {
+        s->first_token_ns = llm_now_ns();
+    }
+    ev.type = LLM_EV_TOKEN;
+    ev.seq_id = s->id;
+    ev.user_tag = s->user_tag;
+    cb(ud, &ev);
+
+    n_gen = s->n_tokens - s->n_prompt;
+    if (seq_is_stop(e, s, ev.sample.token)) {
+        return LLM_FINISH_STOP;
+    }
+    if (n_gen >= s->max_tokens || s->n_tokens >= e->n_ctx) {
+        return LLM_FINISH_LENGTH;
+    }
+    return LLM_FINISH_NONE;
+}
+
+
+int
+llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
+{
+    llm_batch  b;
+    llm_seq   *s;
+    int        n_seqs, i, rc, n_vocab = e->model->cfg.n_vocab;
+
+    /* Report cancellations first: their blocks are already free. */
+    while ((s = e->cancelled.head) != NULL) {
+        llm_seq_list_remove(&e->cancelled, s);
+        emit_done(e, s, LLM_FINISH_CANCELLED, NULL, cb, ud);
+        seq_free(s);
+    }
+
+    n_seqs = llm_scheduler_plan(&e->sched, e->plan);
+    if (n_seqs == 0) {
+        return 0;
+    }
+    build_batch(e, n_seqs, &b);
+
+    rc = llm_forward_run(&e->fw, &b, e->logits, err);
+    if (rc != 0) {
+        /* the batch's sequences cannot trust their pages any more */
+        for (i = 0; i < n_seqs; i++) {
+            s = e->plan[i];
+            llm_scheduler_drop(&e->sched, s);
+            emit_done(e, s, LLM_FINISH_ERROR,
+                      err != NULL ? err->msg : "forward pass failed",
+                      cb, ud);
+            seq_free(s);
+        }
+        return rc;
+    }
+
+    e->stats.steps++;
+    e->stats.last_batch_tokens = b.n_tokens;
+    e->stats.last_batch_seqs = n_seqs;
+
+    for (i = 0; i < n_seqs; i++) {
+        s = e->plan[i];
+        if (s->n_computed < s->n_prompt) {
+            int end = s->n_computed + s->chunk;
+            e->stats.tokens_prefilled +=
+                (uint64_t) ((end < s->n_prompt ? end : s->n_prompt)
+                            - s->n_computed);
+        }
+        s->n_computed += s->chunk;
+    }
+
+    /* Teacher-forced logits, then one sampled token per finished chunk. */
+    for (i = 0; i < b.n_out; i++) {
+        llm_event ev;
+        int       si = -1, j;
+
+        for (j = 0; j < n_seqs; j++) {
+            if (b.out_rows[i] >= e->seq_start[j]
+                && b.out_rows[i] < e->seq_start[j + 1])
+            {
+                si = j;
+                break;
+            }
+        }
+        s = e->plan[si];
+        if (!s->prompt_logits || e->out_pos[i] >= s->n_prompt) {
+            continue;
+        }
+        memset(&ev, 0, sizeof(ev));
+        ev.type = LLM_EV_LOGITS;
+        ev.seq_id = s->id;
+        ev.user_tag = s->user_tag;
+        ev.pos = e->out_pos[i];
+        ev.logits = e->logits + (size_t) i * n_vocab;
+        ev.n_vocab = n_vocab;
+        cb(ud, &ev);
+    }
+
+    for (i = 0; i < b.n_out; i++) {
+        int finish, failed = 0;
+
+        if (e->out_seq[i] < 0) {
+            continue;
+        }
+        s = e->plan[e->out_seq[i]];
+        finish = seq_advance(e, s, e->logits + (size_t) i * n_vocab, cb, ud,
+                             &failed);
+        if (finish != LLM_FINISH_NONE) {
+            llm_scheduler_drop(&e->sched, s);
+            emit_done(e, s, finish, failed ? "out of memory in sampler"
+                                           : NULL, cb, ud);
+            seq_free(s);
+        }
+    }
+    return 0;
+}

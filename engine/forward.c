@@ -1,0 +1,204 @@
+/*
+ * Forward pass (see forward.h).  Per layer, for the T tokens of a step:
+ *
+ *   h = rmsnorm(x) ; q,k,v = h Wq,Wk,Wv (+bias) ; rope(q, k)
+ *   store k, v in the pages ; att = paged attention(q) ; x += att Wo
+ *   h = rmsnorm(x) ; x += (silu(h Wgate) * h Wup) Wdown
+ *
+ * then only the rows that need logits go through the final norm and the
+ * output matrix.
+ */
+#include "forward.h"
+
+#include <math.h>
+#include <string.h>
+
+
+#define FW_TRY(call, what)                                                  \
+    do {                                                                    \
+        int rc_ = (call);                                                   \
+        if (rc_ != 0) {                                                     \
+            return llm_err_set(err, rc_, "%s: %s", what,                    \
+                               llm_backend_error(fw->be));                  \
+        }                                                                   \
+    } while (0)
+
+
+size_t
+llm_forward_kv_block_bytes(const llm_model_config *c, int block_size,
+                           int kv_type)
+{
+    size_t elem = kv_type == LLM_F32 ? 4 : 2;
+
+    return 2 * (size_t) c->n_layers * (size_t) block_size
+           * (size_t) c->n_kv_heads * (size_t) c->head_dim * elem;
+}
+
+
+int
+llm_forward_init(llm_forward *fw, llm_backend *be, const llm_model *m,
+                 int cap_tokens, int cap_out, int n_blocks, int block_size,
+                 int kv_type, llm_err *err)
+{
+    const llm_model_config *c = &m->cfg;
+    int                     qd = c->n_heads * c->head_dim;
+    int                     kvd = c->n_kv_heads * c->head_dim;
+    size_t                  layer_bytes;
+    struct { llm_tensor *t; int64_t cols, rows; } acts[] = {
+        { &fw->x, c->dim, cap_tokens },
+        { &fw->h, c->dim, cap_tokens },
+        { &fw->q, qd, cap_tokens },
+        { &fw->k, kvd, cap_tokens },
+        { &fw->v, kvd, cap_tokens },
+        { &fw->att, qd, cap_tokens },
+        { &fw->o, c->dim, cap_tokens },
+        { &fw->gate, c->ffn_dim, cap_tokens },
+        { &fw->up, c->ffn_dim, cap_tokens },
+        { &fw->out_h, c->dim, cap_out },
+        { &fw->logits, c->n_vocab, cap_out },
+    };
+    size_t                  i;
+
+    memset(fw, 0, sizeof(*fw));
+    fw->be = be;
+    fw->m = m;
+    fw->cap_tokens = cap_tokens;
+    fw->cap_out = cap_out;
+
+    for (i = 0; i < sizeof(acts) / sizeof(acts[0]); i++) {
+        if (llm_tensor_alloc(be, acts[i].t, LLM_F32, acts[i].cols,
+                             acts[i].rows) != 0)
+        {
+            llm_forward_free(fw);
+            return llm_err_set(err, LLM_ENOMEM,
+                               "cannot allocate activations for %d tokens",
+                               cap_tokens);
+        }
+    }
+
+    layer_bytes = llm_forward_kv_block_bytes(c, block_size, kv_type)
+                  / 2 / (size_t) c->n_layers * (size_t) n_blocks;
+    fw->kv.type = kv_type;
+    fw->kv.n_layers = c->n_layers;
+    fw->kv.n_blocks = n_blocks;
+    fw->kv.block_size = block_size;
+    fw->kv.n_kv_heads = c->n_kv_heads;
+    fw->kv.head_dim = c->head_dim;
+    fw->kv.layer_bytes = layer_bytes;
+    fw->kv.k = be->ops->alloc(be, layer_bytes * (size_t) c->n_layers);
+    fw->kv.v = be->ops->alloc(be, layer_bytes * (size_t) c->n_layers);
+    if (fw->kv.k == NULL || fw->kv.v == NULL) {
+        llm_forward_free(fw);
+        return llm_err_set(err, LLM_ENOMEM,
+                           "cannot allocate %zu MiB of KV pages",
+                           2 * layer_bytes * (size_t) c->n_layers >> 20);
+    }
+    return 0;
+}
+
+
+void
+llm_forward_free(llm_forward *fw)
+{
+    llm_tensor *all[] = { &fw->x, &fw->h, &fw->q, &fw->k, &fw->v, &fw->att,
+                          &fw->o, &fw->gate, &fw->up, &fw->out_h,
+                          &fw->logits };
+    size_t      i;
+
+    if (fw->be == NULL) {
+        return;
+    }
+    for (i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+        llm_tensor_release(fw->be, all[i]);
+    }
+    if (fw->kv.k != NULL) {
+        fw->be->ops->release(fw->be, fw->kv.k);
+    }
+    if (fw->kv.v != NULL) {
+        fw->be->ops->release(fw->be, fw->kv.v);
+    }
+    memset(fw, 0, sizeof(*fw));
+}
+
+
+static const llm_tensor *
+opt_bias(const llm_tensor *b)
+{
+    return b->data != NULL ? b : NULL;
+}
+
+
+int
+llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
+                llm_err *err)
+{
+    llm_backend            *be = fw->be;
+    const llm_backend_ops  *ops = be->ops;
+    const llm_model        *m = fw->m;
+    const llm_model_config *c = &m->cfg;
+    int64_t                 T = b->n_tokens;
+    llm_tensor              x, h, q, k, v, att, o, gate, up, oh, lg;
+    float                   scale = 1.0f / sqrtf((float) c->head_dim);
+    int                     l;
+
+    if (T <= 0 || T > fw->cap_tokens || b->n_out > fw->cap_out) {
+        return llm_err_set(err, LLM_EINVAL,
+                           "batch of %lld tokens / %d outputs exceeds the "
+                           "buffers (%d / %d)", (long long) T, b->n_out,
+                           fw->cap_tokens, fw->cap_out);
+    }
+
+    x = llm_tensor_rows(&fw->x, 0, T);
+    h = llm_tensor_rows(&fw->h, 0, T);
+    q = llm_tensor_rows(&fw->q, 0, T);
+    k = llm_tensor_rows(&fw->k, 0, T);
+    v = llm_tensor_rows(&fw->v, 0, T);
+    att = llm_tensor_rows(&fw->att, 0, T);
+    o = llm_tensor_rows(&fw->o, 0, T);
+    gate = llm_tensor_rows(&fw->gate, 0, T);
+    up = llm_tensor_rows(&fw->up, 0, T);
+
+    FW_TRY(ops->set_batch(be, b), "set_batch");
+    FW_TRY(ops->embed(be, &x, &m->tok_embd), "embed");
+
+    for (l = 0; l < c->n_layers; l++) {
+        const llm_layer_weights *w = &m->layers[l];
+
+        FW_TRY(ops->rmsnorm(be, &h, &x, &w->attn_norm, c->norm_eps),
+               "attn_norm");
+        FW_TRY(ops->matmul(be, &q, &h, &w->wq, opt_bias(&w->bq)), "wq");
+        FW_TRY(ops->matmul(be, &k, &h, &w->wk, opt_bias(&w->bk)), "wk");
+        FW_TRY(ops->matmul(be, &v, &h, &w->wv, opt_bias(&w->bv)), "wv");
+        FW_TRY(ops->rope(be, &q, c->n_heads, c->head_dim, &c->rope),
+               "rope q");
+        FW_TRY(ops->rope(be, &k, c->n_kv_heads, c->head_dim, &c->rope),
+               "rope k");
+        FW_TRY(ops->kv_store(be, &fw->kv, l, &k, &v), "kv_store");
+        FW_TRY(ops->attention(be, &att, &q, &fw->kv, l, c->n_heads, scale),
+               "attention");
+        FW_TRY(ops->matmul(be, &o, &att, &w->wo, NULL), "wo");
+        FW_TRY(ops->add(be, &x, &x, &o), "residual");
+
+        FW_TRY(ops->rmsnorm(be, &h, &x, &w->ffn_norm, c->norm_eps),
+               "ffn_norm");
+        FW_TRY(ops->matmul(be, &gate, &h, &w->w_gate, NULL), "w_gate");
+        FW_TRY(ops->matmul(be, &up, &h, &w->w_up, NULL), "w_up");
+        FW_TRY(ops->silu_mul(be, &gate, &gate, &up), "silu_mul");
+        FW_TRY(ops->matmul(be, &o, &gate, &w->w_down, NULL), "w_down");
+        FW_TRY(ops->add(be, &x, &x, &o), "residual");
+    }
+
+    if (b->n_out == 0) {
+        return 0;
+    }
+    oh = llm_tensor_rows(&fw->out_h, 0, b->n_out);
+    lg = llm_tensor_rows(&fw->logits, 0, b->n_out);
+    FW_TRY(ops->gather_out_rows(be, &oh, &x), "gather");
+    FW_TRY(ops->rmsnorm(be, &oh, &oh, &m->out_norm, c->norm_eps),
+           "output_norm");
+    FW_TRY(ops->matmul(be, &lg, &oh, &m->output, NULL), "output");
+    FW_TRY(ops->download(be, host_logits, lg.data,
+                         (size_t) b->n_out * (size_t) c->n_vocab
+                         * sizeof(float)), "download logits");
+    return 0;
+}

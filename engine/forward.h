@@ -1,0 +1,49 @@
+/*
+ * The forward pass of a Llama-family decoder over one batch (llm_batch),
+ * written only in terms of backend ops, plus the activation buffers and
+ * the paged KV pool it uses.
+ */
+#ifndef LLM_FORWARD_H
+#define LLM_FORWARD_H
+
+#include "common.h"
+#include "model.h"
+
+typedef struct llm_forward {
+    llm_backend        *be;
+    const llm_model    *m;
+    llm_kv_pool         kv;
+    int                 cap_tokens;     /* rows of a step */
+    int                 cap_out;        /* rows that may need logits */
+
+    /* activations, f32, rows = cap_tokens unless noted */
+    llm_tensor          x;              /* [T, dim] residual stream */
+    llm_tensor          h;              /* [T, dim] normed */
+    llm_tensor          q;              /* [T, n_heads * head_dim] */
+    llm_tensor          k;              /* [T, n_kv_heads * head_dim] */
+    llm_tensor          v;              /* [T, n_kv_heads * head_dim] */
+    llm_tensor          att;            /* [T, n_heads * head_dim] */
+    llm_tensor          o;              /* [T, dim] */
+    llm_tensor          gate;           /* [T, ffn_dim] */
+    llm_tensor          up;             /* [T, ffn_dim] */
+    llm_tensor          out_h;          /* [cap_out, dim] */
+    llm_tensor          logits;         /* [cap_out, n_vocab] */
+} llm_forward;
+
+/* Allocates activations for cap_tokens rows per step and a KV pool of
+ * n_blocks blocks of block_size tokens of kv_type. */
+int  llm_forward_init(llm_forward *fw, llm_backend *be, const llm_model *m,
+                      int cap_tokens, int cap_out, int n_blocks,
+                      int block_size, int kv_type, llm_err *err);
+void llm_forward_free(llm_forward *fw);
+
+/* Bytes of one KV block over all layers (K and V). */
+size_t llm_forward_kv_block_bytes(const llm_model_config *c, int block_size,
+                                  int kv_type);
+
+/* Runs the model on batch b and copies the logits of b->out_rows into
+ * host_logits [b->n_out, n_vocab]. */
+int  llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
+                     llm_err *err);
+
+#endif /* LLM_FORWARD_H */

@@ -45,7 +45,7 @@ TEST_SRCS   := $(wildcard t/unit/*.c)
 TEST_BIN    := $(BUILD)/unit-tests
 
 .PHONY: all lib programs deps test unit integration run clean module models
-all: lib programs $(TEST_BIN)
+all: lib programs $(TEST_BIN) module
 
 lib: $(BUILD)/libllm.a
 programs: $(PROGRAMS)
@@ -74,6 +74,12 @@ $(BUILD)/%: $(BUILD)/obj/engine/cmd/%.o $(BUILD)/libllm.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libllm.a $(LDLIBS) -Wl,--no-undefined
 
 $(TEST_BIN): $(TEST_SRCS:%.c=$(BUILD)/obj/%.o) $(BUILD)/libllm.a
+	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
+
+# Kernel micro-benchmark (bench/kernels/RESULTS.md): make bench-kernels
+.PHONY: bench-kernels
+bench-kernels: $(BUILD)/bench-kernels
+$(BUILD)/bench-kernels: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/kernels/*.c)) $(BUILD)/libllm.a
 	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
 
 # ---- the NGINX module ------------------------------------------------
@@ -122,9 +128,20 @@ $(F32_MODEL):
 unit: all
 	$(TEST_BIN)
 
+# pytest with real nginx, llm-engine and redis-server (t/integration).
+PYTEST_ARGS ?= -q
+integration: all
+	LLM_BUILD=$(BUILD) $(PYTHON) -m pytest $(PYTEST_ARGS) t/integration; \
+	    rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# Both suites run even if the first fails; either failing fails the target.
 test: deps
 	$(MAKE) all models
-	$(TEST_BIN)
+	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; exit $$rc
+
+run: deps
+	$(MAKE) all
+	BUILD=$(BUILD) tools/run.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -138,7 +138,7 @@ gguf_read_kv(gguf_cursor *c, llm_gguf_kv *kv, uint64_t idx)
                                "exceeds the file", c->g->path, what,
                                (unsigned long long) n);
         }
-        kv->str_off = llm_malloc(n * sizeof(uint64_t));
+        kv->str_off = llm_malloc((n ? n : 1) * sizeof(uint64_t));
         if (kv->str_off == NULL) {
             return llm_err_set(c->err, LLM_ENOMEM, "%s: %s: out of memory",
                                c->g->path, what);
@@ -301,7 +301,7 @@ gguf_parse(llm_gguf *g, llm_err *err)
         llm_gguf_tensor       *t = &g->tensors[i];
         const llm_dtype_info  *ti = llm_dtype_get(t->type);
         char                   name[128];
-        int64_t                nel;
+        uint64_t               nel, nbytes;
 
         llm_str_cstr(t->name, name, sizeof(name));
         if (ti == NULL) {
@@ -316,8 +316,21 @@ gguf_parse(llm_gguf *g, llm_err *err)
                                g->path, name, (long long) t->ne[0], ti->name,
                                ti->block);
         }
-        nel = t->ne[1] * t->ne[2] * t->ne[3];
-        t->nbytes = llm_row_bytes(t->type, t->ne[0]) * (size_t) nel;
+        /* each dimension may be up to 2^40: check the products */
+        if (__builtin_mul_overflow((uint64_t) t->ne[1],
+                                   (uint64_t) t->ne[2], &nel)
+            || __builtin_mul_overflow(nel, (uint64_t) t->ne[3], &nel)
+            || __builtin_mul_overflow(nel,
+                                      (uint64_t) llm_row_bytes(t->type,
+                                                               t->ne[0]),
+                                      &nbytes)
+            || nbytes > SIZE_MAX)
+        {
+            return llm_err_set(err, LLM_EFORMAT,
+                               "%s: tensor \"%s\": shape too large "
+                               "(corrupted)", g->path, name);
+        }
+        t->nbytes = (size_t) nbytes;
         if (t->offset % g->alignment != 0
             || t->offset > g->size - g->data_offset
             || t->nbytes > g->size - g->data_offset - t->offset)

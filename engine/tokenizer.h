@@ -39,6 +39,17 @@ const char *llm_tokenizer_chat_template(const llm_tokenizer *t);
 /* Token id of an exact token text (e.g. "<|im_end|>"), or -1. */
 int32_t llm_tokenizer_find(const llm_tokenizer *t, const char *text);
 
+/* Control (or unknown) token: rendered only when asked for special text. */
+int  llm_tokenizer_is_control(const llm_tokenizer *t, int32_t id);
+
+/* The pre-tokenizer, by llama.cpp's tokenizer.ggml.pre name ("smollm",
+ * "llama-bpe", "qwen2", "gpt2", "default", ...).  A name it does not know
+ * selects the GPT-2 split and sets the fallback flag; set_pre then
+ * returns LLM_ENOTFOUND (the tokenizer stays usable). */
+int         llm_tokenizer_set_pre(llm_tokenizer *t, const char *name);
+const char *llm_tokenizer_pre_name(const llm_tokenizer *t);
+int         llm_tokenizer_pre_fallback(const llm_tokenizer *t);
+
 /* Encodes text[len].  add_special: add BOS/EOS as the model asks.
  * parse_special: recognise special/control token texts in the input
  * (as llama.cpp's parse_special).  Writes up to cap ids; returns the

@@ -185,7 +185,7 @@ main(int argc, char **argv)
     for (i = 0; i < n_conc; i++) {
         double best_p = 0, best_d = 0;
         for (r = 0; r < repeat; r++) {
-            double p, d;
+            double p = 0, d = 0;
             if (run_once(e, conc[i], P, G, (uint32_t) (r + 1), &p, &d,
                          &err) != 0)
             {

@@ -288,7 +288,10 @@ main(int argc, char **argv)
 
     cap = (int) strlen(text) + 16;
     ids = llm_malloc((size_t) cap * sizeof(int32_t));
-    n = ids ? llm_tokenize(st.tok, text, strlen(text), 1, o.chat, ids, cap)
+    /* a rendered chat prompt already holds BOS where the template wants
+     * it, so the tokenizer adds no special tokens of its own then */
+    n = ids ? llm_tokenize(st.tok, text, strlen(text), !o.chat, o.chat, ids,
+                           cap)
             : LLM_ENOMEM;
     if (n < 0 || n > cap) {
         fprintf(stderr, "llm-run: tokenization failed (%d)\n", n);

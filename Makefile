@@ -25,7 +25,7 @@ AVX512_FLAGS := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl \
 
 ENGINE_SRCS := $(wildcard engine/*.c)
 KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)
-LIB_SRCS    := $(ENGINE_SRCS) $(KERNEL_SRCS)
+LIB_SRCS    := $(ENGINE_SRCS) $(KERNEL_SRCS) $(wildcard adapters/*.c)
 LIB_OBJS    := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 
 CUDA_SRCS   := $(wildcard kernels/cuda/*.cu)

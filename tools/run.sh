@@ -47,7 +47,7 @@ elif command -v redis-server >/dev/null; then
 fi
 
 "$BUILD/llm-engine" --model "$MODEL" --listen "unix:$SOCK" \
-    --threads "$THREADS" &
+    --threads "$THREADS" --socket-mode 0666 &
 pids+=($!)
 for _ in $(seq 1 600); do
     [ -S "$SOCK" ] && break

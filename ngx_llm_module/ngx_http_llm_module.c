@@ -1,0 +1,606 @@
+
+/*
+ * ngx_http_llm_module: directives, configuration and process hooks.
+ *
+ *   load_module modules/ngx_http_llm_module.so;
+ *
+ *   http {
+ *       llm_engine  unix:/run/ngx_llm/engine.sock;
+ *       llm_model   smollm2 /var/lib/ngx_llm/model.gguf;
+ *
+ *       server {
+ *           location /v1/ {
+ *               llm_api openai;
+ *           }
+ *       }
+ *   }
+ */
+
+
+#include "ngx_http_llm_module.h"
+
+
+static ngx_int_t ngx_http_llm_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_llm_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_llm_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_llm_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_llm_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_llm_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_llm_engine(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llm_model(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_llm_api(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static void ngx_http_llm_tokenizer_cleanup(void *data);
+static ngx_int_t ngx_http_llm_init_process(ngx_cycle_t *cycle);
+static void ngx_http_llm_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_num_bounds_t  ngx_http_llm_max_tokens_bounds = {
+    ngx_conf_check_num_bounds, 1, 1048576
+};
+
+
+static ngx_conf_enum_t  ngx_http_llm_apis[] = {
+    { ngx_string("openai"), NGX_HTTP_LLM_API_OPENAI },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_command_t  ngx_http_llm_commands[] = {
+
+    /*
+     * llm_engine unix:/path | host:port;
+     *
+     * An llm-engine daemon.  Several directives give several engines:
+     * requests go round-robin over those connected, and a request that
+     * got no token yet moves to another engine when its engine goes
+     * away.  Each worker keeps one connection per engine.
+     */
+    { ngx_string("llm_engine"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_llm_engine,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    /*
+     * llm_model NAME PATH;
+     *
+     * The model clients name in "model", and its file (GGUF, or a
+     * Hugging Face folder with tokenizer.json): the workers load its
+     * tokenizer and chat template at configuration time, so "nginx -t"
+     * reports a bad path.  The engines must serve the same model; their
+     * vocabulary is checked at connection.
+     */
+    { ngx_string("llm_model"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_http_llm_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    /*
+     * llm_api openai;
+     *
+     * Serves the OpenAI API in this location: POST .../chat/completions,
+     * POST .../completions, GET .../models and .../models/{id}.  The
+     * module enforces llm_max_body itself (client_max_body_size is
+     * lifted here so that the 413 is an OpenAI error too).
+     */
+    { ngx_string("llm_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llm_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, api),
+      ngx_http_llm_apis },
+
+    /*
+     * llm_max_body SIZE;                   default 1m
+     *
+     * Largest request body; larger ones get 413.
+     */
+    { ngx_string("llm_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, max_body),
+      NULL },
+
+    /*
+     * llm_max_tokens_default N;            default: none
+     *
+     * max_tokens of a request that gives none.  Without it, a chat
+     * completion may run to the end of the context and a completion
+     * gets 16 tokens, as OpenAI does.
+     */
+    { ngx_string("llm_max_tokens_default"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, max_tokens_default),
+      &ngx_http_llm_max_tokens_bounds },
+
+    /*
+     * llm_engine_connect_timeout TIME;     default 3s
+     *
+     * Longest connect() to an engine.  A request that finds no engine
+     * connected gets 503 at once; one that finds an engine connecting
+     * waits for it (up to llm_engine_timeout).
+     */
+    { ngx_string("llm_engine_connect_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, connect_timeout),
+      NULL },
+
+    /*
+     * llm_engine_timeout TIME;             default 60s
+     *
+     * Longest wait for the next frame of a running request (queueing
+     * and prefill included), and for an engine's HELLO_OK; then the
+     * request is cancelled and the client gets 504, or an error event
+     * if streaming had begun.
+     */
+    { ngx_string("llm_engine_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, engine_timeout),
+      NULL },
+
+    /*
+     * llm_system_fingerprint STRING;       default: from the engine
+     *
+     * "system_fingerprint" of responses; by default "fp_" and the
+     * first bytes of the engine's model fingerprint in hex.
+     */
+    { ngx_string("llm_system_fingerprint"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, fingerprint),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_llm_module_ctx = {
+    ngx_http_llm_preconfiguration,         /* preconfiguration */
+    ngx_http_llm_postconfiguration,        /* postconfiguration */
+
+    ngx_http_llm_create_main_conf,         /* create main configuration */
+    ngx_http_llm_init_main_conf,           /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_llm_create_loc_conf,          /* create location configuration */
+    ngx_http_llm_merge_loc_conf            /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_llm_module = {
+    NGX_MODULE_V1,
+    &ngx_http_llm_module_ctx,              /* module context */
+    ngx_http_llm_commands,                 /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_llm_init_process,             /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_llm_exit_process,             /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_request_body_filter_pt   ngx_http_next_request_body_filter;
+
+
+/*
+ * Counts the body as it arrives so that a chunked body cannot grow past
+ * llm_max_body (a Content-Length over it is refused before reading).
+ */
+ngx_int_t
+ngx_http_llm_request_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    off_t                     size;
+    ngx_chain_t              *cl;
+    ngx_http_llm_ctx_t       *ctx;
+    ngx_http_llm_loc_conf_t  *llcf;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llm_module);
+
+    if (ctx == NULL) {
+        return ngx_http_next_request_body_filter(r, in);
+    }
+
+    size = 0;
+
+    for (cl = in; cl; cl = cl->next) {
+        size += ngx_buf_size(cl->buf);
+    }
+
+    ctx->received += size;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llm_module);
+
+    if (ctx->received > (off_t) llcf->max_body) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "llm: request body over llm_max_body %uz",
+                      llcf->max_body);
+        return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+    }
+
+    return ngx_http_next_request_body_filter(r, in);
+}
+
+
+static ngx_int_t
+ngx_http_llm_preconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_llm_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_http_llm_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llm_module);
+
+    if (lmcf->enabled) {
+        if (lmcf->tokenizer == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"llm_api\" requires \"llm_model\"");
+            return NGX_ERROR;
+        }
+
+        if (lmcf->engines == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"llm_api\" requires \"llm_engine\"");
+            return NGX_ERROR;
+        }
+    }
+
+    ngx_http_next_request_body_filter = ngx_http_top_request_body_filter;
+    ngx_http_top_request_body_filter = ngx_http_llm_request_body_filter;
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_llm_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    lmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_llm_main_conf_t));
+    if (lmcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     lmcf->engines = NULL;
+     *     lmcf->model_name = { 0, NULL };
+     *     lmcf->tokenizer = NULL;
+     *     lmcf->fingerprint = { 0, NULL };
+     *     lmcf->enabled = 0;
+     */
+
+    lmcf->chat_kind = -1;
+    lmcf->connect_timeout = NGX_CONF_UNSET_MSEC;
+    lmcf->engine_timeout = NGX_CONF_UNSET_MSEC;
+
+    return lmcf;
+}
+
+
+static char *
+ngx_http_llm_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_llm_main_conf_t  *lmcf = conf;
+
+    ngx_conf_init_msec_value(lmcf->connect_timeout, 3000);
+    ngx_conf_init_msec_value(lmcf->engine_timeout, 60000);
+
+    if (lmcf->fingerprint.data == NULL) {
+        ngx_str_null(&lmcf->fingerprint);
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_llm_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_llm_loc_conf_t  *llcf;
+
+    llcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_llm_loc_conf_t));
+    if (llcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     llcf->api = NGX_HTTP_LLM_API_OFF;
+     *     llcf->clcf = NULL;
+     */
+
+    llcf->max_body = NGX_CONF_UNSET_SIZE;
+    llcf->max_tokens_default = NGX_CONF_UNSET_UINT;
+
+    return llcf;
+}
+
+
+static char *
+ngx_http_llm_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_llm_loc_conf_t *prev = parent;
+    ngx_http_llm_loc_conf_t *conf = child;
+
+    ngx_conf_merge_size_value(conf->max_body, prev->max_body, 1024 * 1024);
+    ngx_conf_merge_uint_value(conf->max_tokens_default,
+                              prev->max_tokens_default, 0);
+
+    /*
+     * The core module's configuration of this location is merged by
+     * now (it comes first).  Its client_max_body_size check would
+     * answer an oversized Content-Length with an HTML page before the
+     * handler runs: lift it, the handler and the body filter enforce
+     * llm_max_body with an OpenAI error.
+     */
+
+    if (conf->api != NGX_HTTP_LLM_API_OFF && conf->clcf) {
+        conf->clcf->client_max_body_size = 0;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llm_engine(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llm_main_conf_t *lmcf = conf;
+
+    ngx_str_t                   *value;
+    ngx_url_t                    u;
+    ngx_http_llm_engine_addr_t  *e;
+
+    value = cf->args->elts;
+
+    if (lmcf->engines == NULL) {
+        lmcf->engines = ngx_array_create(cf->pool, 2,
+                                         sizeof(ngx_http_llm_engine_addr_t));
+        if (lmcf->engines == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+
+    u.url = value[1];
+    u.no_resolve = 0;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+        if (u.err) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "%s in llm_engine \"%V\"", u.err, &u.url);
+        }
+
+        return NGX_CONF_ERROR;
+    }
+
+    if (u.no_port && u.family != AF_UNIX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "no port in llm_engine \"%V\"", &u.url);
+        return NGX_CONF_ERROR;
+    }
+
+    if (u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "no address for llm_engine \"%V\"", &u.url);
+        return NGX_CONF_ERROR;
+    }
+
+    e = ngx_array_push(lmcf->engines);
+    if (e == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    e->addrs = u.addrs;
+    e->naddrs = u.naddrs;
+    e->name = u.url;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llm_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llm_main_conf_t *lmcf = conf;
+
+    int                  n, max, i, bos;
+    char                 piece[512];
+    ngx_str_t           *value, path;
+    llm_err              err;
+    llm_tokenizer       *t;
+    ngx_pool_cleanup_t  *cln;
+
+    if (lmcf->tokenizer) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || value[1].len > LLM_PROTO_MAX_MODEL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid model name \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    path = value[2];
+
+    if (ngx_conf_full_name(cf->cycle, &path, 0) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    /* path.data is NUL-terminated by ngx_conf_full_name() */
+
+    ngx_memzero(&err, sizeof(llm_err));
+
+    t = llm_tokenizer_load((char *) path.data, &err);
+    if (t == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "llm_model \"%V\": %s", &path, err.msg);
+        return NGX_CONF_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        llm_tokenizer_free(t);
+        return NGX_CONF_ERROR;
+    }
+
+    cln->handler = ngx_http_llm_tokenizer_cleanup;
+    cln->data = t;
+
+    lmcf->tokenizer = t;
+    lmcf->model_name = value[1];
+    lmcf->model_path = path;
+
+    /* the room one token's text can need in llm_detok_push() */
+
+    max = 0;
+    n = llm_tokenizer_n_vocab(t);
+
+    for (i = 0; i < n; i++) {
+        int len = llm_token_to_piece(t, i, 1, piece, sizeof(piece));
+        if (len > max) {
+            max = len;
+        }
+    }
+
+    lmcf->detok_cap = 64 + (size_t) max;
+
+    ngx_str_set(&lmcf->bos_text, "");
+
+    /*
+     * The template's bos_token: empty when the tokenizer adds BOS itself
+     * (the prompt is tokenized with add_special), else BOS's text, which
+     * parse_special turns back into the token.
+     */
+
+    bos = llm_tokenizer_bos(t);
+
+    if (bos >= 0 && !llm_tokenizer_add_bos(t)) {
+        n = llm_token_to_piece(t, bos, 1, piece, sizeof(piece) - 1);
+
+        if (n > 0 && n < (int) sizeof(piece)) {
+            lmcf->bos_text.data = ngx_pnalloc(cf->pool, n + 1);
+            if (lmcf->bos_text.data == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_memcpy(lmcf->bos_text.data, piece, n);
+            lmcf->bos_text.data[n] = '\0';
+            lmcf->bos_text.len = n;
+        }
+    }
+
+    lmcf->chat_template = llm_tokenizer_chat_template(t);
+
+    if (lmcf->chat_template) {
+        lmcf->chat_kind = llm_chat_detect(lmcf->chat_template);
+
+        if (lmcf->chat_kind < 0) {
+            ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                               "llm_model \"%V\": chat template not "
+                               "recognized, using ChatML", &path);
+            lmcf->chat_kind = LLM_CHAT_CHATML;
+        }
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "llm_model \"%V\": no chat template, "
+                           "using ChatML", &path);
+        lmcf->chat_kind = LLM_CHAT_CHATML;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_llm_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llm_loc_conf_t *llcf = conf;
+
+    char                      *rv;
+    ngx_http_core_loc_conf_t  *clcf;
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    if (llcf->api != NGX_HTTP_LLM_API_OFF) {
+        return "is duplicate";
+    }
+
+    llcf->api = NGX_CONF_UNSET_UINT;
+
+    rv = ngx_conf_set_enum_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_llm_handler;
+
+    llcf->clcf = clcf;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llm_module);
+    lmcf->enabled = 1;
+
+    return NGX_CONF_OK;
+}
+
+
+static void
+ngx_http_llm_tokenizer_cleanup(void *data)
+{
+    llm_tokenizer_free(data);
+}
+
+
+static ngx_int_t
+ngx_http_llm_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_llm_module);
+
+    if (lmcf == NULL || !lmcf->enabled || lmcf->engines == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_llm_engine_init_process(cycle, lmcf);
+}
+
+
+static void
+ngx_http_llm_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_llm_engine_exit_process(cycle);
+}

@@ -11,6 +11,9 @@
 
 #include "forward.h"
 #include "kv_cache.h"
+#include "../adapters/device_pool.h"
+#include "../adapters/lora.h"
+#include "../adapters/registry.h"
 #include "scheduler.h"
 #include "tokenizer.h"
 
@@ -23,6 +26,9 @@ struct llm_engine {
     llm_forward         fw;
     llm_kv_blocks      *kv;
     llm_scheduler       sched;
+    llm_lora_registry  *reg;            /* adapters: names, host cache */
+    llm_lora_pool      *pool;           /* adapters: device copies */
+    llm_lora_span      *spans;          /* [max_seqs] per-step scratch */
     int                 n_ctx;
     uint64_t            next_id;
 
@@ -50,10 +56,16 @@ struct llm_engine {
 /* ---- sequences ---------------------------------------------------- */
 
 static void
-seq_free(llm_seq *s)
+seq_free(llm_engine *e, llm_seq *s)
 {
     if (s == NULL) {
         return;
+    }
+    if (s->lora_dev != NULL) {
+        llm_lora_pool_release(e->pool, &s->lora);
+    }
+    if (s->lora.lora != NULL) {
+        llm_lora_registry_release(e->reg, &s->lora);
     }
     llm_block_table_destroy(&s->bt);
     llm_sampler_free(s->sampler);
@@ -183,6 +195,28 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         goto failed;
     }
 
+    e->reg = llm_lora_registry_new(&e->model->cfg,
+                                   e->p.adapter_host_memory
+                                   ? e->p.adapter_host_memory
+                                   : (size_t) 1 << 30, err);
+    e->pool = e->reg ? llm_lora_pool_new(e->be, e->p.adapter_device_memory
+                                         ? e->p.adapter_device_memory
+                                         : (size_t) 512 << 20, err)
+                     : NULL;
+    e->spans = llm_calloc((size_t) e->p.max_seqs, sizeof(llm_lora_span));
+    if (e->reg == NULL || e->pool == NULL || e->spans == NULL) {
+        if (e->spans == NULL) {
+            llm_err_set(err, LLM_ENOMEM, "out of memory");
+        }
+        goto failed;
+    }
+    if (e->p.adapter_dir != NULL
+        && llm_lora_registry_register_dir(e->reg, e->p.adapter_dir, NULL,
+                                          NULL, err) < 0)
+    {
+        goto failed;
+    }
+
     e->sched.kv = e->kv;
     e->sched.max_seqs = e->p.max_seqs;
     e->sched.max_step_tokens = e->p.max_step_tokens;
@@ -216,9 +250,13 @@ llm_engine_free(llm_engine *e)
             if (e->kv != NULL) {
                 llm_block_table_clear(e->kv, &s->bt);
             }
-            seq_free(s);
+            seq_free(e, s);
         }
     }
+    llm_scheduler_free(&e->sched);
+    llm_lora_pool_free(e->pool);
+    llm_lora_registry_free(e->reg);
+    llm_free(e->spans);
     llm_forward_free(&e->fw);
     llm_kv_blocks_free(e->kv);
     llm_tokenizer_free(e->tok);
@@ -302,6 +340,18 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
     if ((rc = llm_sampling_check(&req->sampling, err)) != 0) {
         return rc;
     }
+    if (req->priority < 0 || req->priority >= LLM_N_CLASSES) {
+        return llm_err_set(err, LLM_EINVAL, "unknown priority class %d",
+                           req->priority);
+    }
+    if (req->weight < 0) {
+        return llm_err_set(err, LLM_EINVAL, "weight must be positive");
+    }
+    if (req->tenant != NULL && strlen(req->tenant) > LLM_TENANT_NAME_MAX) {
+        return llm_err_set(err, LLM_EINVAL,
+                           "tenant name longer than %d bytes",
+                           LLM_TENANT_NAME_MAX);
+    }
 
     s = llm_calloc(1, sizeof(*s));
     if (s == NULL) {
@@ -314,12 +364,21 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
     if (req->n_stop_ids > 0) {
         s->stop_ids = llm_malloc((size_t) req->n_stop_ids * sizeof(int32_t));
     }
-    if (s->tokens == NULL || s->sampler == NULL
+    if (req->adapter != NULL && req->adapter[0] != '\0') {
+        rc = llm_lora_registry_acquire(e->reg, req->adapter, &s->lora, err);
+        if (rc != 0) {
+            seq_free(e, s);
+            return rc;
+        }
+        s->blocked = 1;         /* until its weights are on the device */
+    }
+    s->tenant = llm_scheduler_tenant(&e->sched, req->tenant);
+    if (s->tokens == NULL || s->sampler == NULL || s->tenant == NULL
         || (req->n_stop_ids > 0 && s->stop_ids == NULL)
         || llm_sampler_add_prompt(s->sampler, req->prompt, req->n_prompt)
            != 0)
     {
-        seq_free(s);
+        seq_free(e, s);
         return llm_err_set(err, LLM_ENOMEM, "out of memory");
     }
     memcpy(s->tokens, req->prompt, (size_t) req->n_prompt * sizeof(int32_t));
@@ -333,10 +392,15 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
     s->ignore_eos = req->ignore_eos;
     s->prompt_logits = req->prompt_logits;
     s->user_tag = req->user_tag;
+    s->cls = req->priority;
+    s->weight = req->weight > 0 ? req->weight : 1;
     s->id = e->next_id++;
     s->arrival_ns = llm_now_ns();
-    s->state = LLM_SEQ_WAITING;
-    llm_seq_list_push_back(&e->sched.waiting, s);
+    if (req->queue_timeout_ms > 0) {
+        s->deadline_ns = s->arrival_ns
+                         + (uint64_t) req->queue_timeout_ms * 1000000ull;
+    }
+    llm_scheduler_enqueue(&e->sched, s);
     if (seq_id != NULL) {
         *seq_id = s->id;
     }
@@ -392,6 +456,109 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
     st->n_running = e->sched.running.n;
     st->kv_blocks_used = llm_kv_n_blocks(e->kv) - llm_kv_n_free(e->kv);
     st->preemptions = e->sched.preemptions;
+    {
+        llm_lora_registry_stats rs;
+        llm_lora_pool_stats     ps;
+
+        llm_lora_registry_get_stats(e->reg, &rs);
+        llm_lora_pool_get_stats(e->pool, &ps);
+        st->adapters_registered = rs.registered;
+        st->adapters_loaded = rs.loaded;
+        st->adapter_host_bytes = rs.bytes;
+        st->adapters_resident = ps.resident;
+        st->adapter_device_bytes = ps.bytes;
+    }
+}
+
+
+int
+llm_engine_adapter_register(llm_engine *e, const char *name,
+                            const char *dir, llm_err *err)
+{
+    if (llm_lora_registry_find(e->reg, name, NULL, NULL)) {
+        return llm_lora_registry_reload(e->reg, name, dir, err);
+    }
+    return llm_lora_registry_register(e->reg, name, dir, err);
+}
+
+
+int
+llm_engine_adapter_unregister(llm_engine *e, const char *name,
+                              llm_err *err)
+{
+    return llm_lora_registry_unregister(e->reg, name, err);
+}
+
+
+const char *
+llm_engine_adapter_name(const llm_engine *e, int i)
+{
+    return llm_lora_registry_name(e->reg, i);
+}
+
+
+/* Waiting sequences whose adapter is not on the device yet: upload it if
+ * the pool has room (else they keep waiting while the rest runs). */
+static void
+engine_make_resident(llm_engine *e)
+{
+    llm_seq *s;
+
+    for (s = e->sched.waiting.head; s != NULL; s = s->next) {
+        if (s->blocked && llm_lora_pool_acquire(e->pool, &s->lora,
+                                                &s->lora_dev, NULL) == 0)
+        {
+            s->blocked = 0;
+        }
+    }
+}
+
+
+/* Batch order: sequences of one adapter next to each other, so that each
+ * adapter's tokens form one segment (insertion sort: a few dozen). */
+static void
+sort_plan_by_adapter(llm_seq **plan, int n)
+{
+    int i, j;
+
+    for (i = 1; i < n; i++) {
+        llm_seq *s = plan[i];
+        uint64_t k = s->lora.serial;
+        for (j = i; j > 0 && plan[j - 1]->lora.serial > k; j--) {
+            plan[j] = plan[j - 1];
+        }
+        plan[j] = s;
+    }
+}
+
+
+/* The adapter spans of the batch built from e->plan. */
+static int
+build_spans(llm_engine *e, int n_seqs)
+{
+    int i, n = 0;
+
+    for (i = 0; i < n_seqs; i++) {
+        llm_seq *s = e->plan[i];
+        int      first = e->seq_start[i];
+        int      len = e->seq_start[i + 1] - first;
+
+        if (s->lora.lora == NULL) {
+            continue;
+        }
+        if (n > 0 && e->spans[n - 1].lora == s->lora.lora
+            && e->spans[n - 1].first + e->spans[n - 1].n == first)
+        {
+            e->spans[n - 1].n += len;
+            continue;
+        }
+        e->spans[n].first = first;
+        e->spans[n].n = len;
+        e->spans[n].lora = s->lora.lora;
+        e->spans[n].dev = s->lora_dev;
+        n++;
+    }
+    return n;
 }
 
 
@@ -505,22 +672,37 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
 {
     llm_batch  b;
     llm_seq   *s;
-    int        n_seqs, i, rc, n_vocab = e->model->cfg.n_vocab;
+    int        n_seqs, n_spans, i, rc, n_vocab = e->model->cfg.n_vocab;
 
     /* Report cancellations first: their blocks are already free. */
     while ((s = e->cancelled.head) != NULL) {
         llm_seq_list_remove(&e->cancelled, s);
         emit_done(e, s, LLM_FINISH_CANCELLED, NULL, cb, ud);
-        seq_free(s);
+        seq_free(e, s);
+    }
+    /* Then requests that waited past their queue deadline. */
+    if (e->sched.waiting.n > 0) {
+        int n = llm_scheduler_expire(&e->sched, llm_now_ns(), e->plan,
+                                     e->p.max_seqs);
+        for (i = 0; i < n; i++) {
+            e->stats.queue_timeouts++;
+            emit_done(e, e->plan[i], LLM_FINISH_TIMEOUT,
+                      "the request waited in the queue past its deadline",
+                      cb, ud);
+            seq_free(e, e->plan[i]);
+        }
     }
 
+    engine_make_resident(e);
     n_seqs = llm_scheduler_plan(&e->sched, e->plan);
     if (n_seqs == 0) {
         return 0;
     }
+    sort_plan_by_adapter(e->plan, n_seqs);
     build_batch(e, n_seqs, &b);
+    n_spans = build_spans(e, n_seqs);
 
-    rc = llm_forward_run(&e->fw, &b, e->logits, err);
+    rc = llm_forward_run(&e->fw, &b, e->spans, n_spans, e->logits, err);
     if (rc != 0) {
         /* the batch's sequences cannot trust their pages any more */
         for (i = 0; i < n_seqs; i++) {
@@ -529,7 +711,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
             emit_done(e, s, LLM_FINISH_ERROR,
                       err != NULL ? err->msg : "forward pass failed",
                       cb, ud);
-            seq_free(s);
+            seq_free(e, s);
         }
         return rc;
     }
@@ -547,6 +729,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
                             - s->n_computed);
         }
         s->n_computed += s->chunk;
+        llm_scheduler_charge(&e->sched, s, s->chunk);
     }
 
     /* Teacher-forced logits, then one sampled token per finished chunk. */
@@ -589,7 +772,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
             llm_scheduler_drop(&e->sched, s);
             emit_done(e, s, finish, failed ? "out of memory in sampler"
                                            : NULL, cb, ud);
-            seq_free(s);
+            seq_free(e, s);
         }
     }
     return 0;

@@ -28,6 +28,13 @@ typedef struct llm_engine_params {
     int         n_ctx;          /* max sequence length; 0: model's */
     llm_progress_fn progress;   /* load progress, may be NULL */
     void       *progress_ud;
+
+    /* LoRA adapters: every subfolder of adapter_dir holding a PEFT
+     * adapter is registered under its folder name (NULL: none at start;
+     * llm_engine_adapter_register adds more at run time). */
+    const char *adapter_dir;
+    size_t      adapter_host_memory;    /* host cache budget; 0: 1 GiB */
+    size_t      adapter_device_memory;  /* device pool budget; 0: 512 MiB */
 } llm_engine_params;
 
 enum {
@@ -35,7 +42,17 @@ enum {
     LLM_FINISH_STOP,        /* EOS / stop token */
     LLM_FINISH_LENGTH,      /* max_tokens or context end */
     LLM_FINISH_CANCELLED,
-    LLM_FINISH_ERROR
+    LLM_FINISH_ERROR,
+    LLM_FINISH_TIMEOUT      /* waited in the queue past its deadline */
+};
+
+/* Priority classes: strict priority between classes at admission and
+ * preemption; fair share by weighted served tokens within a class. */
+enum {
+    LLM_CLASS_INTERACTIVE = 0,
+    LLM_CLASS_STANDARD    = 1,
+    LLM_CLASS_BATCH       = 2,
+    LLM_N_CLASSES         = 3
 };
 
 typedef struct llm_request {
@@ -49,6 +66,15 @@ typedef struct llm_request {
     int             prompt_logits;  /* 1: emit LLM_EV_LOGITS for every
                                        prompt position (teacher forcing) */
     uint64_t        user_tag;       /* returned in every event */
+    const char     *adapter;        /* registered adapter name, or NULL /
+                                       "" for the base model */
+
+    /* Multi-tenant scheduling (zero values: standard class, weight 1,
+     * the anonymous tenant, no deadline). */
+    int             priority;       /* LLM_CLASS_* */
+    const char     *tenant;         /* fair-share account (copied) */
+    int             weight;         /* fair-share weight, >= 1 */
+    uint32_t        queue_timeout_ms;   /* 0: wait as long as it takes */
 } llm_request;
 
 enum { LLM_EV_TOKEN = 1, LLM_EV_DONE = 2, LLM_EV_LOGITS = 3 };
@@ -84,6 +110,12 @@ typedef struct llm_engine_stats {
     uint64_t    tokens_prefilled;
     uint64_t    tokens_generated;
     uint64_t    preemptions;
+    uint64_t    queue_timeouts;
+    int         adapters_registered;
+    int         adapters_loaded;        /* in the host cache */
+    int         adapters_resident;      /* on the device */
+    size_t      adapter_host_bytes;
+    size_t      adapter_device_bytes;
     int         last_batch_tokens;
     int         last_batch_seqs;
 } llm_engine_stats;
@@ -111,6 +143,17 @@ int llm_engine_cancel(llm_engine *e, uint64_t seq_id);
  * the sequences of the failed step with LLM_FINISH_ERROR. */
 int llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud,
                     llm_err *err);
+
+/* Adapters.  register: a new name, or a new version of an existing one
+ * (sequences already running keep the version they started with).
+ * unregister: new requests can no longer name it.  LLM_ENOTFOUND /
+ * LLM_EINVAL / LLM_EFORMAT with a message naming the file. */
+int llm_engine_adapter_register(llm_engine *e, const char *name,
+                                const char *dir, llm_err *err);
+int llm_engine_adapter_unregister(llm_engine *e, const char *name,
+                                  llm_err *err);
+/* Registered names in sorted order; NULL past the end. */
+const char *llm_engine_adapter_name(const llm_engine *e, int i);
 
 /* 1 when nothing is queued or running (step() would do nothing). */
 int  llm_engine_idle(const llm_engine *e);

@@ -13,6 +13,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "../adapters/lora.h"
+
 
 #define FW_TRY(call, what)                                                  \
     do {                                                                    \
@@ -85,6 +87,11 @@ llm_forward_init(llm_forward *fw, llm_backend *be, const llm_model *m,
     fw->kv.n_kv_heads = c->n_kv_heads;
     fw->kv.head_dim = c->head_dim;
     fw->kv.layer_bytes = layer_bytes;
+    fw->segs = llm_calloc((size_t) cap_tokens, sizeof(llm_lora_seg));
+    if (fw->segs == NULL) {
+        llm_forward_free(fw);
+        return llm_err_set(err, LLM_ENOMEM, "out of memory");
+    }
     fw->kv.k = be->ops->alloc(be, layer_bytes * (size_t) c->n_layers);
     fw->kv.v = be->ops->alloc(be, layer_bytes * (size_t) c->n_layers);
     if (fw->kv.k == NULL || fw->kv.v == NULL) {
@@ -117,6 +124,7 @@ llm_forward_free(llm_forward *fw)
     if (fw->kv.v != NULL) {
         fw->be->ops->release(fw->be, fw->kv.v);
     }
+    llm_free(fw->segs);
     memset(fw, 0, sizeof(*fw));
 }
 
@@ -128,8 +136,63 @@ opt_bias(const llm_tensor *b)
 }
 
 
+/* Adds the LoRA terms of one projection (layer, target) to out, for
+ * the spans whose adapter has that target. */
+static int
+forward_lora(llm_forward *fw, llm_tensor *out, const llm_tensor *x,
+             int layer, int target, const llm_lora_span *spans, int n_spans,
+             llm_err *err)
+{
+    int i, n = 0, rc;
+
+    for (i = 0; i < n_spans; i++) {
+        const llm_lora_weight *w = llm_lora_at(spans[i].lora, layer, target);
+
+        if (w == NULL || w->rank == 0) {
+            continue;
+        }
+        fw->segs[n].first = spans[i].first;
+        fw->segs[n].n = spans[i].n;
+        fw->segs[n].rank = w->rank;
+        fw->segs[n].scale = w->scale;
+        fw->segs[n].a = spans[i].dev + w->a_off * sizeof(float);
+        fw->segs[n].b = spans[i].dev + w->b_off * sizeof(float);
+        n++;
+    }
+    if (n == 0) {
+        return 0;
+    }
+    if (fw->be->ops->lora == NULL) {
+        return llm_err_set(err, LLM_EUNSUP, "backend %s has no LoRA op",
+                           fw->be->ops->name);
+    }
+    rc = fw->be->ops->lora(fw->be, out, x, fw->segs, n);
+    if (rc != 0) {
+        return llm_err_set(err, rc, "lora %s layer %d: %s",
+                           llm_lora_target_name(target), layer,
+                           llm_backend_error(fw->be));
+    }
+    return 0;
+}
+
+
+/* A projection: out = x W^T (+ bias) (+ the adapters' low-rank terms). */
+#define FW_PROJ(out, x, w, bias, target, what)                              \
+    do {                                                                    \
+        FW_TRY(ops->matmul(be, out, x, w, bias), what);                     \
+        if (n_spans > 0) {                                                  \
+            int rc_ = forward_lora(fw, out, x, l, target, spans, n_spans,   \
+                                   err);                                    \
+            if (rc_ != 0) {                                                 \
+                return rc_;                                                 \
+            }                                                               \
+        }                                                                   \
+    } while (0)
+
+
 int
-llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
+llm_forward_run(llm_forward *fw, const llm_batch *b,
+                const llm_lora_span *spans, int n_spans, float *host_logits,
                 llm_err *err)
 {
     llm_backend            *be = fw->be;
@@ -166,9 +229,9 @@ llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->attn_norm, c->norm_eps),
                "attn_norm");
-        FW_TRY(ops->matmul(be, &q, &h, &w->wq, opt_bias(&w->bq)), "wq");
-        FW_TRY(ops->matmul(be, &k, &h, &w->wk, opt_bias(&w->bk)), "wk");
-        FW_TRY(ops->matmul(be, &v, &h, &w->wv, opt_bias(&w->bv)), "wv");
+        FW_PROJ(&q, &h, &w->wq, opt_bias(&w->bq), LLM_LORA_Q, "wq");
+        FW_PROJ(&k, &h, &w->wk, opt_bias(&w->bk), LLM_LORA_K, "wk");
+        FW_PROJ(&v, &h, &w->wv, opt_bias(&w->bv), LLM_LORA_V, "wv");
         FW_TRY(ops->rope(be, &q, c->n_heads, c->head_dim, &c->rope),
                "rope q");
         FW_TRY(ops->rope(be, &k, c->n_kv_heads, c->head_dim, &c->rope),
@@ -176,15 +239,15 @@ llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
         FW_TRY(ops->kv_store(be, &fw->kv, l, &k, &v), "kv_store");
         FW_TRY(ops->attention(be, &att, &q, &fw->kv, l, c->n_heads, scale),
                "attention");
-        FW_TRY(ops->matmul(be, &o, &att, &w->wo, NULL), "wo");
+        FW_PROJ(&o, &att, &w->wo, NULL, LLM_LORA_O, "wo");
         FW_TRY(ops->add(be, &x, &x, &o), "residual");
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->ffn_norm, c->norm_eps),
                "ffn_norm");
-        FW_TRY(ops->matmul(be, &gate, &h, &w->w_gate, NULL), "w_gate");
-        FW_TRY(ops->matmul(be, &up, &h, &w->w_up, NULL), "w_up");
+        FW_PROJ(&gate, &h, &w->w_gate, NULL, LLM_LORA_GATE, "w_gate");
+        FW_PROJ(&up, &h, &w->w_up, NULL, LLM_LORA_UP, "w_up");
         FW_TRY(ops->silu_mul(be, &gate, &gate, &up), "silu_mul");
-        FW_TRY(ops->matmul(be, &o, &gate, &w->w_down, NULL), "w_down");
+        FW_PROJ(&o, &gate, &w->w_down, NULL, LLM_LORA_DOWN, "w_down");
         FW_TRY(ops->add(be, &x, &x, &o), "residual");
     }
 

@@ -28,7 +28,20 @@ typedef struct llm_forward {
     llm_tensor          up;             /* [T, ffn_dim] */
     llm_tensor          out_h;          /* [cap_out, dim] */
     llm_tensor          logits;         /* [cap_out, n_vocab] */
+
+    llm_lora_seg       *segs;           /* [cap_tokens] scratch, host */
 } llm_forward;
+
+struct llm_lora;
+
+/* The tokens [first, first + n) of a batch that use one adapter, whose
+ * weights are resident at backend address dev (device_pool.h). */
+typedef struct llm_lora_span {
+    int32_t                 first;
+    int32_t                 n;
+    const struct llm_lora  *lora;
+    const uint8_t          *dev;
+} llm_lora_span;
 
 /* Allocates activations for cap_tokens rows per step and a KV pool of
  * n_blocks blocks of block_size tokens of kv_type. */
@@ -41,9 +54,11 @@ void llm_forward_free(llm_forward *fw);
 size_t llm_forward_kv_block_bytes(const llm_model_config *c, int block_size,
                                   int kv_type);
 
-/* Runs the model on batch b and copies the logits of b->out_rows into
- * host_logits [b->n_out, n_vocab]. */
-int  llm_forward_run(llm_forward *fw, const llm_batch *b, float *host_logits,
-                     llm_err *err);
+/* Runs the model on batch b, with the adapters of spans[n_spans] (tokens
+ * outside every span use the base model alone), and copies the logits of
+ * b->out_rows into host_logits [b->n_out, n_vocab]. */
+int  llm_forward_run(llm_forward *fw, const llm_batch *b,
+                     const llm_lora_span *spans, int n_spans,
+                     float *host_logits, llm_err *err);
 
 #endif /* LLM_FORWARD_H */

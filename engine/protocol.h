@@ -206,12 +206,21 @@ typedef struct llm_proto_hello_ok {
  *   f32 temperature, i32 top_k, f32 top_p, f32 min_p,
  *   f32 repetition_penalty, f32 frequency_penalty, f32 presence_penalty,
  *   u64 seed, u16 flags (LLM_SUBMIT_*), u8 top_logprobs,
- *   u8 priority (class; 0 = default), u16 weight (fair share; 0 = 1),
+ *   u8 priority (class: LLM_PROTO_CLASS_*; 0 = default = standard),
+ *   u16 weight (fair share; 0 = 1),
  *   u16 reserved (0), u32 queue_timeout_ms (0 = none),
  *   str tenant, str adapter, str cache_namespace (empty = none/default),
  *   u16 n_stop, i32[n_stop] stop_ids,
  *   u32 n_prompt, i32[n_prompt] prompt
  */
+/* Priority classes of SUBMIT (strict priority between classes). */
+enum {
+    LLM_PROTO_CLASS_DEFAULT     = 0,    /* standard */
+    LLM_PROTO_CLASS_INTERACTIVE = 1,
+    LLM_PROTO_CLASS_STANDARD    = 2,
+    LLM_PROTO_CLASS_BATCH       = 3
+};
+
 typedef struct llm_proto_submit {
     uint32_t    max_tokens;
     float       temperature;

@@ -709,6 +709,21 @@ reject(llm_server *s, srv_conn *c, uint32_t req_id, int code,
 }
 
 
+/* The engine's class of a SUBMIT priority byte (unknown: standard). */
+static int
+proto_class(uint8_t p)
+{
+    switch (p) {
+    case LLM_PROTO_CLASS_INTERACTIVE:
+        return LLM_CLASS_INTERACTIVE;
+    case LLM_PROTO_CLASS_BATCH:
+        return LLM_CLASS_BATCH;
+    default:
+        return LLM_CLASS_STANDARD;
+    }
+}
+
+
 static void
 on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
 {
@@ -814,6 +829,10 @@ on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
     rq.n_stop_ids = m.n_stop;
     rq.ignore_eos = (m.flags & LLM_SUBMIT_IGNORE_EOS) != 0;
     rq.user_tag = (uint64_t) (uintptr_t) r;
+    rq.priority = proto_class(m.priority);
+    rq.tenant = m.tenant;
+    rq.weight = m.weight > 0 ? m.weight : 1;
+    rq.queue_timeout_ms = m.queue_timeout_ms;
 
     rc = llm_engine_submit(s->e, &rq, &r->seq_id, &err);
     if (rc != 0) {
@@ -1138,7 +1157,13 @@ on_done(llm_server *s, srv_req *r, const llm_event *ev)
 
     req_flush_tokens(s, r);
     r->done = 1;
-    if (r->conn != NULL && !r->conn->closing) {
+    if (ev->finish == LLM_FINISH_TIMEOUT) {
+        /* never started: the client may retry elsewhere or later */
+        if (r->conn != NULL && !r->conn->closing) {
+            send_error(s, r->conn, r->req_id, LLM_PERR_OVERLOADED,
+                       ev->error ? ev->error : "queue timeout");
+        }
+    } else if (r->conn != NULL && !r->conn->closing) {
         memset(&d, 0, sizeof(d));
         d.finish = (uint8_t) (ev->finish >= LLM_PFINISH_STOP
                               && ev->finish <= LLM_PFINISH_ERROR

@@ -93,6 +93,16 @@ typedef struct llm_rope_params {
     const float *freq_factors;
 } llm_rope_params;
 
+/* One adapter's share of a batch, for the lora op (host array). */
+typedef struct llm_lora_seg {
+    int32_t     first;      /* first token row */
+    int32_t     n;          /* rows */
+    int32_t     rank;
+    float       scale;
+    const void *a;          /* backend address, [rank, in] f32 */
+    const void *b;          /* backend address, [out, rank] f32 */
+} llm_lora_seg;
+
 typedef struct llm_backend_ops {
     const char *name;
 
@@ -159,11 +169,36 @@ typedef struct llm_backend_ops {
     int (*gather_out_rows)(llm_backend *be, llm_tensor *out,
                            const llm_tensor *x);
 
+    /* Multi-LoRA delta of one projection, segmented by adapter: for each
+     * segment, rows [first, first + n) of x and out,
+     *     out[t] += scale * (x[t] A^T) B^T
+     * (shrink to the segment's rank, then expand).  x: [n_tokens, in]
+     * f32; out: [n_tokens, out] f32; segment weights are f32 backend
+     * addresses, A [rank, in] and B [out, rank].  Ranks differ between
+     * segments; segments do not overlap.  Optional (NULL: no LoRA). */
+    int (*lora)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
+                const struct llm_lora_seg *segs, int n_segs);
+
     /* Copies whole KV blocks between pools' block ids (same layout),
      * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */
     int (*kv_copy_blocks)(llm_backend *be, const llm_kv_pool *kv,
                           const int32_t *src_blocks,
                           const int32_t *dst_blocks, int n);
+
+    /* Optional hooks below: NULL where a backend has none; call them
+     * through the llm_backend_* helpers, which fall back. */
+
+    /* Adopts one whole weight tensor from host memory valid while the
+     * backend lives.  t->type, ne and nb describe host (n bytes); sets
+     * t->data and may store the tensor in another type, updating t->type
+     * and t->nb (the CUDA backend expands block-quantized types to
+     * F16/BF16 once, at load).  Adopted memory belongs to the backend. */
+    int (*adopt_tensor)(llm_backend *be, llm_tensor *t, const void *host,
+                        size_t n);
+
+    /* Free and total memory of the device, in bytes. */
+    int (*mem_info)(llm_backend *be, size_t *free_bytes,
+                    size_t *total_bytes);
 } llm_backend_ops;
 
 struct llm_backend {
@@ -175,6 +210,36 @@ static inline const char *
 llm_backend_error(llm_backend *be)
 {
     return be->ops->error(be);
+}
+
+/* adopt_tensor where the backend has it, else adopt_weights (t keeps its
+ * type and nb).  0 or a negative LLM_E* code. */
+static inline int
+llm_backend_adopt_tensor(llm_backend *be, llm_tensor *t, const void *host,
+                         size_t n)
+{
+    void *p = NULL;
+    int   rc;
+
+    if (be->ops->adopt_tensor != NULL) {
+        return be->ops->adopt_tensor(be, t, host, n);
+    }
+    rc = be->ops->adopt_weights(be, host, n, &p);
+    if (rc == 0) {
+        t->data = p;
+    }
+    return rc;
+}
+
+/* Device memory, free and total; LLM_EUNSUP (-5) where the backend has
+ * no such figure (the CPU backend). */
+static inline int
+llm_backend_mem_info(llm_backend *be, size_t *free_bytes, size_t *total_bytes)
+{
+    if (be->ops->mem_info == NULL) {
+        return -5;                          /* LLM_EUNSUP */
+    }
+    return be->ops->mem_info(be, free_bytes, total_bytes);
 }
 
 /* Allocates a [rows, cols] tensor of type on the backend; 0 or LLM_ENOMEM. */

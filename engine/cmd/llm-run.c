@@ -4,11 +4,12 @@
  *   llm-run --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N]
  *           [--temperature T] [--top-k K] [--top-p P] [--min-p P]
  *           [--seed S] [--threads N] [--kv-type f16|f32] [--ignore-eos]
- *           [--tokens] [--logits-out F.npy] [--quiet]
+ *           [--adapter DIR] [--tokens] [--logits-out F.npy] [--quiet]
  *
  * --tokens prints the prompt's token ids and exits; --logits-out writes
  * the teacher-forced logits of every prompt position as a float32 .npy
- * array [n_tokens, vocab] and exits.  The generated text goes to stdout,
+ * array [n_tokens, vocab] and exits.  --adapter applies a PEFT LoRA
+ * adapter through the engine's batched multi-LoRA path.  The generated text goes to stdout,
  * the model description and timings to stderr.
  */
 #include <errno.h>
@@ -33,6 +34,7 @@ typedef struct {
     int             print_tokens;
     int             quiet;
     const char     *logits_out;
+    const char     *adapter;
     llm_sampling    sampling;
 } run_opts;
 
@@ -57,7 +59,7 @@ usage(void)
         "               [--max-tokens N] [--temperature T] [--top-k K]\n"
         "               [--top-p P] [--min-p P] [--seed S] [--threads N]\n"
         "               [--kv-type f16|f32] [--ignore-eos] [--tokens]\n"
-        "               [--logits-out FILE.npy] [--quiet]\n");
+        "               [--adapter DIR] [--logits-out FILE.npy] [--quiet]\n");
 }
 
 
@@ -118,6 +120,9 @@ parse_args(int argc, char **argv, run_opts *o)
         }
         else if (strcmp(a, "--logits-out") == 0) {
             NEEDV(); o->logits_out = v;
+        }
+        else if (strcmp(a, "--adapter") == 0) {
+            NEEDV(); o->adapter = v;
         }
         else if (strcmp(a, "--ignore-eos") == 0) { o->ignore_eos = 1; }
         else if (strcmp(a, "--tokens") == 0) { o->print_tokens = 1; }
@@ -266,6 +271,13 @@ main(int argc, char **argv)
         fprintf(stderr, "llm-run: %s\n", err.msg);
         return 1;
     }
+    if (o.adapter != NULL
+        && llm_engine_adapter_register(e, "cli", o.adapter, &err) != 0)
+    {
+        fprintf(stderr, "llm-run: %s\n", err.msg);
+        llm_engine_free(e);
+        return 1;
+    }
     if (!o.quiet) {
         char desc[2048];
         llm_model_describe(llm_engine_model(e), desc, sizeof(desc));
@@ -313,6 +325,7 @@ main(int argc, char **argv)
     req.max_tokens = o.max_tokens;
     req.sampling = o.sampling;
     req.ignore_eos = o.ignore_eos;
+    req.adapter = o.adapter != NULL ? "cli" : NULL;
     if (o.logits_out != NULL) {
         st.npy = fopen(o.logits_out, "wb");
         if (st.npy == NULL || write_npy_header(st.npy, n,

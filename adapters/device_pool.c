@@ -1,0 +1,180 @@
+/*
+ * Device copies of adapters with a byte budget and LRU (see
+ * device_pool.h).  A few dozen to a few thousand entries: a plain array
+ * scanned linearly is enough next to the cost of an upload.
+ */
+#include "device_pool.h"
+
+#include <string.h>
+
+#include "lora.h"
+
+
+typedef struct {
+    uint64_t    serial;
+    void       *dev;
+    size_t      bytes;
+    int         pins;
+    uint64_t    last_use;
+} pool_entry;
+
+struct llm_lora_pool {
+    llm_backend    *be;
+    size_t          budget;
+    size_t          bytes;
+    pool_entry     *e;
+    int             n, cap;
+    uint64_t        tick;
+    uint64_t        uploads;
+    uint64_t        evictions;
+};
+
+
+llm_lora_pool *
+llm_lora_pool_new(llm_backend *be, size_t budget, llm_err *err)
+{
+    llm_lora_pool *p = llm_calloc(1, sizeof(*p));
+
+    if (p == NULL) {
+        llm_err_set(err, LLM_ENOMEM, "out of memory");
+        return NULL;
+    }
+    p->be = be;
+    p->budget = budget;
+    return p;
+}
+
+
+static void
+pool_evict(llm_lora_pool *p, int i)
+{
+    p->be->ops->release(p->be, p->e[i].dev);
+    p->bytes -= p->e[i].bytes;
+    p->e[i] = p->e[--p->n];
+    p->evictions++;
+}
+
+
+void
+llm_lora_pool_free(llm_lora_pool *p)
+{
+    if (p == NULL) {
+        return;
+    }
+    while (p->n > 0) {
+        pool_evict(p, p->n - 1);
+    }
+    llm_free(p->e);
+    llm_free(p);
+}
+
+
+static int
+pool_find(const llm_lora_pool *p, uint64_t serial)
+{
+    int i;
+
+    for (i = 0; i < p->n; i++) {
+        if (p->e[i].serial == serial) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+
+int
+llm_lora_pool_acquire(llm_lora_pool *p, const llm_lora_handle *h,
+                      const uint8_t **dev, llm_err *err)
+{
+    size_t  need = h->lora->bytes;
+    void   *d;
+    int     i = pool_find(p, h->serial);
+
+    if (i >= 0) {
+        p->e[i].pins++;
+        p->e[i].last_use = ++p->tick;
+        *dev = p->e[i].dev;
+        return 0;
+    }
+
+    /* make room: least recently used unpinned copies first */
+    while (p->budget != 0 && p->bytes + need > p->budget) {
+        int victim = -1;
+        for (i = 0; i < p->n; i++) {
+            if (p->e[i].pins == 0
+                && (victim < 0 || p->e[i].last_use < p->e[victim].last_use))
+            {
+                victim = i;
+            }
+        }
+        if (victim < 0) {
+            return llm_err_set(err, LLM_EFULL,
+                               "adapter device pool full: %zu of %zu bytes "
+                               "pinned by running sequences", p->bytes,
+                               p->budget);
+        }
+        pool_evict(p, victim);
+    }
+
+    if (p->n == p->cap) {
+        int         cap = p->cap ? 2 * p->cap : 16;
+        pool_entry *ne = llm_realloc(p->e, (size_t) cap * sizeof(*ne));
+        if (ne == NULL) {
+            return llm_err_set(err, LLM_ENOMEM, "out of memory");
+        }
+        p->e = ne;
+        p->cap = cap;
+    }
+    d = p->be->ops->alloc(p->be, need);
+    if (d == NULL) {
+        return llm_err_set(err, LLM_ENOMEM,
+                           "cannot allocate %zu bytes for adapter %s", need,
+                           h->lora->version_hex);
+    }
+    if (p->be->ops->upload(p->be, d, h->lora->data, need) != 0) {
+        llm_err_set(err, LLM_EBACKEND, "adapter upload: %s",
+                    llm_backend_error(p->be));
+        p->be->ops->release(p->be, d);
+        return LLM_EBACKEND;
+    }
+    p->e[p->n].serial = h->serial;
+    p->e[p->n].dev = d;
+    p->e[p->n].bytes = need;
+    p->e[p->n].pins = 1;
+    p->e[p->n].last_use = ++p->tick;
+    p->n++;
+    p->bytes += need;
+    p->uploads++;
+    *dev = d;
+    return 0;
+}
+
+
+void
+llm_lora_pool_release(llm_lora_pool *p, const llm_lora_handle *h)
+{
+    int i = pool_find(p, h->serial);
+
+    if (i >= 0 && p->e[i].pins > 0) {
+        p->e[i].pins--;
+        p->e[i].last_use = ++p->tick;
+    }
+}
+
+
+void
+llm_lora_pool_get_stats(const llm_lora_pool *p, llm_lora_pool_stats *st)
+{
+    int i;
+
+    memset(st, 0, sizeof(*st));
+    st->resident = p->n;
+    st->bytes = p->bytes;
+    st->budget = p->budget;
+    st->uploads = p->uploads;
+    st->evictions = p->evictions;
+    for (i = 0; i < p->n; i++) {
+        st->pinned += p->e[i].pins > 0;
+    }
+}

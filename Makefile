@@ -2,7 +2,8 @@
 #
 #   make            build the engine library, the programs and the module
 #   make test       install what is missing, build, run every test
-#   make run        install, build, serve on 127.0.0.1:8080 (Ctrl-C stops)
+#   make run        install, build, serve on 127.0.0.1:8080 (Ctrl-C stops);
+#                   ADAPTERS=DIR also serves the LoRA adapters in DIR
 #
 # BUILD=dir puts every output in another folder (parallel work trees).
 
@@ -28,15 +29,20 @@ KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)
 LIB_SRCS    := $(ENGINE_SRCS) $(KERNEL_SRCS) $(wildcard adapters/*.c)
 LIB_OBJS    := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 
+# CUDA: kernels/cuda/*.cu with nvcc for sm_80 and sm_90 (plus sm_90 PTX,
+# which newer GPUs compile at load), whenever nvcc is present.  The rpath
+# finds libcudart/libcublas at run time without ld.so.conf.
 CUDA_SRCS   := $(wildcard kernels/cuda/*.cu)
 ifneq ($(NVCC),)
 ifneq ($(CUDA_SRCS),)
+CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CUDA_OBJS   := $(CUDA_SRCS:%.cu=$(BUILD)/obj/%.o)
 CPPFLAGS    += -DLLM_HAVE_CUDA
-LDLIBS      += -L/usr/local/cuda/lib64 -lcudart -lcublas -lstdc++
-NVCCFLAGS   ?= -O2 -Xcompiler -fPIC -I. \
+LDLIBS      += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 \
+               -lcudart -lcublas -lstdc++
+NVCCFLAGS   ?= -O2 -std=c++17 -Xcompiler -fPIC -Xcompiler -Wall -I. \
                -gencode arch=compute_80,code=sm_80 \
-               -gencode arch=compute_90,code=sm_90
+               -gencode 'arch=compute_90,code=[sm_90,compute_90]'
 endif
 endif
 
@@ -64,7 +70,7 @@ $(BUILD)/obj/%.o: %.c
 
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libllm.a: $(LIB_OBJS) $(CUDA_OBJS)
 	@rm -f $@
@@ -80,6 +86,19 @@ $(TEST_BIN): $(TEST_SRCS:%.c=$(BUILD)/obj/%.o) $(BUILD)/libllm.a
 .PHONY: bench-kernels
 bench-kernels: $(BUILD)/bench-kernels
 $(BUILD)/bench-kernels: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/kernels/*.c)) $(BUILD)/libllm.a
+	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
+
+# The CUDA backend built with g++ for the CPU emulator (t/cuda_emu): its
+# host logic and kernels checked against the CPU backend without a GPU.
+#   make cuda-emu && $(BUILD)/cuda-emu/llm-selftest-emu --quick
+.PHONY: cuda-emu
+cuda-emu: lib
+	BUILD=$(BUILD) t/cuda_emu/build.sh
+
+# Multi-LoRA benchmark (bench/RESULTS.md): bench/lora_bench.py runs it
+.PHONY: bench-lora
+bench-lora: $(BUILD)/lora-bench
+$(BUILD)/lora-bench: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/lora/*.c)) $(BUILD)/libllm.a
 	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
 
 # ---- the NGINX module ------------------------------------------------
@@ -139,9 +158,10 @@ test: deps
 	$(MAKE) all models
 	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; exit $$rc
 
+# ADAPTERS=DIR registers every LoRA adapter folder inside DIR.
 run: deps
 	$(MAKE) all
-	BUILD=$(BUILD) tools/run.sh
+	BUILD=$(BUILD) ADAPTERS="$(ADAPTERS)" tools/run.sh
 
 clean:
 	rm -rf $(BUILD)

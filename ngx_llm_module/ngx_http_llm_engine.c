@@ -57,8 +57,14 @@ typedef struct {
     ngx_str_t                      fingerprint;
     u_char                         fp[16];
 
+    llm_proto_stats                stats;       /* the last STATS */
+    ngx_uint_t                     stats_pending;
+
+    ngx_queue_t                    ctls;        /* ngx_http_llm_ctl_t */
+
     unsigned                       draining:1;
     unsigned                       failed:1;    /* logged since last OK */
+    unsigned                       has_stats:1;
 } ngx_http_llm_peer_t;
 
 
@@ -68,6 +74,7 @@ struct ngx_http_llm_client_s {
     ngx_uint_t                     npeers;
     ngx_uint_t                     rr;
     ngx_queue_t                    waiting;
+    ngx_queue_t                    stats_waiting;   /* /metrics scrapes */
     ngx_log_t                     *log;
 };
 
@@ -101,6 +108,11 @@ static ngx_int_t ngx_http_llm_stream_wait(ngx_http_llm_client_t *client,
 static void ngx_http_llm_stream_move(ngx_http_llm_client_t *client,
     ngx_http_llm_stream_t *s);
 static void ngx_http_llm_stream_timeout(ngx_event_t *ev);
+static void ngx_http_llm_stats_check(ngx_http_llm_client_t *client);
+static ngx_int_t ngx_http_llm_peer_ctl(ngx_http_llm_peer_t *peer,
+    llm_proto_frame *f);
+static void ngx_http_llm_peer_fail_ctls(ngx_http_llm_peer_t *peer);
+static void ngx_http_llm_stats_timeout(ngx_event_t *ev);
 
 
 /* one per worker process */
@@ -137,6 +149,7 @@ ngx_http_llm_engine_init_process(ngx_cycle_t *cycle,
     client->npeers = n;
     client->log = cycle->log;
     ngx_queue_init(&client->waiting);
+    ngx_queue_init(&client->stats_waiting);
 
     peer = client->peers;
 
@@ -145,6 +158,7 @@ ngx_http_llm_engine_init_process(ngx_cycle_t *cycle,
             peer->client = client;
             peer->addr = &e[i].addrs[j];
             peer->next_id = 1;
+            ngx_queue_init(&peer->ctls);
 
             ngx_rbtree_init(&peer->streams, &peer->sentinel,
                             ngx_rbtree_insert_value);
@@ -484,6 +498,14 @@ ngx_http_llm_peer_down(ngx_http_llm_peer_t *peer)
     peer->state = NGX_HTTP_LLM_PEER_DOWN;
     peer->draining = 0;
     peer->failed = 1;
+    peer->has_stats = 0;
+
+    if (peer->stats_pending) {
+        peer->stats_pending = 0;
+        ngx_http_llm_stats_check(client);
+    }
+
+    ngx_http_llm_peer_fail_ctls(peer);
 
     ngx_http_llm_peer_free_buffers(peer);
 
@@ -890,6 +912,8 @@ ngx_http_llm_peer_dispatch(ngx_http_llm_peer_t *peer, llm_proto_frame *f)
 
         s = ngx_http_llm_peer_lookup(peer, f->req_id);
         if (s == NULL) {
+            /* a refused adapter operation, or a finished stream */
+            (void) ngx_http_llm_peer_ctl(peer, f);
             return NGX_OK;
         }
 
@@ -938,11 +962,33 @@ ngx_http_llm_peer_dispatch(ngx_http_llm_peer_t *peer, llm_proto_frame *f)
         s->fail(s, reason, e.message);
         return NGX_OK;
 
-    case LLM_MSG_PONG:
     case LLM_MSG_STATS:
+        if (llm_proto_decode_stats(f, &peer->stats, &err) != 0) {
+            ngx_log_error(NGX_LOG_ERR, log, 0,
+                          "llm: engine %V: bad STATS: %s",
+                          &peer->addr->name, err.msg);
+            return NGX_ERROR;
+        }
+
+        peer->has_stats = 1;
+
+        if (peer->stats_pending) {
+            peer->stats_pending--;
+            ngx_http_llm_stats_check(peer->client);
+        }
+
+        return NGX_OK;
+
+    case LLM_MSG_PONG:
         return NGX_OK;
 
     default:
+        /* ADAPTER_OK, ADAPTERS: answers to control requests */
+
+        if (ngx_http_llm_peer_ctl(peer, f) == NGX_OK) {
+            return NGX_OK;
+        }
+
         ngx_log_error(NGX_LOG_WARN, log, 0,
                       "llm: engine %V sent unexpected %s",
                       &peer->addr->name, llm_proto_type_name(f->type));
@@ -1251,4 +1297,273 @@ ngx_http_llm_stream_timeout(ngx_event_t *ev)
     ngx_http_llm_engine_cancel(s);
 
     s->fail(s, NGX_HTTP_LLM_FAIL_TIMEOUT, NULL);
+}
+
+
+/* ---- engine statistics for /metrics ---------------------------------- */
+
+/*
+ * Asks every ready engine for STATS: NGX_OK if none is ready (nothing to
+ * wait for), NGX_AGAIN: w->handler follows when all have answered or
+ * after timeout.
+ */
+
+ngx_int_t
+ngx_http_llm_engine_stats_request(ngx_http_llm_stats_wait_t *w,
+    ngx_msec_t timeout)
+{
+    ngx_uint_t              i, n;
+    ngx_http_llm_peer_t    *peer;
+    ngx_http_llm_client_t  *client;
+
+    client = ngx_http_llm_client;
+
+    if (client == NULL) {
+        return NGX_OK;
+    }
+
+    n = 0;
+
+    for (i = 0; i < client->npeers; i++) {
+        peer = &client->peers[i];
+
+        if (peer->state != NGX_HTTP_LLM_PEER_READY) {
+            continue;
+        }
+
+        if (llm_proto_encode_empty(&peer->out, LLM_MSG_STATS_REQ, 0) != 0) {
+            continue;
+        }
+
+        peer->stats_pending++;
+        ngx_http_llm_peer_post_write(peer);
+        n++;
+    }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    w->timer.handler = ngx_http_llm_stats_timeout;
+    w->timer.data = w;
+    w->timer.log = client->log;
+
+    ngx_queue_insert_tail(&client->stats_waiting, &w->queue);
+    w->waiting = 1;
+
+    ngx_add_timer(&w->timer, timeout);
+
+    return NGX_AGAIN;
+}
+
+
+void
+ngx_http_llm_engine_stats_cancel(ngx_http_llm_stats_wait_t *w)
+{
+    if (w->waiting) {
+        ngx_queue_remove(&w->queue);
+        w->waiting = 0;
+    }
+
+    if (w->timer.timer_set) {
+        ngx_del_timer(&w->timer);
+    }
+}
+
+
+/* The engines as last seen: up (ready and answered STATS) and stats. */
+
+ngx_uint_t
+ngx_http_llm_engine_stats_get(ngx_http_llm_engine_stats_t *out,
+    ngx_uint_t max)
+{
+    ngx_uint_t              i, n;
+    ngx_http_llm_peer_t    *peer;
+    ngx_http_llm_client_t  *client;
+
+    client = ngx_http_llm_client;
+
+    if (client == NULL) {
+        return 0;
+    }
+
+    n = 0;
+
+    for (i = 0; i < client->npeers && n < max; i++) {
+        peer = &client->peers[i];
+
+        out[n].name = peer->addr->name;
+        out[n].up = (peer->state == NGX_HTTP_LLM_PEER_READY
+                     && peer->has_stats);
+        out[n].fresh = out[n].up && peer->stats_pending == 0;
+        out[n].stats = peer->stats;
+        n++;
+    }
+
+    return n;
+}
+
+
+/* Every STATS asked for has come (or its engine went away). */
+
+static void
+ngx_http_llm_stats_check(ngx_http_llm_client_t *client)
+{
+    ngx_uint_t                  i;
+    ngx_queue_t                *q;
+    ngx_http_llm_stats_wait_t  *w;
+
+    for (i = 0; i < client->npeers; i++) {
+        if (client->peers[i].stats_pending) {
+            return;
+        }
+    }
+
+    while (!ngx_queue_empty(&client->stats_waiting)) {
+        q = ngx_queue_head(&client->stats_waiting);
+        w = ngx_queue_data(q, ngx_http_llm_stats_wait_t, queue);
+
+        ngx_http_llm_engine_stats_cancel(w);
+
+        w->handler(w);
+    }
+}
+
+
+static void
+ngx_http_llm_stats_timeout(ngx_event_t *ev)
+{
+    ngx_http_llm_stats_wait_t  *w = ev->data;
+
+    ngx_http_llm_engine_stats_cancel(w);
+
+    w->handler(w);
+}
+
+
+/* ---- control requests: adapter load, unload, list ---------------------- */
+
+ngx_uint_t
+ngx_http_llm_engine_count(void)
+{
+    return ngx_http_llm_client ? ngx_http_llm_client->npeers : 0;
+}
+
+
+ngx_str_t *
+ngx_http_llm_engine_name(ngx_uint_t i)
+{
+    ngx_http_llm_client_t  *client;
+
+    client = ngx_http_llm_client;
+
+    if (client == NULL || i >= client->npeers) {
+        return NULL;
+    }
+
+    return &client->peers[i].addr->name;
+}
+
+
+ngx_int_t
+ngx_http_llm_engine_ctl_send(ngx_http_llm_ctl_t *ctl, ngx_uint_t i, int type,
+    const u_char *payload, size_t len)
+{
+    uint32_t                id;
+    ngx_http_llm_peer_t    *peer;
+    ngx_http_llm_client_t  *client;
+
+    client = ngx_http_llm_client;
+
+    if (client == NULL || i >= client->npeers) {
+        return NGX_DECLINED;
+    }
+
+    peer = &client->peers[i];
+
+    if (peer->state != NGX_HTTP_LLM_PEER_READY) {
+        return NGX_DECLINED;
+    }
+
+    /* the ids of streams and control requests come from one counter */
+
+    do {
+        id = peer->next_id++;
+    } while (id == 0 || ngx_http_llm_peer_lookup(peer, id) != NULL);
+
+    if (llm_proto_encode_raw(&peer->out, 0, type, id, payload, len) != 0) {
+        ngx_log_error(NGX_LOG_ALERT, client->log, 0,
+                      "llm: cannot queue %s", llm_proto_type_name(type));
+        return NGX_ERROR;
+    }
+
+    ctl->id = id;
+    ctl->engine = i;
+    ctl->peer = peer;
+    ngx_queue_insert_tail(&peer->ctls, &ctl->queue);
+
+    ngx_http_llm_peer_post_write(peer);
+
+    return NGX_OK;
+}
+
+
+/* Forgets a control request; its answer, if it comes, is dropped. */
+
+void
+ngx_http_llm_engine_ctl_cancel(ngx_http_llm_ctl_t *ctl)
+{
+    if (ctl->peer) {
+        ngx_queue_remove(&ctl->queue);
+        ctl->peer = NULL;
+    }
+}
+
+
+/* An answer for a control request: NGX_OK if one was waiting for it. */
+
+static ngx_int_t
+ngx_http_llm_peer_ctl(ngx_http_llm_peer_t *peer, llm_proto_frame *f)
+{
+    ngx_queue_t         *q;
+    ngx_http_llm_ctl_t  *ctl;
+
+    for (q = ngx_queue_head(&peer->ctls);
+         q != ngx_queue_sentinel(&peer->ctls);
+         q = ngx_queue_next(q))
+    {
+        ctl = ngx_queue_data(q, ngx_http_llm_ctl_t, queue);
+
+        if (ctl->id != f->req_id) {
+            continue;
+        }
+
+        ngx_queue_remove(q);
+        ctl->peer = NULL;
+
+        ctl->handler(ctl, f);
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/* The engine went away: control requests get no answer. */
+
+static void
+ngx_http_llm_peer_fail_ctls(ngx_http_llm_peer_t *peer)
+{
+    ngx_queue_t         *q;
+    ngx_http_llm_ctl_t  *ctl;
+
+    while (!ngx_queue_empty(&peer->ctls)) {
+        q = ngx_queue_head(&peer->ctls);
+        ctl = ngx_queue_data(q, ngx_http_llm_ctl_t, queue);
+
+        ngx_queue_remove(q);
+        ctl->peer = NULL;
+
+        ctl->handler(ctl, NULL);
+    }
 }

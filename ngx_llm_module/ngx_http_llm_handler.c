@@ -2,8 +2,10 @@
 /*
  * The request lifecycle of llm_api locations:
  *
- *   route and method -> read the body (llm_max_body) -> parse and
- *   validate -> chat template -> tokenize -> context check -> SUBMIT ->
+ *   route and method -> read the body (llm_max_body) -> tenant (API key
+ *   or variable; maybe a Redis lookup) -> parse and validate -> chat
+ *   template -> tokenize -> context check -> limits (maybe Redis, maybe a
+ *   wait for a concurrency slot) -> SUBMIT ->
  *   NGX_DONE ... TOKENS: detokenize, stop strings, one SSE chunk per
  *   token (flushed) or accumulate ... DONE: final chunk or JSON, usage ->
  *   finalize.
@@ -25,6 +27,8 @@ static ngx_int_t ngx_http_llm_models(ngx_http_request_t *r,
 static void ngx_http_llm_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llm_read_body(ngx_http_request_t *r, u_char **body,
     size_t *len);
+static ngx_int_t ngx_http_llm_prepare(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
 static ngx_int_t ngx_http_llm_start(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
 static ngx_int_t ngx_http_llm_tokenize(ngx_http_request_t *r,
@@ -50,8 +54,6 @@ static ngx_int_t ngx_http_llm_output(ngx_http_llm_ctx_t *ctx,
 static void ngx_http_llm_write_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llm_send_json(ngx_http_request_t *r,
     ngx_uint_t status, json_t *json);
-static ngx_int_t ngx_http_llm_send_error(ngx_http_request_t *r,
-    ngx_http_llm_error_t *err);
 static ngx_int_t ngx_http_llm_simple_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *code,
     const char *message);
@@ -70,11 +72,15 @@ ngx_http_llm_handler(ngx_http_request_t *r)
     ngx_uint_t                 endpoint;
     ngx_http_llm_ctx_t        *ctx;
     ngx_http_cleanup_t        *cln;
+    ngx_http_llm_error_t       err;
     ngx_http_llm_loc_conf_t   *llcf;
+    ngx_http_llm_main_conf_t  *lmcf;
 
     if (r != r->main) {
         return NGX_DECLINED;
     }
+
+    ngx_str_null(&id);
 
     endpoint = ngx_http_llm_route(r, &id);
 
@@ -100,7 +106,52 @@ ngx_http_llm_handler(ngx_http_request_t *r)
             return rc;
         }
 
-        return ngx_http_llm_models(r, endpoint, &id);
+        lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
+
+        if (!lmcf->auth) {
+            return ngx_http_llm_models(r, endpoint, &id);
+        }
+
+        /* with a tenant directory, listing models needs a key too */
+
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_llm_ctx_t));
+        if (ctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->request = r;
+        ctx->params.endpoint = endpoint;
+        ctx->params.model = id;
+        ctx->start = ngx_current_msec;
+
+        ngx_http_set_ctx(r, ctx, ngx_http_llm_module);
+
+        cln = ngx_http_cleanup_add(r, 0);
+        if (cln == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        cln->handler = ngx_http_llm_cleanup;
+        cln->data = ctx;
+
+        rc = ngx_http_llm_tenant_identify(r, ctx, &err);
+
+        switch (rc) {
+
+        case NGX_OK:
+            return ngx_http_llm_models(r, endpoint, &id);
+
+        case NGX_AGAIN:
+            /* ngx_http_llm_continue() answers */
+            r->main->count++;
+            return NGX_DONE;
+
+        case NGX_DECLINED:
+            return ngx_http_llm_send_error(r, &err);
+
+        default:
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
     if (r->method != NGX_HTTP_POST) {
@@ -219,29 +270,13 @@ static ngx_int_t
 ngx_http_llm_models(ngx_http_request_t *r, ngx_uint_t endpoint,
     ngx_str_t *id)
 {
-    ngx_http_llm_error_t       err;
-    ngx_http_llm_main_conf_t  *lmcf;
+    /*
+     * the base model and the adapters the caller may use, which the
+     * engines are asked for (ngx_http_llm_adapters.c): may return
+     * NGX_DONE and answer later
+     */
 
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
-
-    if (endpoint == NGX_HTTP_LLM_MODELS) {
-        return ngx_http_llm_send_json(r, NGX_HTTP_OK,
-                                      ngx_http_llm_models_json(lmcf, 0));
-    }
-
-    if (id->len != lmcf->model_name.len
-        || ngx_strncmp(id->data, lmcf->model_name.data, id->len) != 0)
-    {
-        ngx_http_llm_error_set(r->pool, &err, NGX_HTTP_NOT_FOUND,
-                               "invalid_request_error", "model",
-                               "model_not_found",
-                               "The model `%*s` does not exist.",
-                               ngx_min(id->len, 256), id->data);
-        return ngx_http_llm_send_error(r, &err);
-    }
-
-    return ngx_http_llm_send_json(r, NGX_HTTP_OK,
-                                  ngx_http_llm_models_json(lmcf, 1));
+    return ngx_http_llm_adapters_models(r, endpoint, id);
 }
 
 
@@ -251,12 +286,9 @@ ngx_http_llm_body_handler(ngx_http_request_t *r)
     size_t                     len;
     u_char                    *body;
     ngx_http_llm_ctx_t        *ctx;
-    ngx_http_llm_error_t       err;
     ngx_http_llm_loc_conf_t   *llcf;
-    ngx_http_llm_main_conf_t  *lmcf;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_llm_module);
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_llm_module);
 
     if (ngx_http_llm_read_body(r, &body, &len) != NGX_OK) {
@@ -274,11 +306,88 @@ ngx_http_llm_body_handler(ngx_http_request_t *r)
         return;
     }
 
-    if (ngx_http_llm_parse_request(r, lmcf, llcf, body, len, &ctx->params,
-                                   &err)
-        != NGX_OK
-        || ngx_http_llm_start(r, ctx, &err) != NGX_OK)
+    ctx->body = body;
+    ctx->body_len = len;
+
+    ngx_http_llm_continue(r);
+}
+
+
+/*
+ * The steps after the body, each of which may wait (a Redis lookup, a
+ * limiter verdict, a concurrency slot): called again by whoever ends the
+ * wait.  Finalizes the request on refusals; after SUBMIT the engine's
+ * callbacks take over.
+ */
+
+void
+ngx_http_llm_continue(ngx_http_request_t *r)
+{
+    ngx_int_t                  rc;
+    ngx_http_llm_ctx_t        *ctx;
+    ngx_http_llm_error_t       err;
+    ngx_http_llm_loc_conf_t   *llcf;
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llm_module);
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llm_module);
+
+    rc = ngx_http_llm_tenant_identify(r, ctx, &err);
+
+    if (rc == NGX_AGAIN) {
+        return;
+    }
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_finalize_request(r, ngx_http_llm_send_error(r, &err));
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    if (ctx->params.endpoint == NGX_HTTP_LLM_MODELS
+        || ctx->params.endpoint == NGX_HTTP_LLM_MODEL)
     {
+        ngx_http_finalize_request(r,
+                                  ngx_http_llm_models(r, ctx->params.endpoint,
+                                                      &ctx->params.model));
+        return;
+    }
+
+    if (!ctx->prepared) {
+        if (ngx_http_llm_parse_request(r, lmcf, llcf, ctx->body,
+                                       ctx->body_len, &ctx->params, &err)
+            != NGX_OK
+            || ngx_http_llm_prepare(r, ctx, &err) != NGX_OK)
+        {
+            ngx_http_finalize_request(r, ngx_http_llm_send_error(r, &err));
+            return;
+        }
+
+        ctx->prepared = 1;
+    }
+
+    rc = ngx_http_llm_limits_acquire(r, ctx, &err);
+
+    if (rc == NGX_AGAIN) {
+        return;
+    }
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_finalize_request(r, ngx_http_llm_send_error(r, &err));
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    if (ngx_http_llm_start(r, ctx, &err) != NGX_OK) {
         ngx_http_finalize_request(r, ngx_http_llm_send_error(r, &err));
         return;
     }
@@ -364,39 +473,55 @@ ngx_http_llm_read_body(ngx_http_request_t *r, u_char **body, size_t *len)
 }
 
 
-/* Tokenizes and submits; NGX_ERROR with err filled when refused. */
+/*
+ * Tokenizes, settles max_tokens (the tenant's ceiling included) and the
+ * tokens the limiter reserves; NGX_ERROR with err filled when refused.
+ */
 
 static ngx_int_t
-ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
+ngx_http_llm_prepare(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_error_t *err)
 {
-    ngx_int_t                  rc;
-    ngx_uint_t                 n_ctx, max;
+    ngx_uint_t                 n_ctx, max, ceiling;
     ngx_http_llm_params_t     *p;
     ngx_http_llm_stream_t     *s;
     ngx_http_llm_loc_conf_t   *llcf;
-    ngx_http_llm_main_conf_t  *lmcf;
 
     p = &ctx->params;
     s = &ctx->stream;
 
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_llm_module);
 
     if (ngx_http_llm_tokenize(r, ctx, err) != NGX_OK) {
         return NGX_ERROR;
     }
 
+    ceiling = ctx->tenant ? ctx->tenant->max_tokens : 0;
+
     /* max_tokens: asked, configured, or OpenAI's default (0: fill) */
 
     if (p->max_tokens > 0) {
         max = (ngx_uint_t) p->max_tokens;
+
+        if (ceiling && max > ceiling) {
+            ngx_http_llm_error_set(r->pool, err, NGX_HTTP_BAD_REQUEST,
+                                   "invalid_request_error", "max_tokens",
+                                   "invalid_value",
+                                   "max_tokens is too large: %ui. This "
+                                   "account may ask for at most %ui "
+                                   "completion tokens.", max, ceiling);
+            return NGX_ERROR;
+        }
 
     } else if (llcf->max_tokens_default) {
         max = llcf->max_tokens_default;
 
     } else {
         max = (p->endpoint == NGX_HTTP_LLM_COMPLETIONS) ? 16 : 0;
+    }
+
+    if (ceiling && (max == 0 || max > ceiling)) {
+        max = ceiling;
     }
 
     n_ctx = ngx_http_llm_engine_n_ctx();
@@ -408,6 +533,39 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     }
 
     s->max_tokens = max;
+
+    /*
+     * The limiter takes the prompt and the most the completion may use;
+     * the unused part comes back at the end.  "Up to the context end"
+     * reserves the rest of the context (of a typical one if no engine
+     * is connected yet).
+     */
+
+    ctx->admit.reserved = s->n_prompt
+                          + (max ? max : (n_ctx ? n_ctx - s->n_prompt
+                                                : 2048));
+
+    return NGX_OK;
+}
+
+
+/* Submits; NGX_ERROR with err filled when refused. */
+
+static ngx_int_t
+ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
+    ngx_http_llm_error_t *err)
+{
+    ngx_int_t                  rc;
+    ngx_http_llm_params_t     *p;
+    ngx_http_llm_stream_t     *s;
+    ngx_http_llm_tenant_t     *t;
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    p = &ctx->params;
+    s = &ctx->stream;
+    t = ctx->tenant;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
 
     llm_proto_submit_default(&s->submit);
 
@@ -424,6 +582,25 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     if (p->logprobs) {
         s->submit.flags |= LLM_SUBMIT_LOGPROBS;
         s->submit.top_logprobs = (uint8_t) p->top_logprobs;
+    }
+
+    /* the tenant's scheduling class, fair share and cache namespace */
+
+    if (t) {
+        s->submit.priority = (uint8_t) t->priority;
+        s->submit.weight = (uint16_t) t->weight;
+
+        ngx_cpystrn((u_char *) s->submit.tenant, t->name.data,
+                    ngx_min(t->name.len, LLM_PROTO_MAX_TENANT) + 1);
+        ngx_cpystrn((u_char *) s->submit.cache_namespace,
+                    t->cache_namespace.data,
+                    ngx_min(t->cache_namespace.len,
+                            LLM_PROTO_MAX_NAMESPACE) + 1);
+    }
+
+    if (p->adapter.len) {
+        ngx_cpystrn((u_char *) s->submit.adapter, p->adapter.data,
+                    ngx_min(p->adapter.len, LLM_PROTO_MAX_ADAPTER) + 1);
     }
 
     s->log = r->connection->log;
@@ -631,6 +808,8 @@ ngx_http_llm_on_tokens(ngx_http_llm_stream_t *s, llm_proto_tokens *t)
     r = ctx->request;
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
 
+    ngx_http_llm_metrics_token(ctx, (ngx_uint_t) t->n_tokens);
+
     while (!ctx->text.stopped && llm_proto_tokens_next(t, &tok)) {
 
         ctx->completion_tokens++;
@@ -698,6 +877,8 @@ ngx_http_llm_on_done(ngx_http_llm_stream_t *s, const llm_proto_done *d)
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
 
     ctx->cached_tokens = d->cached_tokens;
+    ctx->queue_ms = d->queue_ms;
+    ctx->got_done = 1;
 
     if (ctx->text.stopped) {
         ctx->finish = "stop";
@@ -815,9 +996,8 @@ ngx_http_llm_on_fail(ngx_http_llm_stream_t *s, ngx_http_llm_fail_e reason,
         break;
 
     case NGX_HTTP_LLM_FAIL_NOT_FOUND:
-        ngx_http_llm_error_set(r->pool, &err, NGX_HTTP_NOT_FOUND,
-                               "invalid_request_error", NULL, "not_found",
-                               "%s", message ? message : "Not found.");
+        /* no adapter of that name in the engine: 404 model_not_found */
+        ngx_http_llm_adapter_not_found(r, ctx, message, &err);
         break;
 
     case NGX_HTTP_LLM_FAIL_UNAVAILABLE:
@@ -1231,7 +1411,7 @@ ngx_http_llm_send_json(ngx_http_request_t *r, ngx_uint_t status,
 }
 
 
-static ngx_int_t
+ngx_int_t
 ngx_http_llm_send_error(ngx_http_request_t *r, ngx_http_llm_error_t *err)
 {
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -1257,6 +1437,26 @@ ngx_http_llm_simple_error(ngx_http_request_t *r, ngx_uint_t status,
     err.message.len = ngx_strlen(message);
 
     return ngx_http_llm_send_error(r, &err);
+}
+
+
+/* An output header; value must live as long as the request. */
+
+void
+ngx_http_llm_add_header(ngx_http_request_t *r, const char *key,
+    ngx_str_t *value)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) key;
+    h->key.len = ngx_strlen(key);
+    h->value = *value;
 }
 
 
@@ -1296,6 +1496,11 @@ ngx_http_llm_cleanup(void *data)
     /* a client that went away, or the end: the engine forgets it */
 
     ngx_http_llm_engine_cancel(&ctx->stream);
+
+    /* a Redis lookup under way forgets us; limits get back what is due */
+
+    ngx_http_llm_tenant_cleanup(ctx);
+    ngx_http_llm_limits_release(ctx);
 
     if (ctx->finish == NULL && ctx->submitted) {
         ctx->finish = "cancelled";

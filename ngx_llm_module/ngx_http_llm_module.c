@@ -8,9 +8,17 @@
  *       llm_engine  unix:/run/ngx_llm/engine.sock;
  *       llm_model   smollm2 /var/lib/ngx_llm/model.gguf;
  *
+ *       llm_tenants conf/tenants.json;        # optional: API keys
+ *       llm_redis   127.0.0.1:6379;           # optional: limits across
+ *       llm_limits  redis;                    # hosts, run-time tenants
+ *
  *       server {
  *           location /v1/ {
  *               llm_api openai;
+ *           }
+ *
+ *           location = /metrics {
+ *               llm_metrics;
  *           }
  *       }
  *   }
@@ -46,6 +54,27 @@ static ngx_conf_num_bounds_t  ngx_http_llm_max_tokens_bounds = {
 static ngx_conf_enum_t  ngx_http_llm_apis[] = {
     { ngx_string("openai"), NGX_HTTP_LLM_API_OPENAI },
     { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_enum_t  ngx_http_llm_limits_modes[] = {
+    { ngx_string("off"), NGX_HTTP_LLM_LIMITS_OFF },
+    { ngx_string("local"), NGX_HTTP_LLM_LIMITS_LOCAL },
+    { ngx_string("redis"), NGX_HTTP_LLM_LIMITS_REDIS },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_enum_t  ngx_http_llm_limits_fails[] = {
+    { ngx_string("open"), NGX_HTTP_LLM_FAIL_OPEN },
+    { ngx_string("closed"), NGX_HTTP_LLM_FAIL_CLOSED },
+    { ngx_string("local"), NGX_HTTP_LLM_FAIL_LOCAL },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_llm_hosts_bounds = {
+    ngx_conf_check_num_bounds, 1, 10000
 };
 
 
@@ -165,6 +194,183 @@ static ngx_command_t  ngx_http_llm_commands[] = {
       offsetof(ngx_http_llm_main_conf_t, fingerprint),
       NULL },
 
+    /*
+     * llm_tenants FILE;                    default: none (no keys asked)
+     *
+     * The tenant directory (JSON; format in ngx_http_llm_tenants.c):
+     * with it, every request of llm_api locations needs an API key
+     * (Authorization: Bearer) or a tenant named by llm_tenant_variable.
+     * Read at configuration time and again on reload.
+     */
+    { ngx_string("llm_tenants"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_llm_tenants_file,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    /*
+     * llm_tenants_redis on | off;          default off
+     *
+     * Keys (and tenant names) not in the file are looked up in Redis
+     * (llm_redis): tenants added at run time, without a reload.  Also
+     * turns API keys on without llm_tenants.
+     */
+    { ngx_string("llm_tenants_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, tenants_redis),
+      NULL },
+
+    /*
+     * llm_tenants_cache_time TIME;         default 10s
+     *
+     * How long a worker keeps a tenant read from Redis, or the absence
+     * of one (changes in Redis show after at most this time).
+     */
+    { ngx_string("llm_tenants_cache_time"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, tenants_cache_time),
+      NULL },
+
+    /*
+     * llm_tenant_variable $variable;       default: none
+     *
+     * For gateways that authenticate on their own (auth_request, map,
+     * a trusted header): a non-empty value names the tenant and no key
+     * is asked; an empty one falls back to the API key.  Only use
+     * client headers ($http_x_tenant) behind a proxy that sets them.
+     */
+    { ngx_string("llm_tenant_variable"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, tenant_var),
+      NULL },
+
+    /*
+     * llm_redis ADDRESS [db=N] [password=S] [prefix=S]
+     *           [connect_timeout=TIME] [timeout=TIME];
+     *
+     * The Redis server for limits across hosts and run-time tenants:
+     * host:port (resolved at configuration time) or unix:/path.
+     * Defaults: port 6379, db 0, prefix "llm:", connect_timeout 1s,
+     * timeout 500ms (a command not answered in it counts as Redis
+     * away).  Each worker keeps one connection.
+     */
+    { ngx_string("llm_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_llm_redis,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    /*
+     * llm_limits local | redis | off;      default local
+     *
+     * Where tenants' limits are counted: in a zone shared by this
+     * host's workers, or in Redis for all hosts.
+     */
+    { ngx_string("llm_limits"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.mode),
+      ngx_http_llm_limits_modes },
+
+    /*
+     * llm_limits_zone SIZE;                default 1m
+     *
+     * The shared zone of the counters (about 200 bytes per tenant).
+     */
+    { ngx_string("llm_limits_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.zone_size),
+      NULL },
+
+    /*
+     * llm_limits_fail open | closed | local;   default local
+     *
+     * llm_limits redis, Redis away: admit (counted on this host for the
+     * headers only), refuse with 503, or enforce this host's share of
+     * each limit (divided by llm_limits_hosts) in the shared zone.
+     */
+    { ngx_string("llm_limits_fail"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.fail),
+      ngx_http_llm_limits_fails },
+
+    /*
+     * llm_limits_hosts N;                  default 1
+     *
+     * The number of NGINX hosts sharing the Redis limits: the share of
+     * one host when Redis is away is the limit / N (at least 1).
+     */
+    { ngx_string("llm_limits_hosts"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.hosts),
+      &ngx_http_llm_hosts_bounds },
+
+    /*
+     * llm_limits_queue_timeout TIME;       default 30s
+     *
+     * Longest wait of a request for a concurrency slot (tenants with
+     * max_queued); then 429.
+     */
+    { ngx_string("llm_limits_queue_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.queue_timeout),
+      NULL },
+
+    /*
+     * llm_limits_lease TIME;               default 10m
+     *
+     * llm_limits redis: a concurrency slot left by a host that died
+     * is freed after this time.
+     */
+    { ngx_string("llm_limits_lease"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, limits.lease),
+      NULL },
+
+    /*
+     * llm_metrics;
+     *
+     * Serves Prometheus metrics in this location (GET).
+     */
+    { ngx_string("llm_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_llm_metrics,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    /*
+     * llm_metrics_zone SIZE;               default 1m
+     *
+     * The shared zone of the counters behind llm_metrics (about 1.5 KB
+     * per tenant).
+     */
+    { ngx_string("llm_metrics_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_llm_main_conf_t, metrics_zone_size),
+      NULL },
+
       ngx_null_command
 };
 
@@ -270,6 +476,12 @@ ngx_http_llm_postconfiguration(ngx_conf_t *cf)
         }
     }
 
+    if (ngx_http_llm_limits_postconfiguration(cf, lmcf) != NGX_OK
+        || ngx_http_llm_metrics_postconfiguration(cf, lmcf) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     ngx_http_next_request_body_filter = ngx_http_top_request_body_filter;
     ngx_http_top_request_body_filter = ngx_http_llm_request_body_filter;
 
@@ -300,6 +512,15 @@ ngx_http_llm_create_main_conf(ngx_conf_t *cf)
     lmcf->chat_kind = -1;
     lmcf->connect_timeout = NGX_CONF_UNSET_MSEC;
     lmcf->engine_timeout = NGX_CONF_UNSET_MSEC;
+    lmcf->tenants_redis = NGX_CONF_UNSET;
+    lmcf->tenants_cache_time = NGX_CONF_UNSET_MSEC;
+    lmcf->limits.mode = NGX_CONF_UNSET_UINT;
+    lmcf->limits.fail = NGX_CONF_UNSET_UINT;
+    lmcf->limits.hosts = NGX_CONF_UNSET_UINT;
+    lmcf->limits.zone_size = NGX_CONF_UNSET_SIZE;
+    lmcf->limits.queue_timeout = NGX_CONF_UNSET_MSEC;
+    lmcf->limits.lease = NGX_CONF_UNSET_MSEC;
+    lmcf->metrics_zone_size = NGX_CONF_UNSET_SIZE;
 
     return lmcf;
 }
@@ -312,6 +533,34 @@ ngx_http_llm_init_main_conf(ngx_conf_t *cf, void *conf)
 
     ngx_conf_init_msec_value(lmcf->connect_timeout, 3000);
     ngx_conf_init_msec_value(lmcf->engine_timeout, 60000);
+
+    ngx_conf_init_value(lmcf->tenants_redis, 0);
+    ngx_conf_init_msec_value(lmcf->tenants_cache_time, 10000);
+    ngx_conf_init_uint_value(lmcf->limits.mode, NGX_HTTP_LLM_LIMITS_LOCAL);
+    ngx_conf_init_uint_value(lmcf->limits.fail, NGX_HTTP_LLM_FAIL_LOCAL);
+    ngx_conf_init_uint_value(lmcf->limits.hosts, 1);
+    ngx_conf_init_size_value(lmcf->limits.zone_size, 1024 * 1024);
+    ngx_conf_init_msec_value(lmcf->limits.queue_timeout, 30000);
+    ngx_conf_init_msec_value(lmcf->limits.lease, 600000);
+    ngx_conf_init_size_value(lmcf->metrics_zone_size, 1024 * 1024);
+
+    if (lmcf->tenants_redis && lmcf->redis == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"llm_tenants_redis\" requires \"llm_redis\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (lmcf->limits.zone_size < 8 * ngx_pagesize
+        || lmcf->metrics_zone_size < 8 * ngx_pagesize)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "llm_limits_zone and llm_metrics_zone need at "
+                           "least %uz bytes", 8 * ngx_pagesize);
+        return NGX_CONF_ERROR;
+    }
+
+    /* keys are asked for once a directory exists */
+    lmcf->auth = (lmcf->directory || lmcf->tenants_redis) ? 1 : 0;
 
     if (lmcf->fingerprint.data == NULL) {
         ngx_str_null(&lmcf->fingerprint);
@@ -340,6 +589,7 @@ ngx_http_llm_create_loc_conf(ngx_conf_t *cf)
 
     llcf->max_body = NGX_CONF_UNSET_SIZE;
     llcf->max_tokens_default = NGX_CONF_UNSET_UINT;
+    llcf->tenant_var = NGX_CONF_UNSET_PTR;
 
     return llcf;
 }
@@ -354,6 +604,7 @@ ngx_http_llm_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_size_value(conf->max_body, prev->max_body, 1024 * 1024);
     ngx_conf_merge_uint_value(conf->max_tokens_default,
                               prev->max_tokens_default, 0);
+    ngx_conf_merge_ptr_value(conf->tenant_var, prev->tenant_var, NULL);
 
     /*
      * The core module's configuration of this location is merged by
@@ -595,6 +846,12 @@ ngx_http_llm_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    if (ngx_http_llm_redis_init_process(cycle, lmcf) != NGX_OK
+        || ngx_http_llm_tenants_init_process(cycle, lmcf) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_llm_engine_init_process(cycle, lmcf);
 }
 
@@ -603,4 +860,6 @@ static void
 ngx_http_llm_exit_process(ngx_cycle_t *cycle)
 {
     ngx_http_llm_engine_exit_process(cycle);
+    ngx_http_llm_redis_exit_process(cycle);
+    ngx_http_llm_tenants_exit_process(cycle);
 }

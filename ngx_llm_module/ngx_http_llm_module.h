@@ -11,6 +11,10 @@
  *   ngx_http_llm_text.c       stop strings, held-back text, logprob tokens
  *   ngx_http_llm_engine.c     the per-worker client of llm-engine
  *   ngx_http_llm_variables.c  $llm_* variables for access logs
+ *   ngx_http_llm_tenants.c    tenant directory (JSON file, Redis), API keys
+ *   ngx_http_llm_limits.c     per-tenant limits: shared zone and Redis
+ *   ngx_http_llm_redis.c      hiredis async adapter for the event loop
+ *   ngx_http_llm_metrics.c    counters zone and the /metrics handler
  *
  * The workers do all text work (chat template, tokenization, incremental
  * detokenization, stop strings); the engine sees token ids only.
@@ -35,6 +39,113 @@
 
 #define NGX_HTTP_LLM_MAX_STOP        4       /* stop strings, as OpenAI */
 #define NGX_HTTP_LLM_MAX_STOP_LEN    256     /* bytes of one stop string */
+
+
+/* ---- tenants, limits, Redis, metrics: types --------------------------- */
+
+/* A tenant's class: SUBMIT's priority byte. */
+#define NGX_HTTP_LLM_PRIORITY_INTERACTIVE  LLM_PROTO_CLASS_INTERACTIVE
+#define NGX_HTTP_LLM_PRIORITY_STANDARD     LLM_PROTO_CLASS_STANDARD
+#define NGX_HTTP_LLM_PRIORITY_BATCH        LLM_PROTO_CLASS_BATCH
+
+
+typedef struct {
+    ngx_uint_t                     requests_per_minute;    /* 0: none */
+    ngx_uint_t                     tokens_per_minute;
+    ngx_uint_t                     max_concurrent;
+    ngx_uint_t                     max_queued;
+} ngx_http_llm_limits_t;
+
+
+typedef struct {
+    ngx_str_t                      name;
+    ngx_uint_t                     priority;    /* NGX_HTTP_LLM_PRIORITY_* */
+    ngx_uint_t                     weight;      /* fair share, 1..65535 */
+    ngx_str_t                     *adapters;    /* [n_adapters] allowed */
+    ngx_uint_t                     n_adapters;
+    ngx_str_t                      default_adapter;     /* "" none */
+    ngx_str_t                      cache_namespace;
+    ngx_uint_t                     max_tokens;  /* ceiling; 0: none */
+    ngx_http_llm_limits_t          limits;
+    unsigned                       disabled:1;
+} ngx_http_llm_tenant_t;
+
+
+typedef struct ngx_http_llm_directory_s  ngx_http_llm_directory_t;
+
+
+typedef struct {
+    ngx_str_t                      name;        /* as configured */
+    ngx_str_t                      host;        /* numeric, NUL-ended */
+    int                            port;        /* 0: unix socket */
+    ngx_str_t                      path;        /* unix, NUL-ended */
+    ngx_uint_t                     db;
+    ngx_str_t                      password;
+    ngx_str_t                      prefix;      /* of every key */
+    ngx_msec_t                     connect_timeout;
+    ngx_msec_t                     timeout;     /* of one command */
+} ngx_http_llm_redis_conf_t;
+
+
+#define NGX_HTTP_LLM_LIMITS_OFF      0
+#define NGX_HTTP_LLM_LIMITS_LOCAL    1
+#define NGX_HTTP_LLM_LIMITS_REDIS    2
+
+#define NGX_HTTP_LLM_FAIL_OPEN       1
+#define NGX_HTTP_LLM_FAIL_CLOSED     2
+#define NGX_HTTP_LLM_FAIL_LOCAL      3
+
+
+typedef struct {
+    ngx_uint_t                     mode;        /* NGX_HTTP_LLM_LIMITS_* */
+    ngx_uint_t                     fail;        /* NGX_HTTP_LLM_FAIL_* */
+    ngx_uint_t                     hosts;
+    size_t                         zone_size;
+    ngx_msec_t                     queue_timeout;
+    ngx_msec_t                     lease;
+    ngx_shm_zone_t                *shm_zone;
+} ngx_http_llm_limits_conf_t;
+
+
+/* Why a request was refused before the engine ($llm_reject, metrics). */
+#define NGX_HTTP_LLM_REJECT_NONE          0
+#define NGX_HTTP_LLM_REJECT_KEY           1     /* 401 */
+#define NGX_HTTP_LLM_REJECT_FORBIDDEN     2     /* 403 */
+#define NGX_HTTP_LLM_REJECT_MODEL         3     /* 404: adapter */
+#define NGX_HTTP_LLM_REJECT_REQUESTS      4     /* 429 */
+#define NGX_HTTP_LLM_REJECT_TOKENS        5
+#define NGX_HTTP_LLM_REJECT_CONCURRENCY   6
+#define NGX_HTTP_LLM_REJECT_UNAVAILABLE   7     /* 503: limiter, directory */
+#define NGX_HTTP_LLM_REJECT_N             8
+
+
+/* Inter-token latency of one request, flushed to the zone at its end. */
+#define NGX_HTTP_LLM_ITL_BUCKETS     12
+
+typedef struct {
+    uint32_t                       bucket[NGX_HTTP_LLM_ITL_BUCKETS];
+    uint64_t                       sum;         /* ms */
+    uint32_t                       count;
+} ngx_http_llm_itl_t;
+
+
+/* A request's admission by the limiter. */
+#define NGX_HTTP_LLM_ADMIT_NONE      0
+#define NGX_HTTP_LLM_ADMIT_LOCAL     1      /* counted in the zone */
+#define NGX_HTTP_LLM_ADMIT_REDIS     2      /* counted in Redis */
+
+typedef struct {
+    ngx_uint_t                     where;       /* NGX_HTTP_LLM_ADMIT_* */
+    ngx_uint_t                     reserved;    /* prompt + completion */
+    ngx_uint_t                     tokens_per_minute;
+    ngx_str_t                      member;      /* Redis concurrency slot */
+    ngx_event_t                    wait;        /* queued for a slot */
+    ngx_queue_t                    queue;
+    ngx_msec_t                     deadline;
+    void                          *op;          /* pending Redis call */
+    unsigned                       queued:1;
+    unsigned                       done:1;      /* admitted or refused */
+} ngx_http_llm_admit_t;
 
 
 /* ---- configuration -------------------------------------------------- */
@@ -63,6 +174,16 @@ typedef struct {
     ngx_str_t                      fingerprint;     /* "" = engine's */
 
     ngx_uint_t                     enabled;     /* some llm_api */
+
+    ngx_http_llm_directory_t      *directory;   /* llm_tenants FILE */
+    ngx_flag_t                     tenants_redis;
+    ngx_msec_t                     tenants_cache_time;
+    ngx_uint_t                     auth;        /* a directory is set */
+    ngx_http_llm_redis_conf_t     *redis;       /* llm_redis */
+    ngx_http_llm_limits_conf_t     limits;
+    size_t                         metrics_zone_size;
+    ngx_shm_zone_t                *metrics_zone;
+    ngx_uint_t                     metrics;     /* some llm_metrics */
 } ngx_http_llm_main_conf_t;
 
 
@@ -71,6 +192,7 @@ typedef struct {
     size_t                         max_body;
     ngx_uint_t                     max_tokens_default;
     ngx_http_core_loc_conf_t      *clcf;
+    ngx_http_complex_value_t      *tenant_var;  /* llm_tenant_variable */
 } ngx_http_llm_loc_conf_t;
 
 
@@ -185,6 +307,7 @@ typedef struct {
 
     ngx_uint_t                     top_logprobs;
     ngx_str_t                      user;
+    ngx_str_t                      adapter;     /* of "model"; "" none */
 
     unsigned                       has_seed:1;
     unsigned                       stream:1;
@@ -265,10 +388,22 @@ typedef struct {
     ngx_uint_t                     cached_tokens;
     const char                    *finish;      /* "stop", "length", ... */
 
+    u_char                        *body;        /* the request body */
+    size_t                         body_len;
+    ngx_http_llm_tenant_t         *tenant;      /* NULL: no directory */
+    void                          *lookup;      /* pending Redis lookup */
+    ngx_http_llm_admit_t           admit;
+    ngx_uint_t                     reject;      /* NGX_HTTP_LLM_REJECT_* */
+    ngx_uint_t                     queue_ms;    /* in the engine's queue */
+    ngx_msec_t                     last_token;
+    ngx_http_llm_itl_t             itl;
+
     unsigned                       header_sent:1;
     unsigned                       first_token:1;
     unsigned                       submitted:1;
     unsigned                       finished:1;
+    unsigned                       prepared:1;  /* tokenized, checked */
+    unsigned                       got_done:1;  /* queue_ms is known */
 } ngx_http_llm_ctx_t;
 
 
@@ -298,8 +433,145 @@ json_t *ngx_http_llm_logprobs_json(ngx_http_llm_ctx_t *ctx,
 ngx_buf_t *ngx_http_llm_json_buf(ngx_pool_t *pool, ngx_chain_t **free,
     json_t *json, ngx_uint_t sse);
 
+void ngx_http_llm_continue(ngx_http_request_t *r);
+ngx_int_t ngx_http_llm_send_error(ngx_http_request_t *r,
+    ngx_http_llm_error_t *err);
+void ngx_http_llm_add_header(ngx_http_request_t *r, const char *key,
+    ngx_str_t *value);
+
+
+/* ---- tenants: ngx_http_llm_tenants.c -------------------------------- */
+
+char *ngx_http_llm_tenants_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_llm_tenants_init_process(ngx_cycle_t *cycle,
+    ngx_http_llm_main_conf_t *lmcf);
+void ngx_http_llm_tenants_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_llm_tenant_identify(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
+ngx_int_t ngx_http_llm_tenant_model(ngx_http_request_t *r,
+    ngx_http_llm_main_conf_t *lmcf, ngx_http_llm_params_t *p,
+    ngx_http_llm_error_t *err);
+void ngx_http_llm_tenant_cleanup(ngx_http_llm_ctx_t *ctx);
+ngx_int_t ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
+    ngx_http_llm_tenant_t *defaults, ngx_http_llm_tenant_t *t,
+    u_char *errbuf, size_t errlen);
+
+
+/* ---- limits: ngx_http_llm_limits.c ---------------------------------- */
+
+ngx_int_t ngx_http_llm_limits_postconfiguration(ngx_conf_t *cf,
+    ngx_http_llm_main_conf_t *lmcf);
+ngx_int_t ngx_http_llm_limits_acquire(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
+void ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx);
+void ngx_http_llm_limits_exit_process(ngx_cycle_t *cycle);
+u_char *ngx_http_llm_duration(u_char *p, ngx_msec_t ms);
+
+
+/* ---- Redis: ngx_http_llm_redis.c ------------------------------------ */
+
+/* A command's reply (a redisReply *), or NULL: Redis failed or left. */
+typedef void (*ngx_http_llm_redis_handler_pt)(void *data, void *reply);
+
+typedef struct {
+    const char                    *text;
+    u_char                         sha1[41];    /* hex, NUL-ended */
+} ngx_http_llm_redis_script_t;
+
+char *ngx_http_llm_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+ngx_int_t ngx_http_llm_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_llm_main_conf_t *lmcf);
+void ngx_http_llm_redis_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_llm_redis_command(ngx_http_llm_redis_handler_pt handler,
+    void *data, int argc, const char **argv, const size_t *argvlen);
+ngx_int_t ngx_http_llm_redis_eval(ngx_http_llm_redis_script_t *script,
+    ngx_http_llm_redis_handler_pt handler, void *data, int argc,
+    const char **argv, const size_t *argvlen);
+void ngx_http_llm_redis_script_init(ngx_http_llm_redis_script_t *script);
+
+
+/* ---- metrics: ngx_http_llm_metrics.c -------------------------------- */
+
+char *ngx_http_llm_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+ngx_int_t ngx_http_llm_metrics_postconfiguration(ngx_conf_t *cf,
+    ngx_http_llm_main_conf_t *lmcf);
+void ngx_http_llm_metrics_token(ngx_http_llm_ctx_t *ctx, ngx_uint_t n);
+
+
+/* ---- engine statistics (ngx_http_llm_engine.c) for /metrics ---------- */
+
+typedef struct ngx_http_llm_stats_wait_s  ngx_http_llm_stats_wait_t;
+
+struct ngx_http_llm_stats_wait_s {
+    ngx_queue_t                    queue;
+    ngx_event_t                    timer;
+    ngx_uint_t                     pending;     /* STATS still expected */
+    void                         (*handler)(ngx_http_llm_stats_wait_t *w);
+    void                          *data;
+    unsigned                       waiting:1;
+};
+
+typedef struct {
+    ngx_str_t                      name;
+    ngx_uint_t                     up;          /* past HELLO */
+    ngx_uint_t                     fresh;       /* stats answered now */
+    llm_proto_stats                stats;
+} ngx_http_llm_engine_stats_t;
+
+ngx_int_t ngx_http_llm_engine_stats_request(ngx_http_llm_stats_wait_t *w,
+    ngx_msec_t timeout);
+void ngx_http_llm_engine_stats_cancel(ngx_http_llm_stats_wait_t *w);
+ngx_uint_t ngx_http_llm_engine_stats_get(ngx_http_llm_engine_stats_t *out,
+    ngx_uint_t max);
+
+
+/* ---- control requests to the engines (ngx_http_llm_engine.c) --------- */
+
+/*
+ * A request that is not a sequence (adapter load, unload, list) sent to
+ * one engine; handler() gets its answer frame (valid during the call
+ * only), or NULL if the engine went away first.  After handler() or
+ * ngx_http_llm_engine_ctl_cancel() the client no longer touches it.
+ */
+
+typedef struct ngx_http_llm_ctl_s  ngx_http_llm_ctl_t;
+
+typedef void (*ngx_http_llm_ctl_pt)(ngx_http_llm_ctl_t *ctl,
+    llm_proto_frame *f);
+
+struct ngx_http_llm_ctl_s {
+    ngx_queue_t                    queue;       /* in its engine's list */
+    void                          *peer;        /* NULL: not pending */
+    uint32_t                       id;
+    ngx_uint_t                     engine;      /* index */
+    ngx_http_llm_ctl_pt            handler;
+    void                          *data;
+};
+
+/* Engines of this worker (every address of every llm_engine). */
+ngx_uint_t ngx_http_llm_engine_count(void);
+ngx_str_t *ngx_http_llm_engine_name(ngx_uint_t i);
+/* Sends a frame of type with that payload to engine i: NGX_OK,
+ * NGX_DECLINED (engine i is not ready), NGX_ERROR. */
+ngx_int_t ngx_http_llm_engine_ctl_send(ngx_http_llm_ctl_t *ctl, ngx_uint_t i,
+    int type, const u_char *payload, size_t len);
+void ngx_http_llm_engine_ctl_cancel(ngx_http_llm_ctl_t *ctl);
+
+
+/* ---- adapters: ngx_http_llm_adapters.c ------------------------------- */
+
+ngx_int_t ngx_http_llm_adapter_model(ngx_http_request_t *r,
+    ngx_http_llm_main_conf_t *lmcf, ngx_http_llm_params_t *p,
+    ngx_http_llm_error_t *err);
+void ngx_http_llm_adapter_not_found(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx, const char *message, ngx_http_llm_error_t *err);
+ngx_int_t ngx_http_llm_adapters_models(ngx_http_request_t *r,
+    ngx_uint_t endpoint, ngx_str_t *id);
+
 
 extern ngx_module_t  ngx_http_llm_module;
+extern ngx_module_t  ngx_http_llm_adapters_module;
 
 
 #endif /* _NGX_HTTP_LLM_MODULE_H_INCLUDED_ */

@@ -110,16 +110,9 @@ ngx_http_llm_parse_request(ngx_http_request_t *r,
         goto nomem;
     }
 
-    if (p->model.len != lmcf->model_name.len
-        || ngx_strncmp(p->model.data, lmcf->model_name.data, p->model.len)
-           != 0)
-    {
-        ngx_http_llm_error_set(r->pool, err, NGX_HTTP_NOT_FOUND,
-                               NGX_HTTP_LLM_INVALID, "model",
-                               "model_not_found",
-                               "The model `%*s` does not exist or you do "
-                               "not have access to it.",
-                               ngx_min(p->model.len, 256), p->model.data);
+    /* the base model, or an adapter the tenant may use (tenants.c) */
+
+    if (ngx_http_llm_tenant_model(r, lmcf, p, err) != NGX_OK) {
         goto done;
     }
 

@@ -8,6 +8,11 @@
  *   $llm_cached_tokens      prompt tokens served from the prefix cache
  *   $llm_ttft               time to first token, seconds with ms
  *   $llm_finish_reason      stop, length, cancelled (client gone), error
+ *   $llm_tenant             the tenant (API key or llm_tenant_variable)
+ *   $llm_adapter            the adapter the request runs with
+ *   $llm_reject             why it was refused before the engine:
+ *                           invalid_api_key, forbidden, model_not_found,
+ *                           requests, tokens, concurrency, unavailable
  *
  * Requests that did not reach the engine leave them not found ("-"),
  * but for $llm_model once the body named one.
@@ -23,6 +28,9 @@
 #define NGX_HTTP_LLM_VAR_CACHED       3
 #define NGX_HTTP_LLM_VAR_TTFT         4
 #define NGX_HTTP_LLM_VAR_FINISH       5
+#define NGX_HTTP_LLM_VAR_TENANT       6
+#define NGX_HTTP_LLM_VAR_ADAPTER      7
+#define NGX_HTTP_LLM_VAR_REJECT       8
 
 
 static ngx_int_t ngx_http_llm_variable(ngx_http_request_t *r,
@@ -48,6 +56,15 @@ static ngx_http_variable_t  ngx_http_llm_vars[] = {
 
     { ngx_string("llm_finish_reason"), NULL, ngx_http_llm_variable,
       NGX_HTTP_LLM_VAR_FINISH, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llm_tenant"), NULL, ngx_http_llm_variable,
+      NGX_HTTP_LLM_VAR_TENANT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llm_adapter"), NULL, ngx_http_llm_variable,
+      NGX_HTTP_LLM_VAR_ADAPTER, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llm_reject"), NULL, ngx_http_llm_variable,
+      NGX_HTTP_LLM_VAR_REJECT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -80,11 +97,55 @@ ngx_http_llm_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     ngx_uint_t           n;
     ngx_http_llm_ctx_t  *ctx;
 
+    static const char  *rejects[] = {
+        NULL, "invalid_api_key", "forbidden", "model_not_found",
+        "requests", "tokens", "concurrency", "unavailable"
+    };
+
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_llm_module);
 
-    if (ctx == NULL
-        || (data == NGX_HTTP_LLM_VAR_MODEL ? ctx->params.model.len == 0
-                                           : !ctx->submitted))
+    if (ctx == NULL) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    switch (data) {
+
+    case NGX_HTTP_LLM_VAR_TENANT:
+        if (ctx->tenant == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        v->data = ctx->tenant->name.data;
+        v->len = ctx->tenant->name.len;
+        goto found;
+
+    case NGX_HTTP_LLM_VAR_ADAPTER:
+        if (ctx->params.adapter.len == 0) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        v->data = ctx->params.adapter.data;
+        v->len = ctx->params.adapter.len;
+        goto found;
+
+    case NGX_HTTP_LLM_VAR_REJECT:
+        if (ctx->reject == 0
+            || ctx->reject >= sizeof(rejects) / sizeof(rejects[0]))
+        {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        v->data = (u_char *) rejects[ctx->reject];
+        v->len = ngx_strlen(rejects[ctx->reject]);
+        goto found;
+    }
+
+    if (data == NGX_HTTP_LLM_VAR_MODEL ? ctx->params.model.len == 0
+                                       : !ctx->submitted)
     {
         v->not_found = 1;
         return NGX_OK;

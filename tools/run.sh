@@ -3,7 +3,14 @@
 # llm-engine and the distro's nginx loading the built module, in the
 # foreground until Ctrl-C, which stops everything started here.
 #
-#   MODEL=path PORT=n REDIS_PORT=n THREADS=n BUILD=dir tools/run.sh
+#   MODEL=path PORT=n REDIS_PORT=n THREADS=n BUILD=dir TENANTS=file \
+#       tools/run.sh
+#
+# TENANTS: the tenant directory (API keys, limits), conf/tenants.json by
+# default; its demo keys are printed at start.
+# ADAPTERS=DIR: every LoRA adapter folder inside DIR (peft layout) is
+# registered under its folder name ("model": "NAME" or "smollm2:NAME",
+# for the tenants whose "adapters" list it); /admin/adapters loads more.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -14,15 +21,27 @@ THREADS=${THREADS:-0}
 MODEL=${MODEL:-$(tools/default-model.sh)}
 RUN_DIR=${RUN_DIR:-$PWD/$BUILD/run}
 MODULE=$PWD/$BUILD/ngx_http_llm_module.so
+ADAPTERS=${ADAPTERS:-}
 SOCK=$RUN_DIR/engine.sock
+TENANTS=${TENANTS:-conf/tenants.json}
+case "$TENANTS" in /*) ;; *) TENANTS=$PWD/$TENANTS ;; esac
 
 if [ -z "$MODEL" ] || [ ! -e "$MODEL" ]; then
     echo "make run: no model (MODEL=$MODEL)" >&2
     exit 1
 fi
+if [ ! -r "$TENANTS" ]; then
+    echo "make run: no tenants file (TENANTS=$TENANTS)" >&2
+    exit 1
+fi
 for f in "$BUILD/llm-engine" "$MODULE"; do
     [ -e "$f" ] || { echo "make run: $f is missing; run make" >&2; exit 1; }
 done
+adapter_args=()
+if [ -n "$ADAPTERS" ]; then
+    [ -d "$ADAPTERS" ] || { echo "make run: ADAPTERS=$ADAPTERS is not a folder" >&2; exit 1; }
+    adapter_args=(--adapters "$(cd "$ADAPTERS" && pwd)")
+fi
 
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/tmp"
 pids=()
@@ -47,7 +66,7 @@ elif command -v redis-server >/dev/null; then
 fi
 
 "$BUILD/llm-engine" --model "$MODEL" --listen "unix:$SOCK" \
-    --threads "$THREADS" --socket-mode 0666 &
+    --threads "$THREADS" --socket-mode 0666 "${adapter_args[@]}" &
 pids+=($!)
 for _ in $(seq 1 600); do
     [ -S "$SOCK" ] && break
@@ -57,17 +76,39 @@ done
 
 sed -e "s|@MODULE@|$MODULE|g" -e "s|@PORT@|$PORT|g" -e "s|@MODEL@|$MODEL|g" \
     -e "s|@ENGINE@|unix:$SOCK|g" -e "s|@RUN_DIR@|$RUN_DIR|g" \
+    -e "s|@TENANTS@|$TENANTS|g" -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
     conf/nginx.conf > "$RUN_DIR/nginx.conf"
 /usr/sbin/nginx -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" -g "daemon off;" &
 pids+=($!)
 
+# The demo keys: plain keys in the file, and the known key of the example
+# file's tenant stored as "sha256:" only.
+KEYS=$(python3 - "$TENANTS" <<'PY' 2>/dev/null
+import json, sys
+known = {"8c319e0660a1a22407ff359f83b565fb2c32421fe2e3dd5cd9f779f24c6238f0":
+         "sk-globex-demo-2222222222222222"}
+for t in json.load(open(sys.argv[1])).get("tenants", []):
+    for k in t.get("keys", []):
+        k = known.get(k[7:], "") if k.startswith("sha256:") else k
+        if k and not t.get("disabled"):
+            print("%s %s" % (t["name"], k))
+PY
+)
+KEY=$(echo "$KEYS" | awk 'NF == 2 { print $2; exit }')
+
 cat <<EOF
 
 ngx_llm is serving on http://127.0.0.1:$PORT  (Ctrl-C stops)
-  model: $MODEL
+  model:   $MODEL${ADAPTERS:+
+  adapters: the folders in $ADAPTERS (curl http://127.0.0.1:$PORT/admin/adapters)}
+  tenants: $TENANTS (demo keys below)
+$(echo "$KEYS" | awk 'NF == 2 { printf "    %-10s %s\n", $1, $2 }')
 
   curl http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+       -H 'Authorization: Bearer ${KEY:-YOUR_KEY}' \\
        -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hello!"}]}'
+
+  metrics: curl http://127.0.0.1:$PORT/metrics
 
 EOF
 wait -n "${pids[@]}"

@@ -1,0 +1,354 @@
+/*
+ * Causal attention over the paged KV cache.
+ *
+ * Token t of sequence s attends to positions 0 .. pos[t] of s, which
+ * kv_store() has written (earlier steps' tokens and this step's).  The
+ * query heads that share a KV head (GQA group) are done together, so each
+ * cached K/V row is read once per group.
+ *
+ * Work items are (token, KV head, range of RANGE positions).  A context
+ * longer than RANGE gives several items, so that even one sequence's
+ * decode keeps every thread busy; each such item leaves a partial softmax
+ * (max m, sum l, unnormalised output o) and a second pass merges them in
+ * order:  M = max m_i,  out = sum(o_i e^(m_i - M)) / sum(l_i e^(m_i - M)).
+ * The split depends only on the token's context length, never on the
+ * batch or the thread count, so a token's output is bit-identical alone
+ * or in any batch.  Threads take items from a shared counter, as their
+ * costs differ (causal: later tokens see more positions).  Tokens are
+ * processed in waves so that the partials of a long prefill stay within
+ * a bounded buffer.
+ */
+#include "cpu.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+
+/* Positions per work item. */
+#define RANGE             1024
+
+/* Partials kept at once (one per item of a split context). */
+#define MAX_PARTIALS      256
+
+
+typedef struct attn_item {
+    int32_t  t;             /* token */
+    int32_t  kvh;           /* KV head */
+    int32_t  j0, j1;        /* positions [j0, j1) */
+    int32_t  part;          /* partial slot, or -1: the whole context */
+} attn_item;
+
+
+typedef struct attn_job {
+    llm_cpu_ctx        *c;
+    llm_tensor         *out;
+    const llm_tensor   *q;
+    const llm_kv_pool  *kv;
+    const uint8_t      *kbase, *vbase;
+    int                 g, hd;
+    float               scale;
+
+    attn_item          *items;          /* [n_items] of this wave */
+    int64_t             n_items;
+    int32_t             t0, t1;         /* the wave's tokens */
+    int32_t            *first;          /* [(t1 - t0) * n_kv + 1] item
+                                           index of each (token, KV head) */
+    float              *partial;        /* [partials, g, hd + 2] */
+    float              *scores;         /* [n_threads, g, s_stride] */
+    float              *obuf;           /* [n_threads, g, hd + 2] */
+    int                 s_stride;
+    _Atomic int64_t     next;
+} attn_job;
+
+
+static size_t
+esize(const llm_kv_pool *kv)
+{
+    return kv->type == LLM_F16 ? 2 : 4;
+}
+
+
+/* Calls fn for each run of consecutive positions within one block:
+ * (offset of the run from j0, KV row address of KV head kvh, length). */
+#define FOR_EACH_RUN(job, base, s, kvh, j0, j1, body)                       \
+    do {                                                                    \
+        const llm_batch *b_ = &(job)->c->batch;                             \
+        int              bs_ = (job)->kv->block_size;                       \
+        size_t           row_ = (size_t) (job)->kv->n_kv_heads * (job)->hd; \
+        int32_t          j_ = (j0);                                         \
+        while (j_ < (j1)) {                                                 \
+            int32_t blk_ = b_->block_table[(size_t) (s) * b_->max_blocks    \
+                                           + j_ / bs_];                     \
+            int32_t off_ = j_ % bs_;                                        \
+            int32_t cnt_ = bs_ - off_ < (j1) - j_ ? bs_ - off_ : (j1) - j_; \
+            const uint8_t *kvp_ = (base)                                    \
+                + (((size_t) blk_ * bs_ + off_) * row_                      \
+                   + (size_t) (kvh) * (job)->hd) * esize((job)->kv);        \
+            int32_t at_ = j_ - (j0);                                        \
+            (void) at_;                                                     \
+            body;                                                           \
+            j_ += cnt_;                                                     \
+        }                                                                   \
+    } while (0)
+
+
+static void
+attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
+{
+    const attn_item       *it = &j->items[idx];
+    const llm_cpu_kernels *kn = &j->c->kern;
+    const llm_kv_pool     *kv = j->kv;
+    int32_t                s = j->c->batch.tok_seq[it->t];
+    int                    g = j->g, hd = j->hd, h, e;
+    int32_t                n = it->j1 - it->j0;
+    size_t                 stride = (size_t) kv->n_kv_heads * hd;
+    const float           *q = (const float *) ((const uint8_t *) j->q->data
+                                                + (size_t) it->t * j->q->nb)
+                               + (size_t) it->kvh * g * hd;
+    /* split context: this item's partial; else the thread's buffer */
+    float                 *slot = it->part >= 0
+                                  ? j->partial
+                                    + (size_t) it->part * g * (hd + 2)
+                                  : obuf;
+    float                 *o = slot;                    /* [g, hd] */
+    float                 *m = slot + (size_t) g * hd;  /* [g] */
+    float                 *l = m + g;                   /* [g] */
+
+    FOR_EACH_RUN(j, j->kbase, s, it->kvh, it->j0, it->j1,
+                 kn->attn_scores(q, g, hd, kvp_, kv->type, stride, cnt_,
+                                 j->scale, sc + at_, j->s_stride));
+
+    for (h = 0; h < g; h++) {
+        float *sh = sc + (size_t) h * j->s_stride;
+
+        m[h] = kn->vmax(sh, n);
+        l[h] = kn->exp_sum(sh, n, m[h]);
+    }
+
+    memset(o, 0, (size_t) g * hd * sizeof(float));
+    FOR_EACH_RUN(j, j->vbase, s, it->kvh, it->j0, it->j1,
+                 kn->attn_accum(o, g, hd, sc + at_, j->s_stride, kvp_,
+                                kv->type, stride, cnt_));
+
+    if (it->part < 0) {
+        /* the item is the whole (token, KV head): finish here */
+        float *dst = (float *) ((uint8_t *) j->out->data
+                                + (size_t) it->t * j->out->nb)
+                     + (size_t) it->kvh * g * hd;
+        for (h = 0; h < g; h++) {
+            float inv = 1.0f / l[h];
+            for (e = 0; e < hd; e++) {
+                dst[h * hd + e] = o[h * hd + e] * inv;
+            }
+        }
+    }
+}
+
+
+static void
+attn_task(void *arg, int ith, int nth)
+{
+    attn_job *j = arg;
+    float    *sc = j->scores + (size_t) ith * j->g * j->s_stride;
+    float    *obuf = j->obuf + (size_t) ith * j->g * (j->hd + 2);
+    int64_t   idx;
+
+    for (;;) {
+        idx = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (idx >= j->n_items) {
+            break;
+        }
+        attn_item_run(j, idx, sc, obuf);
+    }
+}
+
+
+/* Second pass: merges the ranges of each split (token, KV head), in
+ * range order. */
+static void
+attn_merge_task(void *arg, int ith, int nth)
+{
+    attn_job *j = arg;
+    int       g = j->g, hd = j->hd, nkv = j->kv->n_kv_heads, h, e;
+    int64_t   n = (int64_t) (j->t1 - j->t0) * nkv, p0, p1, p, i;
+
+    llm_cpu_split(n, ith, nth, 1, &p0, &p1);
+    for (p = p0; p < p1; p++) {
+        int64_t t = j->t0 + p / nkv, kvh = p % nkv;
+        float  *dst = (float *) ((uint8_t *) j->out->data
+                                 + (size_t) t * j->out->nb)
+                      + (size_t) kvh * g * hd;
+
+        if (j->first[p + 1] - j->first[p] < 2) {
+            continue;                   /* finished by its only item */
+        }
+        for (h = 0; h < g; h++) {
+            float mx = -INFINITY, sum = 0.0f;
+
+            for (i = j->first[p]; i < j->first[p + 1]; i++) {
+                const float *slot = j->partial
+                                    + (size_t) j->items[i].part * g * (hd + 2);
+                mx = fmaxf(mx, slot[(size_t) g * hd + h]);
+            }
+            for (e = 0; e < hd; e++) {
+                dst[h * hd + e] = 0.0f;
+            }
+            for (i = j->first[p]; i < j->first[p + 1]; i++) {
+                const float *slot = j->partial
+                                    + (size_t) j->items[i].part * g * (hd + 2);
+                float        w = expf(slot[(size_t) g * hd + h] - mx);
+
+                sum += slot[(size_t) g * hd + g + h] * w;
+                for (e = 0; e < hd; e++) {
+                    dst[h * hd + e] += slot[h * hd + e] * w;
+                }
+            }
+            for (e = 0; e < hd; e++) {
+                dst[h * hd + e] /= sum;
+            }
+        }
+    }
+}
+
+
+static size_t
+align64(size_t n)
+{
+    return (n + 63) & ~(size_t) 63;
+}
+
+
+int
+llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
+                  const llm_kv_pool *kv, int layer, int n_heads, float scale)
+{
+    const llm_batch *b = &c->batch;
+    attn_job         j;
+    int64_t          T, t, n_items, parts, width;
+    int              nkv, kvh, rc;
+    int32_t          maxlen;
+    size_t           sz_items, sz_first, sz_part, sz_sc, sz_o, need;
+    uint8_t         *mem;
+
+    if (!c->have_batch) {
+        return llm_cpu_fail(c, LLM_ESTATE, "cpu: attention: no batch set");
+    }
+    if ((rc = llm_cpu_check_kv(c, kv, layer, "attention")) != 0) {
+        return rc;
+    }
+    nkv = kv->n_kv_heads;
+    if (n_heads <= 0 || n_heads % nkv != 0) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: attention: %d heads over %d"
+                            " KV heads", n_heads, nkv);
+    }
+    T = b->n_tokens;
+    width = (int64_t) n_heads * kv->head_dim;
+    if (q == NULL || out == NULL || q->data == NULL || out->data == NULL
+        || q->type != LLM_F32 || out->type != LLM_F32
+        || q->ne[0] != width || out->ne[0] != width || q->ne[1] != T
+        || out->ne[1] != T || q->nb < (size_t) width * 4
+        || out->nb < (size_t) width * 4)
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: attention: q and out must"
+                            " be [%lld, %lld] F32", (long long) T,
+                            (long long) width);
+    }
+    if (T == 0) {
+        return 0;
+    }
+
+    memset(&j, 0, sizeof(j));
+    j.c = c;
+    j.out = out;
+    j.q = q;
+    j.kv = kv;
+    j.kbase = (const uint8_t *) kv->k + (size_t) layer * kv->layer_bytes;
+    j.vbase = (const uint8_t *) kv->v + (size_t) layer * kv->layer_bytes;
+    j.g = n_heads / nkv;
+    j.hd = kv->head_dim;
+    j.scale = scale;
+
+    /* buffers sized for the largest wave: every item of a split context
+     * needs a partial; a wave holds MAX_PARTIALS of them, or one token */
+    maxlen = 0;
+    n_items = 0;
+    parts = 0;
+    for (t = 0; t < T; t++) {
+        int64_t ranges = ((int64_t) b->pos[t] + RANGE) / RANGE;
+        maxlen = b->pos[t] + 1 > maxlen ? b->pos[t] + 1 : maxlen;
+        n_items += ranges * nkv;
+        parts += ranges > 1 ? ranges * nkv : 0;
+    }
+    {
+        int64_t cap = ((int64_t) maxlen + RANGE - 1) / RANGE * nkv;
+        cap = cap > MAX_PARTIALS ? cap : MAX_PARTIALS;
+        parts = parts < cap ? parts : cap;
+    }
+    j.s_stride = (int) (((maxlen < RANGE ? maxlen : RANGE) + 15) & ~15);
+
+    sz_items = align64((size_t) n_items * sizeof(attn_item));
+    sz_first = align64(((size_t) T * nkv + 1) * sizeof(int32_t));
+    sz_part = align64((size_t) parts * j.g * (j.hd + 2) * sizeof(float));
+    sz_sc = align64((size_t) c->n_threads * j.g * j.s_stride * sizeof(float));
+    sz_o = align64((size_t) c->n_threads * j.g * (j.hd + 2) * sizeof(float));
+    need = sz_items + sz_first + sz_part + sz_sc + sz_o;
+    if (need > c->attn_scratch_size) {
+        void *p = llm_cpu_aligned_alloc(need + need / 4);
+        if (p == NULL) {
+            return llm_cpu_fail(c, LLM_ENOMEM, "cpu: attention: scratch of"
+                                " %zu bytes: out of memory", need);
+        }
+        llm_cpu_aligned_free(c->attn_scratch);
+        c->attn_scratch = p;
+        c->attn_scratch_size = need + need / 4;
+    }
+    mem = c->attn_scratch;
+    j.items = (attn_item *) mem;
+    j.first = (int32_t *) (mem + sz_items);
+    j.partial = (float *) (mem + sz_items + sz_first);
+    j.scores = (float *) (mem + sz_items + sz_first + sz_part);
+    j.obuf = (float *) (mem + sz_items + sz_first + sz_part + sz_sc);
+
+    for (j.t0 = 0; j.t0 < T; j.t0 = j.t1) {
+        int64_t used = 0;
+        int     split = 0;
+
+        /* the wave: tokens while their partials fit (at least one) */
+        n_items = 0;
+        for (j.t1 = j.t0; j.t1 < T; j.t1++) {
+            int32_t len = b->pos[j.t1] + 1, j0;
+            int64_t ranges = (len + RANGE - 1) / RANGE;
+
+            if (j.t1 > j.t0 && ranges > 1
+                && used + ranges * nkv > MAX_PARTIALS)
+            {
+                break;
+            }
+            for (kvh = 0; kvh < nkv; kvh++) {
+                j.first[(j.t1 - j.t0) * nkv + kvh] = (int32_t) n_items;
+                for (j0 = 0; j0 < len; j0 += RANGE) {
+                    attn_item *it = &j.items[n_items++];
+                    it->t = j.t1;
+                    it->kvh = kvh;
+                    it->j0 = j0;
+                    it->j1 = j0 + RANGE < len ? j0 + RANGE : len;
+                    it->part = ranges > 1 ? (int32_t) used++ : -1;
+                }
+            }
+            split |= ranges > 1;
+        }
+        j.first[(j.t1 - j.t0) * nkv] = (int32_t) n_items;
+        j.n_items = n_items;
+        atomic_store(&j.next, 0);
+
+        if (n_items == 1 || c->n_threads == 1) {
+            attn_task(&j, 0, 1);
+        } else {
+            llm_cpu_pool_run(c->pool, attn_task, &j, c->n_threads);
+        }
+        if (split) {
+            llm_cpu_pool_run(c->pool, attn_merge_task, &j, c->n_threads);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,267 @@
+/*
+ * Private header of the CPU backend: the backend context, the thread pool,
+ * instruction-set dispatch and the table of kernels each instruction set
+ * provides (scalar in matmul.c/ops.c/attention.c, AVX2 in *_avx2.c,
+ * AVX-512 in *_avx512.c).
+ */
+#ifndef LLM_CPU_H
+#define LLM_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../backend.h"
+#include "../../engine/common.h"
+
+
+/* ---------------------------------------------------------------- pool */
+
+typedef struct llm_cpu_pool llm_cpu_pool;
+
+/* A task is split in n chunks; fn runs once for each chunk c in [0, n),
+ * on whichever thread claims it (never two chunks of a task at once on
+ * one thread, so per-chunk scratch indexed by c is private). */
+typedef void (*llm_cpu_task)(void *arg, int c, int n);
+
+llm_cpu_pool *llm_cpu_pool_new(int n_threads, llm_err *err);
+void          llm_cpu_pool_free(llm_cpu_pool *p);
+int           llm_cpu_pool_size(const llm_cpu_pool *p);
+
+/* Runs the n_chunks chunks of fn over the pool (the caller takes part)
+ * and returns when all are done. */
+void llm_cpu_pool_run(llm_cpu_pool *p, llm_cpu_task fn, void *arg,
+                      int n_chunks);
+
+/* [*begin, *end) of n items for thread ith of nth, boundaries rounded to
+ * multiples of align. */
+void llm_cpu_split(int64_t n, int ith, int nth, int64_t align,
+                   int64_t *begin, int64_t *end);
+
+
+/* ---------------------------------------------------------- ISA dispatch */
+
+enum {
+    LLM_ISA_SCALAR = 0,
+    LLM_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C */
+    LLM_ISA_AVX512 = 2      /* F, BW, VL, DQ, VNNI, BF16 */
+};
+
+/* The best instruction set of this CPU, lowered by the environment
+ * variable LLM_CPU_ISA=scalar|avx2|avx512 (never raised above what the
+ * CPU has). */
+int         llm_cpu_isa_detect(void);
+const char *llm_cpu_isa_name(int isa);
+
+
+/* ------------------------------------------------ quantized activations */
+
+/*
+ * Activation rows quantized once per matmul, as llama.cpp does (the same
+ * quants and scales as its Q8_0, Q8_1 and Q8_K blocks, so that our
+ * quantized products make the same rounding choices), in an internal
+ * layout (not GGUF's) made for the integer dot products.  One row of k
+ * elements:
+ *
+ *   XQ32 (for Q4_0, Q4_1, Q8_0 weights; blocks of 32, Q8_0/Q8_1's
+ *   quantization: q = round(x * 127 / max|x|), scale max|x| / 127 stored
+ *   as f16):
+ *     int8   qs[k]           64-byte aligned
+ *     float  d[nb]           block scales (f16 values), nb = k / 32
+ *     float  s[nb]           d * sum(qs of the block), exact
+ *     float  s16[nb * 2]     d * sum(qs) of each half block
+ *     float  s1[nb]          Q8_1's s: f16(max|x| / 127 * sum(qs))
+ *   XQ32P: as XQ32 but each pair of blocks (b0, b1) is stored in the
+ *     order the 4-bit weights unpack to with 512-bit registers:
+ *     b0[0..15] b1[0..15] b0[16..31] b1[16..31].  A last odd block stays
+ *     as in XQ32.
+ *   XQ32K (for K-quant weights in blocks of 32): the XQ32 layout with
+ *     Q8_K's quantization of each 256: x_max the element of largest
+ *     magnitude, q = min(127, round(-127 / x_max * x)), d = -x_max / 127
+ *     (f32), repeated for the 8 blocks of 32 (s1 = s).
+ *   XQK (for K-quant weights by super-block; Q8_K's quantization):
+ *     int8   qs[k]
+ *     float  d[nb]           nb = k / 256
+ *     float  ds16[k / 16]    d * sum of each 16 quants
+ *     float  ds32[k / 32]    d * sum of each 32 quants
+ *   (the weights' min / offset terms are dot products with ds16/ds32)
+ *
+ * Rounding is to nearest even, |q| <= 127.
+ */
+enum { LLM_XQ_NONE = 0, LLM_XQ32 = 1, LLM_XQ32P = 2, LLM_XQ32K = 3,
+       LLM_XQK = 4 };
+
+size_t llm_xq_row_bytes(int kind, int64_t k);   /* multiple of 64 */
+
+#define LLM_XQ_QS(row)          ((int8_t *) (row))
+#define LLM_XQ_D(row, k)        ((float *) ((uint8_t *) (row) + (k)))
+#define LLM_XQ_S(row, k)        (LLM_XQ_D(row, k) + (k) / 32)
+#define LLM_XQ_S16(row, k)      (LLM_XQ_D(row, k) + 2 * ((k) / 32))
+#define LLM_XQ_S1(row, k)       (LLM_XQ_D(row, k) + 4 * ((k) / 32))
+#define LLM_XQ_DS16(row, k)     (LLM_XQ_D(row, k) + (k) / 256)
+#define LLM_XQ_DS32(row, k)     (LLM_XQ_DS16(row, k) + (k) / 16)
+
+/* f32 through f16 and back (round to nearest even), as the activation
+ * scales of XQ32. */
+float llm_cpu_f16_round(float f);
+
+
+/* ------------------------------------------------------------- kernels */
+
+/* One matrix product tile: out[0..n, m0..m1) = x W^T (+ bias).  x is f32
+ * for F32/F16/BF16 weights and quantized (XQ32/XQK) rows otherwise. */
+typedef struct llm_cpu_gemm {
+    int64_t         k;          /* inner dimension */
+    int64_t         n;          /* activation rows */
+    const uint8_t  *w;          /* [m, k] weights, w_nb bytes per row */
+    size_t          w_nb;
+    const void     *x;          /* [n, k] activations, x_nb bytes per row */
+    size_t          x_nb;
+    float          *out;        /* [n, m], out_nb bytes per row */
+    size_t          out_nb;
+    const float    *bias;       /* [m] or NULL */
+    int             batched;    /* x is in the table's batch layout */
+} llm_cpu_gemm;
+
+typedef void (*llm_cpu_gemm_fn)(const llm_cpu_gemm *g, int64_t m0,
+                                int64_t m1);
+
+/* Quantizes one activation row of k elements to layout kind (LLM_XQ*). */
+typedef void (*llm_cpu_quant_fn)(const float *x, void *xq, int64_t k,
+                                 int kind);
+
+typedef struct llm_cpu_kernels {
+    int                 isa;
+
+    llm_cpu_quant_fn    quant_x;
+
+    /* Matrix products by weight type (NULL where unsupported) and the
+     * activation layout each one reads (LLM_XQ_NONE: f32 rows); from
+     * batch_rows activation rows on (0: never), the layout
+     * xq_kind_batch[type] where that is set, with gemm.batched = 1. */
+    llm_cpu_gemm_fn     gemm[LLM_DTYPE_COUNT];
+    int                 xq_kind[LLM_DTYPE_COUNT];
+    int                 xq_kind_batch[LLM_DTYPE_COUNT];
+    int                 batch_rows;
+
+    /* Row conversions. */
+    void  (*f16_to_f32)(const uint16_t *src, float *dst, int64_t n);
+    void  (*f32_to_f16)(const float *src, uint16_t *dst, int64_t n);
+
+    /* The largest of x[0..n) (n >= 1). */
+    float (*vmax)(const float *x, int64_t n);
+
+    /* x[i] = exp(x[i] - max); returns the sum. */
+    float (*exp_sum)(float *x, int64_t n, float max);
+
+    /* out = gate / (1 + exp(-gate)) * up. */
+    void  (*silu_mul)(float *out, const float *gate, const float *up,
+                      int64_t n);
+
+    /*
+     * Attention over n consecutive cached positions of one KV head for
+     * the g query heads that share it.  kv points at the first position's
+     * row (F16 or F32, kv_type), stride elements from one position to the
+     * next.
+     *
+     * scores: s[h * s_stride + i] = scale * dot(q[h], k[i]),
+     *         q: [g, hd] f32.
+     * accum:  o[h] += p[h * p_stride + i] * v[i] for every i,
+     *         o: [g, hd] f32.
+     */
+    void  (*attn_scores)(const float *q, int g, int hd, const void *k,
+                         int kv_type, size_t stride, int n, float scale,
+                         float *s, int s_stride);
+    void  (*attn_accum)(float *o, int g, int hd, const float *p,
+                        int p_stride, const void *v, int kv_type,
+                        size_t stride, int n);
+} llm_cpu_kernels;
+
+/* Fill a table: every ISA starts from the scalar table and overrides what
+ * it accelerates. */
+void llm_cpu_kernels_scalar(llm_cpu_kernels *k);
+void llm_cpu_kernels_avx2(llm_cpu_kernels *k);      /* matmul_avx2.c */
+void llm_cpu_kernels_avx512(llm_cpu_kernels *k);    /* matmul_avx512.c */
+void llm_cpu_vec_avx2(llm_cpu_kernels *k);          /* vec_avx2.c */
+void llm_cpu_vec_avx512(llm_cpu_kernels *k);        /* vec_avx512.c */
+
+
+/* ------------------------------------------------------------- context */
+
+typedef struct llm_cpu_ctx {
+    llm_cpu_pool           *pool;
+    int                     n_threads;
+    int                     isa;
+    llm_cpu_kernels         kern;
+
+    char                    errmsg[LLM_ERR_MAX];
+
+    llm_batch               batch;          /* arrays owned by the engine */
+    int                     have_batch;
+    uint64_t                step;           /* set_batch() count */
+
+    /* Scratch for quantized activations and attention partials; grown
+     * on demand, freed with the backend. */
+    void                   *scratch;
+    size_t                  scratch_size;
+    void                   *attn_scratch;
+    size_t                  attn_scratch_size;
+
+    /* RoPE cos/sin of the current batch: [n_tokens, n_rot / 2] pairs,
+     * valid for (rope_step, the params below). */
+    float                  *rope_cs;
+    size_t                  rope_cs_cap;
+    uint64_t                rope_step;
+    int                     rope_n_rot;
+    float                   rope_base;
+    float                   rope_scale;
+    const float            *rope_factors;
+
+    int                     blas;           /* use OpenBLAS for F32 */
+} llm_cpu_ctx;
+
+/* Sets the backend's error message and returns code. */
+int llm_cpu_fail(llm_cpu_ctx *c, int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* Grows c->scratch to at least n bytes (64-byte aligned); NULL on ENOMEM
+ * (with the error set). */
+void *llm_cpu_scratch(llm_cpu_ctx *c, size_t n);
+
+/* 64-byte aligned host memory through llm_malloc. */
+void *llm_cpu_aligned_alloc(size_t n);
+void  llm_cpu_aligned_free(void *p);
+
+/* Ops (matmul.c, ops.c, attention.c). */
+int llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+                   const llm_tensor *w, const llm_tensor *bias);
+int llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table);
+int llm_cpu_rmsnorm(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+                    const llm_tensor *w, float eps);
+int llm_cpu_rope(llm_cpu_ctx *c, llm_tensor *x, int n_heads, int head_dim,
+                 const llm_rope_params *rp);
+int llm_cpu_kv_store(llm_cpu_ctx *c, const llm_kv_pool *kv, int layer,
+                     const llm_tensor *k, const llm_tensor *v);
+int llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
+                      const llm_kv_pool *kv, int layer, int n_heads,
+                      float scale);
+int llm_cpu_silu_mul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *gate,
+                     const llm_tensor *up);
+/* The segmented multi-LoRA op (lora.c). */
+int llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+                 const llm_lora_seg *segs, int n_segs);
+int llm_cpu_add(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *a,
+                const llm_tensor *b);
+int llm_cpu_gather_out_rows(llm_cpu_ctx *c, llm_tensor *out,
+                            const llm_tensor *x);
+int llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
+                           const int32_t *src, const int32_t *dst, int n);
+
+/* Checks the batch's tokens against the pool: sequence ids, positions and
+ * the block table entries they reach.  0 or LLM_EINVAL with the error. */
+int llm_cpu_check_kv(llm_cpu_ctx *c, const llm_kv_pool *kv, int layer,
+                     const char *op);
+
+#endif /* LLM_CPU_H */

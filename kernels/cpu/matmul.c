@@ -1,0 +1,712 @@
+/*
+ * Matrix products out = x W^T (+ bias): argument checks, activation
+ * quantization, the split over threads, OpenBLAS for large f32 products,
+ * and the portable C kernels (the reference the SIMD kernels in
+ * matmul_avx2.c / matmul_avx512.c are tested against).
+ *
+ * Quantized weights are multiplied as llama.cpp does: the activation rows
+ * are quantized once per call to 8 bits (cpu.h: XQ32/XQK layouts), then
+ * each block's integer dot product is scaled by both block scales.
+ * Threads split the output features (rows of W) in contiguous ranges, so
+ * each thread streams its part of W once.
+ */
+#include "cpu.h"
+
+#include <math.h>
+#include <string.h>
+
+#include <cblas.h>
+
+/* Below this many activation elements, the caller quantizes them alone:
+ * a second round trip through the pool costs more. */
+#define QUANT_SERIAL_MAX  (16 * 1024)
+
+/* F32 weights: OpenBLAS from this many activation rows and this inner
+ * dimension on; below, our register tiles were as fast or faster
+ * (bench/kernels/RESULTS.md). */
+#define BLAS_MIN_ROWS     16
+#define BLAS_MIN_K        1024
+
+
+/* ------------------------------------------- activation quantization */
+
+size_t
+llm_xq_row_bytes(int kind, int64_t k)
+{
+    size_t n;
+
+    if (kind == LLM_XQK) {
+        n = (size_t) k + 4 * (size_t) (k / 256 + k / 16 + k / 32);
+    } else {
+        n = (size_t) k + 20 * (size_t) (k / 32);
+    }
+    return (n + 63) & ~(size_t) 63;
+}
+
+
+float
+llm_cpu_f16_round(float f)
+{
+    return llm_f16_to_f32(llm_f32_to_f16(f));
+}
+
+
+static float
+block_absmax(const float *x, int n)
+{
+    float amax = 0.0f;
+    int   i;
+
+    for (i = 0; i < n; i++) {
+        amax = fmaxf(amax, fabsf(x[i]));
+    }
+    return amax;
+}
+
+
+/* Q8_K's quantization of 256 values (see cpu.h); returns d. */
+static float
+q8k_block(const float *x, int8_t *q)
+{
+    float amax = 0.0f, max = 0.0f, iscale;
+    int   i, v;
+
+    for (i = 0; i < 256; i++) {
+        if (fabsf(x[i]) > amax) {
+            amax = fabsf(x[i]);
+            max = x[i];
+        }
+    }
+    if (amax == 0.0f) {
+        memset(q, 0, 256);
+        return 0.0f;
+    }
+    iscale = -127.0f / max;
+    for (i = 0; i < 256; i++) {
+        v = (int) nearbyintf(iscale * x[i]);
+        q[i] = (int8_t) (v > 127 ? 127 : v);
+    }
+    return 1.0f / iscale;
+}
+
+
+/* Scalar activation quantization, every layout (the reference the SIMD
+ * versions reproduce exactly). */
+static void
+quant_x_scalar(const float *x, void *xq, int64_t k, int kind)
+{
+    int8_t  *qs = LLM_XQ_QS(xq);
+    float   *d = LLM_XQ_D(xq, k);
+    int64_t  b, nb;
+    int      i;
+
+    if (kind == LLM_XQK || kind == LLM_XQ32K) {
+        nb = k / 256;
+        for (b = 0; b < nb; b++) {
+            int8_t *q = qs + 256 * b;
+            float   db = q8k_block(x + 256 * b, q);
+            int     sum16[16];
+
+            memset(sum16, 0, sizeof(sum16));
+            for (i = 0; i < 256; i++) {
+                sum16[i / 16] += q[i];
+            }
+            if (kind == LLM_XQK) {
+                d[b] = db;
+                for (i = 0; i < 16; i++) {
+                    LLM_XQ_DS16(xq, k)[16 * b + i] = db * (float) sum16[i];
+                }
+                for (i = 0; i < 8; i++) {
+                    LLM_XQ_DS32(xq, k)[8 * b + i] =
+                        db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
+                }
+            } else {
+                for (i = 0; i < 8; i++) {
+                    int64_t sb = 8 * b + i;
+                    float   s = db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
+                    d[sb] = db;
+                    LLM_XQ_S(xq, k)[sb] = s;
+                    LLM_XQ_S1(xq, k)[sb] = s;
+                    LLM_XQ_S16(xq, k)[2 * sb] = db * (float) sum16[2 * i];
+                    LLM_XQ_S16(xq, k)[2 * sb + 1] =
+                        db * (float) sum16[2 * i + 1];
+                }
+            }
+        }
+        return;
+    }
+
+    nb = k / 32;
+    for (b = 0; b < nb; b++) {
+        const float *xb = x + 32 * b;
+        float        amax = block_absmax(xb, 32);
+        float        id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int          sum = 0, half = 0, q;
+
+        for (i = 0; i < 32; i++) {
+            q = (int) nearbyintf(xb[i] * id);
+            sum += q;
+            half += i < 16 ? q : 0;
+            if (kind == LLM_XQ32P && (b | 1) < nb) {
+                /* pair layout: b0 lo16, b1 lo16, b0 hi16, b1 hi16 */
+                int8_t *pair = qs + 32 * (b & ~(int64_t) 1);
+                pair[(i < 16 ? 0 : 32) + (b & 1) * 16 + (i & 15)] = (int8_t) q;
+            } else {
+                qs[32 * b + i] = (int8_t) q;
+            }
+        }
+        d[b] = llm_cpu_f16_round(amax / 127.0f);
+        LLM_XQ_S(xq, k)[b] = d[b] * (float) sum;
+        LLM_XQ_S16(xq, k)[2 * b] = d[b] * (float) half;
+        LLM_XQ_S16(xq, k)[2 * b + 1] = d[b] * (float) (sum - half);
+        LLM_XQ_S1(xq, k)[b] = llm_cpu_f16_round(amax / 127.0f * (float) sum);
+    }
+}
+
+
+/* --------------------------------------------------- scalar kernels */
+
+static uint16_t
+rd16(const uint8_t *p)
+{
+    return (uint16_t) (p[0] | (p[1] << 8));
+}
+
+
+static float
+hf(const uint8_t *p)
+{
+    return llm_f16_to_f32(rd16(p));
+}
+
+
+/* The activation quant of element i of block b (XQ32 natural layout). */
+static float
+dot_xq32(int type, const uint8_t *w, const void *xq, int64_t k)
+{
+    const int8_t *qs = LLM_XQ_QS(xq);
+    const float  *d = LLM_XQ_D(xq, k);
+    const float  *s = LLM_XQ_S(xq, k);
+    const float  *s1 = LLM_XQ_S1(xq, k);
+    int64_t       b, nb = k / 32;
+    float         sum = 0.0f;
+    int           i, isum;
+
+    for (b = 0; b < nb; b++) {
+        const int8_t *x = qs + 32 * b;
+
+        isum = 0;
+        switch (type) {
+        case LLM_Q4_0: {
+            const uint8_t *q = w + 18 * b + 2;
+            for (i = 0; i < 16; i++) {
+                isum += (q[i] & 0x0f) * x[i] + (q[i] >> 4) * x[i + 16];
+            }
+            /* w = d (q - 8): the -8 part through the activation sum */
+            sum += hf(w + 18 * b) * (d[b] * (float) isum - 8.0f * s[b]);
+            break;
+        }
+        case LLM_Q4_1: {
+            const uint8_t *q = w + 20 * b + 4;
+            for (i = 0; i < 16; i++) {
+                isum += (q[i] & 0x0f) * x[i] + (q[i] >> 4) * x[i + 16];
+            }
+            /* the min times Q8_1's sum */
+            sum += hf(w + 20 * b) * d[b] * (float) isum
+                   + hf(w + 20 * b + 2) * s1[b];
+            break;
+        }
+        case LLM_Q8_0: {
+            const int8_t *q = (const int8_t *) (w + 34 * b + 2);
+            for (i = 0; i < 32; i++) {
+                isum += q[i] * x[i];
+            }
+            sum += hf(w + 34 * b) * d[b] * (float) isum;
+            break;
+        }
+        }
+    }
+    return sum;
+}
+
+
+static void
+k4_scale_min(const uint8_t *s, int j, int *sc, int *m)
+{
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+
+static float
+dot_xqk(int type, const uint8_t *w, const void *xq, int64_t k)
+{
+    const int8_t  *qs = LLM_XQ_QS(xq);
+    const float   *dx = LLM_XQ_D(xq, k);
+    const float   *ds16 = LLM_XQ_DS16(xq, k);
+    const float   *ds32 = LLM_XQ_DS32(xq, k);
+    int64_t        b, nb = k / 256;
+    float          sum = 0.0f;
+    int            i, j, sc, m;
+
+    for (b = 0; b < nb; b++) {
+        const int8_t  *x = qs + 256 * b;
+        int            isum = 0;
+        float          msum = 0.0f;
+
+        if (type == LLM_Q4_K || type == LLM_Q5_K) {
+            const uint8_t *blk = w + (type == LLM_Q4_K ? 144 : 176) * b;
+            const uint8_t *q = blk + (type == LLM_Q4_K ? 16 : 48);
+            const uint8_t *qh = blk + 16;
+
+            for (j = 0; j < 8; j++) {
+                int sub = 0;
+                k4_scale_min(blk + 4, j, &sc, &m);
+                for (i = 0; i < 32; i++) {
+                    int v = j & 1 ? q[32 * (j / 2) + i] >> 4
+                                  : q[32 * (j / 2) + i] & 0x0f;
+                    if (type == LLM_Q5_K) {
+                        v |= ((qh[i] >> j) & 1) << 4;
+                    }
+                    sub += v * x[32 * j + i];
+                }
+                isum += sc * sub;
+                msum += (float) m * ds32[8 * b + j];
+            }
+            sum += dx[b] * hf(blk) * (float) isum - hf(blk + 2) * msum;
+        } else {                                        /* Q6_K */
+            const uint8_t *blk = w + 210 * b;
+            const int8_t  *scl = (const int8_t *) (blk + 192);
+            int            e;
+
+            for (e = 0; e < 256; e++) {
+                int h = e / 128, r = e % 128, l = r % 32, g = r / 32;
+                const uint8_t *ql = blk + 64 * h;
+                const uint8_t *qh = blk + 128 + 32 * h;
+                int lo = g & 1 ? ql[l + 32] : ql[l];
+                int v = (g < 2 ? lo & 0x0f : lo >> 4)
+                        | (((qh[l] >> (2 * g)) & 3) << 4);
+                isum += scl[e / 16] * v * x[e];
+            }
+            for (i = 0; i < 16; i++) {
+                msum += (float) scl[i] * ds16[16 * b + i];
+            }
+            /* w = d sc (q - 32) */
+            sum += hf(blk + 208) * (dx[b] * (float) isum - 32.0f * msum);
+        }
+    }
+    return sum;
+}
+
+
+static float
+dot_plain(int type, const uint8_t *w, const float *x, int64_t k)
+{
+    float   sum = 0.0f;
+    int64_t i;
+
+    switch (type) {
+    case LLM_F32: {
+        const float *f = (const float *) w;
+        for (i = 0; i < k; i++) {
+            sum += f[i] * x[i];
+        }
+        break;
+    }
+    case LLM_F16:
+        for (i = 0; i < k; i++) {
+            sum += llm_f16_to_f32(rd16(w + 2 * i)) * x[i];
+        }
+        break;
+    case LLM_BF16:
+        for (i = 0; i < k; i++) {
+            sum += llm_bf16_to_f32(rd16(w + 2 * i)) * x[i];
+        }
+        break;
+    }
+    return sum;
+}
+
+
+#define SCALAR_GEMM(name, expr)                                             \
+static void                                                                 \
+name(const llm_cpu_gemm *g, int64_t m0, int64_t m1)                         \
+{                                                                           \
+    int64_t j, r;                                                           \
+                                                                            \
+    for (j = m0; j < m1; j++) {                                             \
+        const uint8_t *w = g->w + (size_t) j * g->w_nb;                     \
+        float          b = g->bias ? g->bias[j] : 0.0f;                     \
+        for (r = 0; r < g->n; r++) {                                        \
+            const void *x = (const uint8_t *) g->x + (size_t) r * g->x_nb;  \
+            float *o = (float *) ((uint8_t *) g->out                        \
+                                  + (size_t) r * g->out_nb);                \
+            o[j] = (expr) + b;                                              \
+        }                                                                   \
+    }                                                                       \
+}
+
+SCALAR_GEMM(gemm_f32_scalar, dot_plain(LLM_F32, w, x, g->k))
+SCALAR_GEMM(gemm_f16_scalar, dot_plain(LLM_F16, w, x, g->k))
+SCALAR_GEMM(gemm_bf16_scalar, dot_plain(LLM_BF16, w, x, g->k))
+SCALAR_GEMM(gemm_q4_0_scalar, dot_xq32(LLM_Q4_0, w, x, g->k))
+SCALAR_GEMM(gemm_q4_1_scalar, dot_xq32(LLM_Q4_1, w, x, g->k))
+SCALAR_GEMM(gemm_q8_0_scalar, dot_xq32(LLM_Q8_0, w, x, g->k))
+SCALAR_GEMM(gemm_q4_k_scalar, dot_xqk(LLM_Q4_K, w, x, g->k))
+SCALAR_GEMM(gemm_q5_k_scalar, dot_xqk(LLM_Q5_K, w, x, g->k))
+SCALAR_GEMM(gemm_q6_k_scalar, dot_xqk(LLM_Q6_K, w, x, g->k))
+
+
+/* Scalar helpers of the other ops' tables (ops.c / attention.c use them
+ * through the table). */
+
+static void
+f16_to_f32_scalar(const uint16_t *src, float *dst, int64_t n)
+{
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        dst[i] = llm_f16_to_f32(src[i]);
+    }
+}
+
+
+static void
+f32_to_f16_scalar(const float *src, uint16_t *dst, int64_t n)
+{
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        dst[i] = llm_f32_to_f16(src[i]);
+    }
+}
+
+
+static float
+vmax_scalar(const float *x, int64_t n)
+{
+    float   m = x[0];
+    int64_t i;
+
+    for (i = 1; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+    }
+    return m;
+}
+
+
+static float
+exp_sum_scalar(float *x, int64_t n, float max)
+{
+    float   sum = 0.0f;
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    return sum;
+}
+
+
+static void
+silu_mul_scalar(float *out, const float *gate, const float *up, int64_t n)
+{
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        float gv = gate[i];
+        out[i] = gv / (1.0f + expf(-gv)) * up[i];
+    }
+}
+
+
+static float
+kv_elem(const void *p, int type, size_t i)
+{
+    return type == LLM_F16 ? llm_f16_to_f32(((const uint16_t *) p)[i])
+                           : ((const float *) p)[i];
+}
+
+
+static void
+attn_scores_scalar(const float *q, int g, int hd, const void *k,
+                   int kv_type, size_t stride, int n, float scale,
+                   float *s, int s_stride)
+{
+    int i, h, e;
+
+    for (i = 0; i < n; i++) {
+        for (h = 0; h < g; h++) {
+            float dot = 0.0f;
+            for (e = 0; e < hd; e++) {
+                dot += q[h * hd + e] * kv_elem(k, kv_type, i * stride + e);
+            }
+            s[h * s_stride + i] = dot * scale;
+        }
+    }
+}
+
+
+static void
+attn_accum_scalar(float *o, int g, int hd, const float *p, int p_stride,
+                  const void *v, int kv_type, size_t stride, int n)
+{
+    int i, h, e;
+
+    for (i = 0; i < n; i++) {
+        for (h = 0; h < g; h++) {
+            float pv = p[h * p_stride + i];
+            for (e = 0; e < hd; e++) {
+                o[h * hd + e] += pv * kv_elem(v, kv_type, i * stride + e);
+            }
+        }
+    }
+}
+
+
+void
+llm_cpu_kernels_scalar(llm_cpu_kernels *k)
+{
+    memset(k, 0, sizeof(*k));
+    k->isa = LLM_ISA_SCALAR;
+    k->quant_x = quant_x_scalar;
+
+    k->gemm[LLM_F32] = gemm_f32_scalar;
+    k->gemm[LLM_F16] = gemm_f16_scalar;
+    k->gemm[LLM_BF16] = gemm_bf16_scalar;
+    k->gemm[LLM_Q4_0] = gemm_q4_0_scalar;
+    k->gemm[LLM_Q4_1] = gemm_q4_1_scalar;
+    k->gemm[LLM_Q8_0] = gemm_q8_0_scalar;
+    k->gemm[LLM_Q4_K] = gemm_q4_k_scalar;
+    k->gemm[LLM_Q5_K] = gemm_q5_k_scalar;
+    k->gemm[LLM_Q6_K] = gemm_q6_k_scalar;
+    k->xq_kind[LLM_Q4_0] = LLM_XQ32;
+    k->xq_kind[LLM_Q4_1] = LLM_XQ32;
+    k->xq_kind[LLM_Q8_0] = LLM_XQ32;
+    k->xq_kind[LLM_Q4_K] = LLM_XQK;
+    k->xq_kind[LLM_Q5_K] = LLM_XQK;
+    k->xq_kind[LLM_Q6_K] = LLM_XQK;
+
+    k->f16_to_f32 = f16_to_f32_scalar;
+    k->f32_to_f16 = f32_to_f16_scalar;
+    k->vmax = vmax_scalar;
+    k->exp_sum = exp_sum_scalar;
+    k->silu_mul = silu_mul_scalar;
+    k->attn_scores = attn_scores_scalar;
+    k->attn_accum = attn_accum_scalar;
+}
+
+
+/* ------------------------------------------------------------ driver */
+
+typedef struct mm_job {
+    llm_cpu_ctx        *c;
+    llm_cpu_gemm        g;
+    llm_cpu_gemm_fn     fn;
+    int64_t             m;
+    int64_t             align;
+
+    /* activation quantization (when parallel) */
+    const float        *x;
+    size_t              x_nb;
+    int                 kind;
+    int                 use_blas;
+} mm_job;
+
+
+static void
+mm_quant_task(void *arg, int ith, int nth)
+{
+    mm_job  *j = arg;
+    int64_t  r0, r1, r;
+
+    llm_cpu_split(j->g.n, ith, nth, 1, &r0, &r1);
+    for (r = r0; r < r1; r++) {
+        j->c->kern.quant_x((const float *) ((const uint8_t *) j->x
+                                            + (size_t) r * j->x_nb),
+                           (uint8_t *) j->g.x + (size_t) r * j->g.x_nb,
+                           j->g.k, j->kind);
+    }
+}
+
+
+/* Chunks of output features: a few per thread, so that threads the OS
+ * does not schedule at once delay little (threadpool.c). */
+static int
+mm_chunks(llm_cpu_ctx *c, const mm_job *j)
+{
+    int64_t units = (j->m + j->align - 1) / j->align;
+    int64_t n = 3 * (int64_t) c->n_threads;
+
+    return (int) (units < n ? units : n);
+}
+
+
+static void
+mm_task(void *arg, int ith, int nth)
+{
+    mm_job  *j = arg;
+    int64_t  m0, m1;
+
+    llm_cpu_split(j->m, ith, nth, j->align, &m0, &m1);
+    if (m0 >= m1) {
+        return;
+    }
+    if (j->use_blas) {
+        const llm_cpu_gemm *g = &j->g;
+        int64_t             r, col;
+
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
+                    (int) g->n, (int) (m1 - m0), (int) g->k, 1.0f,
+                    g->x, (int) (g->x_nb / 4),
+                    (const float *) (g->w + (size_t) m0 * g->w_nb),
+                    (int) (g->w_nb / 4), 0.0f, g->out + m0,
+                    (int) (g->out_nb / 4));
+        if (g->bias != NULL) {
+            for (r = 0; r < g->n; r++) {
+                float *o = (float *) ((uint8_t *) g->out
+                                      + (size_t) r * g->out_nb);
+                for (col = m0; col < m1; col++) {
+                    o[col] += g->bias[col];
+                }
+            }
+        }
+        return;
+    }
+    j->fn(&j->g, m0, m1);
+}
+
+
+static int
+check_f32(llm_cpu_ctx *c, const llm_tensor *t, const char *op,
+          const char *what)
+{
+    if (t == NULL || t->data == NULL) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s is NULL", op, what);
+    }
+    if (t->type != LLM_F32) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s must be F32, not %d",
+                            op, what, t->type);
+    }
+    if (t->ne[0] < 0 || t->ne[1] < 0
+        || (t->ne[1] > 1 && t->nb < (size_t) t->ne[0] * 4))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s has a bad shape",
+                            op, what);
+    }
+    return 0;
+}
+
+
+int
+llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+               const llm_tensor *w, const llm_tensor *bias)
+{
+    mm_job   j;
+    int64_t  k, m, n, r;
+    int      rc, kind;
+    size_t   xq_nb;
+    uint8_t *xq;
+
+    if ((rc = check_f32(c, x, "matmul", "x")) != 0
+        || (rc = check_f32(c, out, "matmul", "out")) != 0)
+    {
+        return rc;
+    }
+    if (w == NULL || w->data == NULL) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul: w is NULL");
+    }
+    k = x->ne[0];
+    n = x->ne[1];
+    m = w->ne[1];
+    if (w->ne[0] != k || out->ne[0] != m || out->ne[1] != n) {
+        return llm_cpu_fail(c, LLM_EINVAL,
+                            "cpu: matmul: shapes x [%lld, %lld] w [%lld, %lld]"
+                            " out [%lld, %lld] do not match",
+                            (long long) n, (long long) k,
+                            (long long) w->ne[1], (long long) w->ne[0],
+                            (long long) out->ne[1], (long long) out->ne[0]);
+    }
+    if (w->type < 0 || w->type >= LLM_DTYPE_COUNT
+        || c->kern.gemm[w->type] == NULL)
+    {
+        return llm_cpu_fail(c, LLM_EUNSUP,
+                            "cpu: matmul: weight type %d not supported",
+                            w->type);
+    }
+    if (llm_row_bytes(w->type, k) == 0 || w->nb < llm_row_bytes(w->type, k)) {
+        return llm_cpu_fail(c, LLM_EINVAL,
+                            "cpu: matmul: weight rows of %lld elements do not"
+                            " fit type %s", (long long) k,
+                            llm_dtype_get(w->type)->name);
+    }
+    if (bias != NULL && bias->data != NULL
+        && (bias->type != LLM_F32 || bias->ne[0] != m))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul: bias must be [%lld]"
+                            " F32", (long long) m);
+    }
+    if (n == 0 || m == 0) {
+        return 0;
+    }
+
+    memset(&j, 0, sizeof(j));
+    j.c = c;
+    j.m = m;
+    j.fn = c->kern.gemm[w->type];
+    j.g.k = k;
+    j.g.n = n;
+    j.g.w = w->data;
+    j.g.w_nb = w->nb;
+    j.g.out = out->data;
+    j.g.out_nb = out->nb;
+    j.g.bias = bias != NULL ? bias->data : NULL;
+    j.align = 16;
+
+    kind = c->kern.xq_kind[w->type];
+    if (c->kern.batch_rows > 0 && n >= c->kern.batch_rows
+        && c->kern.xq_kind_batch[w->type] != LLM_XQ_NONE
+        && w->nb <= (size_t) 1 << 26)
+    {
+        kind = c->kern.xq_kind_batch[w->type];
+        j.g.batched = 1;
+    }
+    if (kind == LLM_XQ_NONE) {
+        j.g.x = x->data;
+        j.g.x_nb = x->nb;
+        j.use_blas = w->type == LLM_F32 && c->blas && n >= BLAS_MIN_ROWS
+                     && k >= BLAS_MIN_K
+                     && k < (1 << 30) && m < (1 << 30) && n < (1 << 30);
+        llm_cpu_pool_run(c->pool, mm_task, &j, mm_chunks(c, &j));
+        return 0;
+    }
+
+    /* quantize the activations once into the scratch buffer */
+    xq_nb = llm_xq_row_bytes(kind, k);
+    xq = llm_cpu_scratch(c, xq_nb * (size_t) n);
+    if (xq == NULL) {
+        return LLM_ENOMEM;
+    }
+    j.g.x = xq;
+    j.g.x_nb = xq_nb;
+    j.x = x->data;
+    j.x_nb = x->nb;
+    j.kind = kind;
+    if (n * k <= QUANT_SERIAL_MAX || c->n_threads == 1) {
+        for (r = 0; r < n; r++) {
+            c->kern.quant_x((const float *) ((const uint8_t *) x->data
+                                             + (size_t) r * x->nb),
+                            xq + (size_t) r * xq_nb, k, kind);
+        }
+    } else {
+        llm_cpu_pool_run(c->pool, mm_quant_task, &j, c->n_threads);
+    }
+    llm_cpu_pool_run(c->pool, mm_task, &j, mm_chunks(c, &j));
+    return 0;
+}

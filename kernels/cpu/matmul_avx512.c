@@ -1,0 +1,1091 @@
+/*
+ * AVX-512 matrix product kernels (F, BW, VL, DQ, VNNI): built with the
+ * -mavx512* flags (Makefile), called only when the CPU has them.
+ *
+ * Quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).  Every output
+ * is computed in one canonical way, whatever the number of activation
+ * rows, so that a sequence gets bit-identical logits alone or in a batch:
+ * for each block of 32 in order (16 for Q6_K's scales)
+ *
+ *     acc = fma(float(I), d_w * d_x, acc);  acc = fma(m_w, s_x, acc)
+ *
+ * starting from the bias, where I is the exact integer dot product of the
+ * weight quants (made unsigned: q - 8 for Q4_0, q + 128 for Q8_0, q - 32
+ * for Q6_K) with the activation quants (8-bit, blocks of 32), d_w the
+ * block's (or sub-block's: d * sc) float scale, d_x the activation block
+ * scale, m_w the offset multiplier (Q4_1's min; -8 d, -128 d, -dmin m,
+ * -32 d sc) and s_x = d_x * sum of the block's activation quants.
+ * Lanes are 16 weight rows; two kernels produce these vectors:
+ *
+ *   - tiles (3 or more activation rows): 16 rows are repacked once per
+ *     call so that register kk holds quants 4kk..4kk+3 of each row; an
+ *     activation row then costs 8 vpdpbusd per block (broadcast
+ *     activations), and the block sums of the 16 rows land in one
+ *     register;
+ *   - rows (1 or 2 activation rows): each weight row's blocks are
+ *     multiplied in place (vpdpbusd on 64 bytes, as stored), and a
+ *     reduction tree turns the 16 rows' partial sums into the same
+ *     vectors of block sums, without repacking.
+ *
+ * Plain weights (F32, F16, BF16): register tiles of RB activation rows x
+ * RW weight rows, f32 fused multiply-adds, lane sums at the end (the same
+ * order for any RB, RW).
+ */
+#include "cpu.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define INLINE  static inline __attribute__((always_inline))
+
+/* Plain weights: rows per chunk, so W's chunk stays in L1/L2 while every
+ * group of activation rows passes over it. */
+#define CHUNK_BYTES  32768
+
+/* Software prefetch distance in weight rows, for single-row products. */
+#ifndef PF_ROWS
+#define PF_ROWS      8
+#endif
+
+
+INLINE float *
+out_row(const llm_cpu_gemm *g, int64_t r)
+{
+    return (float *) ((uint8_t *) g->out + (size_t) r * g->out_nb);
+}
+
+
+INLINE const uint8_t *
+x_row(const llm_cpu_gemm *g, int64_t r)
+{
+    return (const uint8_t *) g->x + (size_t) r * g->x_nb;
+}
+
+
+/* ------------------------------------------- activation quantization */
+
+/* f32 -> f16 -> f32, round to nearest even (as llm_f32_to_f16). */
+INLINE float
+f16_round(float f)
+{
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
+
+/* Q8_K's quantization of 256 values into q; returns d (see cpu.h). */
+INLINE float
+q8k_block(const float *x, int8_t *q, int *sum16)
+{
+    const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512       mx = _mm512_setzero_ps();
+    float        amax, max = 0.0f, iscale;
+    __m512       isv;
+    int          i;
+
+    for (i = 0; i < 16; i++) {
+        mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(x + 16 * i),
+                                             absm));
+    }
+    amax = _mm512_reduce_max_ps(mx);
+    if (amax == 0.0f) {
+        memset(q, 0, 256);
+        memset(sum16, 0, 16 * sizeof(int));
+        return 0.0f;
+    }
+    /* the first element of that magnitude, sign kept */
+    for (i = 0; i < 16; i++) {
+        __mmask16 hit = _mm512_cmp_ps_mask(
+            _mm512_and_ps(_mm512_loadu_ps(x + 16 * i), absm),
+            _mm512_set1_ps(amax), _CMP_EQ_OQ);
+        if (hit) {
+            max = x[16 * i + __builtin_ctz(hit)];
+            break;
+        }
+    }
+    iscale = -127.0f / max;
+    isv = _mm512_set1_ps(iscale);
+    for (i = 0; i < 16; i++) {
+        __m512i v = _mm512_min_epi32(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), isv)),
+            _mm512_set1_epi32(127));
+        _mm_storeu_si128((__m128i *) (q + 16 * i), _mm512_cvtsepi32_epi8(v));
+        sum16[i] = _mm512_reduce_add_epi32(v);
+    }
+    return 1.0f / iscale;
+}
+
+
+static void
+quant_x_avx512(const float *x, void *xq, int64_t k, int kind)
+{
+    const __m512  absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    int8_t       *qs = LLM_XQ_QS(xq);
+    float        *d = LLM_XQ_D(xq, k);
+    int64_t       b, nb;
+    int           i;
+
+    if (kind == LLM_XQK || kind == LLM_XQ32K) {
+        int sum16[16];
+
+        nb = k / 256;
+        for (b = 0; b < nb; b++) {
+            float db = q8k_block(x + 256 * b, qs + 256 * b, sum16);
+
+            if (kind == LLM_XQK) {
+                d[b] = db;
+                for (i = 0; i < 16; i++) {
+                    LLM_XQ_DS16(xq, k)[16 * b + i] = db * (float) sum16[i];
+                }
+                for (i = 0; i < 8; i++) {
+                    LLM_XQ_DS32(xq, k)[8 * b + i] =
+                        db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
+                }
+            } else {
+                for (i = 0; i < 8; i++) {
+                    int64_t sb = 8 * b + i;
+                    float   sv = db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
+                    d[sb] = db;
+                    LLM_XQ_S(xq, k)[sb] = sv;
+                    LLM_XQ_S1(xq, k)[sb] = sv;
+                    LLM_XQ_S16(xq, k)[2 * sb] = db * (float) sum16[2 * i];
+                    LLM_XQ_S16(xq, k)[2 * sb + 1] =
+                        db * (float) sum16[2 * i + 1];
+                }
+            }
+        }
+        return;
+    }
+
+    nb = k / 32;
+    for (b = 0; b < nb; b++) {
+        const float *xb = x + 32 * b;
+        __m512       x0 = _mm512_loadu_ps(xb);
+        __m512       x1 = _mm512_loadu_ps(xb + 16);
+        float        amax = _mm512_reduce_max_ps(
+            _mm512_max_ps(_mm512_and_ps(x0, absm), _mm512_and_ps(x1, absm)));
+        float        id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m512       idv = _mm512_set1_ps(id);
+        __m512i      q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, idv));
+        __m512i      q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, idv));
+        int          lo = _mm512_reduce_add_epi32(q0);
+        int          hi = _mm512_reduce_add_epi32(q1);
+        int8_t      *plo, *phi;
+
+        if (kind == LLM_XQ32P && (b | 1) < nb) {
+            int8_t *pair = qs + 32 * (b & ~(int64_t) 1);
+            plo = pair + (b & 1) * 16;
+            phi = pair + 32 + (b & 1) * 16;
+        } else {
+            plo = qs + 32 * b;
+            phi = plo + 16;
+        }
+        _mm_storeu_si128((__m128i *) plo, _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *) phi, _mm512_cvtsepi32_epi8(q1));
+        d[b] = f16_round(amax / 127.0f);
+        LLM_XQ_S(xq, k)[b] = d[b] * (float) (lo + hi);
+        LLM_XQ_S16(xq, k)[2 * b] = d[b] * (float) lo;
+        LLM_XQ_S16(xq, k)[2 * b + 1] = d[b] * (float) hi;
+        LLM_XQ_S1(xq, k)[b] = f16_round(amax / 127.0f * (float) (lo + hi));
+    }
+}
+
+
+INLINE int
+b32_size(int type)
+{
+    return type == LLM_Q4_0 ? 18 : type == LLM_Q4_1 ? 20 : 34;
+}
+
+
+/* Weights of a pair of blocks as 64 unsigned bytes, in the order of the
+ * activation layout (XQ32P for 4-bit, XQ32 for Q8_0). */
+INLINE __m512i
+b32_pair_quants(int type, const uint8_t *b0, const uint8_t *b1)
+{
+    if (type == LLM_Q8_0) {
+        __m512i z = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) (b0 + 2))),
+            _mm256_loadu_si256((const __m256i *) (b1 + 2)), 1);
+        return _mm512_xor_si512(z, _mm512_set1_epi8((char) 0x80));
+    } else {
+        int     off = type == LLM_Q4_0 ? 2 : 4;
+        __m256i v = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) (b0 + off))),
+            _mm_loadu_si128((const __m128i *) (b1 + off)), 1);
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(v),
+                                       _mm256_srli_epi16(v, 4), 1);
+        return _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+    }
+}
+
+
+/* A last odd block, 32 bytes in natural order. */
+INLINE __m256i
+b32_one_quants(int type, const uint8_t *b0)
+{
+    if (type == LLM_Q8_0) {
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *) (b0 + 2)),
+                                _mm256_set1_epi8((char) 0x80));
+    } else {
+        int     off = type == LLM_Q4_0 ? 2 : 4;
+        __m128i v = _mm_loadu_si128((const __m128i *) (b0 + off));
+        __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(v),
+                                            _mm_srli_epi16(v, 4), 1);
+        return _mm256_and_si256(z, _mm256_set1_epi8(0x0f));
+    }
+}
+
+
+INLINE int
+k_size(int type)
+{
+    return type == LLM_Q4_K ? 144 : type == LLM_Q5_K ? 176 : 210;
+}
+
+
+/* Q5_K: for chunk c of 64 elements, the qh bit of each byte lane. */
+typedef struct k_idx {
+    __m512i  q5bit[4];
+} k_idx;
+
+
+INLINE void
+k_idx_init(int type, k_idx *ix)
+{
+    int c;
+
+    for (c = 0; c < 4; c++) {
+        ix->q5bit[c] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set1_epi8((char) (1 << (2 * c)))),
+            _mm256_set1_epi8((char) (2 << (2 * c))), 1);
+    }
+}
+
+
+/* The 64 quants (unsigned) of chunk c of a super-block, natural order. */
+INLINE __m512i
+k_chunk_quants(int type, const uint8_t *blk, int c, const k_idx *ix)
+{
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+
+    if (type == LLM_Q6_K) {
+        int     h = c / 2;
+        __m512i ql = _mm512_loadu_si512(blk + 64 * h);
+        __m256i qh = _mm256_loadu_si256((const __m256i *) (blk + 128 + 32 * h));
+        /* bytes 0..31: qh; 32..63: qh >> 2 (bits 2-3, 6-7 moved down) */
+        __m512i qhz = _mm512_inserti64x4(_mm512_castsi256_si512(qh),
+                                         _mm256_srli_epi16(qh, 2), 1);
+        const __m512i b45 = _mm512_set1_epi8(0x30);
+
+        if ((c & 1) == 0) {
+            return _mm512_or_si512(_mm512_and_si512(ql, lo4),
+                                   _mm512_and_si512(_mm512_slli_epi16(qhz, 4),
+                                                    b45));
+        }
+        return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), lo4),
+                               _mm512_and_si512(qhz, b45));
+    } else {
+        const uint8_t *qs = blk + (type == LLM_Q4_K ? 16 : 48) + 32 * c;
+        __m256i        v = _mm256_loadu_si256((const __m256i *) qs);
+        __m512i        z = _mm512_and_si512(
+            _mm512_inserti64x4(_mm512_castsi256_si512(v),
+                               _mm256_srli_epi16(v, 4), 1), lo4);
+
+        if (type == LLM_Q5_K) {
+            __m512i   qh = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256((const __m256i *) (blk + 16)));
+            __mmask64 hb = _mm512_test_epi8_mask(qh, ix->q5bit[c]);
+            z = _mm512_mask_add_epi8(z, hb, z, _mm512_set1_epi8(16));
+        }
+        return z;
+    }
+}
+
+
+/* ----------------------------------------------- plain: F32/F16/BF16 */
+
+INLINE __m512
+plain_load(int type, const uint8_t *w, int64_t i)
+{
+    if (type == LLM_F32) {
+        return _mm512_loadu_ps((const float *) w + i);
+    }
+    {
+        __m256i h = _mm256_loadu_si256((const __m256i *) (w + 2 * i));
+        if (type == LLM_F16) {
+            return _mm512_cvtph_ps(h);
+        }
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(h), 16));
+    }
+}
+
+
+INLINE __m512
+plain_load_mask(int type, const uint8_t *w, int64_t i, __mmask16 m)
+{
+    if (type == LLM_F32) {
+        return _mm512_maskz_loadu_ps(m, (const float *) w + i);
+    }
+    {
+        __m256i h = _mm256_maskz_loadu_epi16(m, w + 2 * i);
+        if (type == LLM_F16) {
+            return _mm512_cvtph_ps(h);
+        }
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(h), 16));
+    }
+}
+
+
+INLINE void
+tile_plain(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
+           int64_t j0)
+{
+    const int64_t  k = g->k;
+    __m512         acc[16][4];
+    const uint8_t *wr[4];
+    const float   *xr[16];
+    int64_t        i;
+    int            r, w;
+
+    #pragma GCC unroll 16
+    for (w = 0; w < RW; w++) {
+        wr[w] = g->w + (size_t) (j0 + w) * g->w_nb;
+    }
+    #pragma GCC unroll 16
+    for (r = 0; r < RB; r++) {
+        xr[r] = (const float *) x_row(g, r0 + r);
+        #pragma GCC unroll 16
+        for (w = 0; w < RW; w++) {
+            acc[r][w] = _mm512_setzero_ps();
+        }
+    }
+    for (i = 0; i + 16 <= k; i += 16) {
+        __m512 wv[4];
+        #pragma GCC unroll 16
+        for (w = 0; w < RW; w++) {
+            if (RB == 1 && PF_ROWS > 0) {
+                _mm_prefetch((const char *) wr[w]
+                             + i * (type == LLM_F32 ? 4 : 2)
+                             + PF_ROWS * g->w_nb, _MM_HINT_T0);
+            }
+            wv[w] = plain_load(type, wr[w], i);
+        }
+        #pragma GCC unroll 16
+        for (r = 0; r < RB; r++) {
+            __m512 xv = _mm512_loadu_ps(xr[r] + i);
+            #pragma GCC unroll 16
+            for (w = 0; w < RW; w++) {
+                acc[r][w] = _mm512_fmadd_ps(wv[w], xv, acc[r][w]);
+            }
+        }
+    }
+    if (i < k) {
+        __mmask16 m = (__mmask16) ((1u << (k - i)) - 1);
+        __m512    wv[4];
+        #pragma GCC unroll 16
+        for (w = 0; w < RW; w++) {
+            wv[w] = plain_load_mask(type, wr[w], i, m);
+        }
+        #pragma GCC unroll 16
+        for (r = 0; r < RB; r++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, xr[r] + i);
+            #pragma GCC unroll 16
+            for (w = 0; w < RW; w++) {
+                acc[r][w] = _mm512_fmadd_ps(wv[w], xv, acc[r][w]);
+            }
+        }
+    }
+    #pragma GCC unroll 16
+    for (r = 0; r < RB; r++) {
+        float *o = out_row(g, r0 + r);
+        #pragma GCC unroll 16
+        for (w = 0; w < RW; w++) {
+            o[j0 + w] = _mm512_reduce_add_ps(acc[r][w])
+                        + (g->bias ? g->bias[j0 + w] : 0.0f);
+        }
+    }
+}
+
+
+/* ------------------------------------ quantized: transposed tiles */
+
+/*
+ * With a batch of activation rows, 16 weight rows at a time are repacked
+ * (gathered) into registers whose 16 lanes are the 16 rows: register kk of
+ * a block holds quants 4kk .. 4kk+3 of each row.  An activation row then
+ * takes 8 vpdpbusd per block against its broadcast quants, and the block
+ * sums of all 16 rows land in one register, scaled by one multiply-add
+ * (d_w of the 16 rows times d_x) plus one for the offset term: no
+ * horizontal sums.  The repacking is paid once per 16 rows and call.
+ * Activations are in the natural XQ32 layout.
+ *
+ * K-quants fit the same mould: a 32-element sub-block has one integer
+ * scale and min per row, so its float scale is d * sc and its offset
+ * multiplier -dmin * m (Q4_K, Q5_K); Q6_K has a scale per 16 elements:
+ * two scales and offsets (-32 d sc) per block of 32.
+ */
+#define TSEG  64                /* blocks of 32 per repacked segment
+                                   (a multiple of 8: whole super-blocks) */
+
+
+typedef struct t_tile {
+    __m512i  q[TSEG][8];        /* [block][k / 4]: lane j = row j */
+    __m512   d[TSEG][2];        /* scale of each row ([1]: Q6_K's second
+                                   half of the block) */
+    __m512   m[TSEG][2];        /* the offset multiplier of each row */
+} t_tile;
+
+
+/* Repacks nb blocks of 16 rows starting at base, rows stride bytes
+ * apart (the staging buffer of gemm_tiles). */
+INLINE void
+t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
+         int with_quants, t_tile *t)
+{
+    const int      bs = b32_size(type);
+    const __m512i  idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                          15),
+        _mm512_set1_epi32((int) stride));
+    const __m512i  zero = _mm512_setzero_si512();
+    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
+    int            b, u;
+
+    for (b = 0; b < nb; b++, base += bs) {
+        /* the first dword of each row's block: d (and Q4_1's m) */
+        __m512i sc = _mm512_mask_i32gather_epi32(zero, rm, idx, base, 1);
+        __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc));
+
+        t->d[b][0] = d;
+        if (type == LLM_Q4_1) {
+            t->m[b][0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                _mm512_srli_epi32(sc, 16)));
+        } else {
+            t->m[b][0] = _mm512_mul_ps(d, _mm512_set1_ps(
+                type == LLM_Q4_0 ? -8.0f : -128.0f));
+        }
+        if (!with_quants) {
+            continue;
+        }
+        if (type == LLM_Q8_0) {
+            for (u = 0; u < 8; u++) {
+                __m512i v = _mm512_mask_i32gather_epi32(zero, rm, idx,
+                                                        base + 2 + 4 * u, 1);
+                t->q[b][u] = _mm512_xor_si512(
+                    v, _mm512_set1_epi32((int) 0x80808080u));
+            }
+        } else {
+            int off = type == LLM_Q4_0 ? 2 : 4;
+            for (u = 0; u < 4; u++) {
+                __m512i v = _mm512_mask_i32gather_epi32(zero, rm, idx,
+                                                        base + off + 4 * u, 1);
+                /* low nibbles: elements 4u..; high: 16 + 4u.. */
+                t->q[b][u] = _mm512_and_si512(v, lo4);
+                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
+            }
+        }
+    }
+}
+
+
+/* Byte i of each lane, as int32. */
+INLINE __m512i
+lane_byte(__m512i v, int i)
+{
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(0xff));
+}
+
+
+/* The same for K-quants: nb / 8 super-blocks (nb a multiple of 8) of 16
+ * rows, each into 8 blocks of 32. */
+INLINE void
+t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
+           int nb, int with_quants, t_tile *t)
+{
+    const int      bs = k_size(type);
+    const __m512i  idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                          15),
+        _mm512_set1_epi32((int) stride));
+    const __m512i  zero = _mm512_setzero_si512();
+    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
+    int            sb, s, u;
+
+#define GATHER(off)  _mm512_mask_i32gather_epi32(zero, rm, idx, base + (off), 1)
+
+    for (sb = 0; sb < nb / 8; sb++, base += bs) {
+        int b = 8 * sb;
+
+        if (type == LLM_Q6_K) {
+            /* d from the dword that ends with it (bytes 206..209) */
+            __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                _mm512_srli_epi32(GATHER(206), 16)));
+            __m512i scw[4];
+            int     h;
+
+            for (u = 0; u < 4; u++) {
+                scw[u] = GATHER(192 + 4 * u);
+            }
+            for (s = 0; s < 8; s++) {
+                for (u = 0; u < 2; u++) {
+                    int     gi = 2 * s + u;         /* group of 16 */
+                    /* sign-extend byte gi % 4 of scale dword gi / 4 */
+                    __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(
+                        scw[gi / 4], 24 - 8 * (gi % 4)), 24);
+                    __m512  ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                    t->d[b + s][u] = ds;
+                    t->m[b + s][u] = _mm512_mul_ps(ds, _mm512_set1_ps(-32.0f));
+                }
+            }
+            for (h = 0; h < 2 && with_quants; h++) {
+                __m512i ql[16], qh[8];
+                for (u = 0; u < 16; u++) {
+                    ql[u] = GATHER(64 * h + 4 * u);
+                }
+                for (u = 0; u < 8; u++) {
+                    qh[u] = GATHER(128 + 32 * h + 4 * u);
+                }
+                /* sub-block 4h + v: ql[32 (v & 1) + ...] low nibbles for
+                 * v < 2, high for v >= 2; qh bits 2v, 2v + 1 */
+                for (s = 0; s < 4; s++) {
+                    for (u = 0; u < 8; u++) {
+                        __m512i l = ql[8 * (s & 1) + u];
+                        __m512i q = _mm512_and_si512(
+                            s < 2 ? l : _mm512_srli_epi32(l, 4), lo4);
+                        __m512i hb = _mm512_and_si512(
+                            _mm512_srli_epi32(qh[u], 2 * s),
+                            _mm512_set1_epi32(0x03030303));
+                        t->q[b + 4 * h + s][u] = _mm512_or_si512(
+                            q, _mm512_slli_epi32(hb, 4));
+                    }
+                }
+            }
+        } else {
+            __m512i dd = GATHER(0);
+            __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            __m512  dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                _mm512_srli_epi32(dd, 16)));
+            __m512i a = GATHER(4), bb = GATHER(8), c = GATHER(12);
+            __m512i qh[8];
+            int     qoff = type == LLM_Q4_K ? 16 : 48;
+
+            for (s = 0; s < 8; s++) {
+                __m512i sc, mn;
+                if (s < 4) {
+                    sc = _mm512_and_si512(lane_byte(a, s), _mm512_set1_epi32(63));
+                    mn = _mm512_and_si512(lane_byte(bb, s), _mm512_set1_epi32(63));
+                } else {
+                    __m512i cs = lane_byte(c, s - 4);
+                    sc = _mm512_or_si512(
+                        _mm512_and_si512(cs, _mm512_set1_epi32(15)),
+                        _mm512_slli_epi32(_mm512_srli_epi32(
+                            lane_byte(a, s - 4), 6), 4));
+                    mn = _mm512_or_si512(
+                        _mm512_srli_epi32(cs, 4),
+                        _mm512_slli_epi32(_mm512_srli_epi32(
+                            lane_byte(bb, s - 4), 6), 4));
+                }
+                t->d[b + s][0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                t->m[b + s][0] = _mm512_mul_ps(
+                    dmin, _mm512_cvtepi32_ps(_mm512_sub_epi32(zero, mn)));
+            }
+            if (!with_quants) {
+                continue;
+            }
+            if (type == LLM_Q5_K) {
+                for (u = 0; u < 8; u++) {
+                    qh[u] = GATHER(16 + 4 * u);
+                }
+            }
+            for (s = 0; s < 8; s += 2) {
+                for (u = 0; u < 8; u++) {
+                    __m512i v = GATHER(qoff + 16 * s + 4 * u);
+                    __m512i q0 = _mm512_and_si512(v, lo4);
+                    __m512i q1 = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
+                    if (type == LLM_Q5_K) {
+                        const __m512i one = _mm512_set1_epi32(0x01010101);
+                        q0 = _mm512_or_si512(q0, _mm512_slli_epi32(
+                            _mm512_and_si512(_mm512_srli_epi32(qh[u], s), one),
+                            4));
+                        q1 = _mm512_or_si512(q1, _mm512_slli_epi32(
+                            _mm512_and_si512(_mm512_srli_epi32(qh[u], s + 1),
+                                             one), 4));
+                    }
+                    t->q[b + s][u] = q0;
+                    t->q[b + s + 1][u] = q1;
+                }
+            }
+        }
+    }
+#undef GATHER
+}
+
+
+/* acc[r] (lanes: the 16 weight rows) += blocks b0 .. b0+nb of RB rows. */
+/* Integer sums of quants u0 .. u0+NU-1 (of 4) of block b, for RB rows. */
+INLINE void
+t_dots(const __m512i *w, const int8_t *const *xq, int b, int u0, int NU,
+       int RB, __m512i *is)
+{
+    int r, u;
+
+#pragma GCC unroll 8
+    for (r = 0; r < RB; r++) {
+        is[r] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 8
+    for (u = u0; u < u0 + NU; u++) {
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++) {
+            int32_t xv;
+            memcpy(&xv, xq[r] + 32 * b + 4 * u, 4);
+            is[r] = _mm512_dpbusd_epi32(is[r], w[u], _mm512_set1_epi32(xv));
+        }
+    }
+}
+
+
+INLINE void
+t_rows(const t_tile *t, int halves, int s1, int nb, int64_t b0,
+       const llm_cpu_gemm *g, int64_t r0, int RB, __m512 *acc)
+{
+    const int8_t *xq[8];
+    const float  *xd[8], *xs[8];
+    int           b, r, u, hf;
+
+#pragma GCC unroll 8
+    for (r = 0; r < RB; r++) {
+        const uint8_t *row = x_row(g, r0 + r);
+        xq[r] = LLM_XQ_QS(row) + 32 * b0;
+        xd[r] = LLM_XQ_D(row, g->k) + b0;
+        /* Q4_1's min goes with Q8_1's sum; the other offsets need the
+         * exact one */
+        xs[r] = halves ? LLM_XQ_S16(row, g->k) + 2 * b0
+                : s1 ? LLM_XQ_S1(row, g->k) + b0 : LLM_XQ_S(row, g->k) + b0;
+    }
+    for (b = 0; b < nb; b++) {
+        __m512i w[8], is[8];
+
+#pragma GCC unroll 8
+        for (u = 0; u < 8; u++) {
+            w[u] = _mm512_load_si512(&t->q[b][u]);
+        }
+        /* Q6_K: each half block has its own scale and offset */
+        for (hf = 0; hf < (halves ? 2 : 1); hf++) {
+            t_dots(w, xq, b, halves ? 4 * hf : 0, halves ? 4 : 8, RB, is);
+#pragma GCC unroll 8
+            for (r = 0; r < RB; r++) {
+                acc[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(is[r]),
+                    _mm512_mul_ps(t->d[b][hf], _mm512_set1_ps(xd[r][b])),
+                    acc[r]);
+                acc[r] = _mm512_fmadd_ps(
+                    t->m[b][hf],
+                    _mm512_set1_ps(halves ? xs[r][2 * b + hf] : xs[r][b]),
+                    acc[r]);
+            }
+        }
+    }
+}
+
+
+INLINE void
+t_rows_out(const t_tile *t, int halves, int s1, int nb, int64_t b0,
+           const llm_cpu_gemm *g, int64_t r0, int RB, int64_t j0,
+           __mmask16 rm, __m512 bias)
+{
+    __m512 acc[8];
+    int    r;
+
+#pragma GCC unroll 8
+    for (r = 0; r < RB; r++) {
+        acc[r] = b0 == 0 ? bias
+                         : _mm512_maskz_loadu_ps(rm, out_row(g, r0 + r) + j0);
+    }
+    t_rows(t, halves, s1, nb, b0, g, r0, RB, acc);
+#pragma GCC unroll 8
+    for (r = 0; r < RB; r++) {
+        _mm512_mask_storeu_ps(out_row(g, r0 + r) + j0, rm, acc[r]);
+    }
+}
+
+
+INLINE void
+gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
+{
+    t_tile    t __attribute__((aligned(64)));
+    uint8_t   stage[16 * TSEG * 34] __attribute__((aligned(64)));
+    int64_t   nb = g->k / 32, j0, s0, r;
+    const int hv = type == LLM_Q6_K;
+    const int kq = type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
+    /* bytes of one block of 32 (K-quants: an eighth of a super-block) */
+    const int bs = kq ? k_size(type) : b32_size(type);
+
+    for (j0 = m0; j0 < m1; j0 += 16) {
+        int64_t   rows = m1 - j0 < 16 ? m1 - j0 : 16;
+        __mmask16 rm = (__mmask16) ((1u << rows) - 1);
+        __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
+                                 : _mm512_setzero_ps();
+
+        for (s0 = 0; s0 < nb; s0 += TSEG) {
+            int ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
+
+            /* copy the segment of each row to the stage first: plain
+             * sequential loads stream from memory far better than the
+             * gathers of the repacking would */
+            size_t seg = kq ? (size_t) (ns / 8) * bs : (size_t) ns * bs;
+            size_t off = kq ? (size_t) (s0 / 8) * bs : (size_t) s0 * bs;
+            int    j;
+
+            for (j = 0; j < rows; j++) {
+                memcpy(stage + j * seg, g->w + (size_t) (j0 + j) * g->w_nb + off,
+                       seg);
+            }
+            if (kq) {
+                t_repack_k(type, stage, seg, rm, ns, 1, &t);
+            } else {
+                t_repack(type, stage, seg, rm, ns, 1, &t);
+            }
+            for (r = 0; r + 8 <= g->n; r += 8) {
+                t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 8, j0, rm, bias);
+            }
+            switch (g->n - r) {
+            case 7: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 7, j0, rm, bias); break;
+            case 6: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 6, j0, rm, bias); break;
+            case 5: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 5, j0, rm, bias); break;
+            case 4: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 4, j0, rm, bias); break;
+            case 3: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 3, j0, rm, bias); break;
+            case 2: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 2, j0, rm, bias); break;
+            case 1: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 1, j0, rm, bias); break;
+            }
+        }
+    }
+}
+
+
+/* ------------------------------- quantized: rows, without repacking */
+
+/*
+ * 16 vectors of 16 int32 partial sums, one per weight row (D[j]: the
+ * vpdpbusd of row j's 64 quants, 128-bit lane L summing elements
+ * 16L .. 16L+15), into vectors whose lane j belongs to row j: the sums of
+ * the two blocks of 32 (paired: the 4-bit pair order of XQ32P, lanes 0+2
+ * and 1+3; else lanes 0+1 and 2+3), or of the four groups of 16.
+ */
+INLINE void
+s_tree(const __m512i *D, int paired, int quarters, __m512i *out)
+{
+    __m512i E[8], F[4];
+    int     i;
+
+#pragma GCC unroll 8
+    for (i = 0; i < 8; i++) {
+        /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        E[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(D[2 * i], D[2 * i + 1]),
+                                _mm512_unpackhi_epi32(D[2 * i], D[2 * i + 1]));
+    }
+#pragma GCC unroll 4
+    for (i = 0; i < 4; i++) {
+        /* per 128-bit lane L: rows 4i .. 4i+3, group L */
+        F[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(E[2 * i], E[2 * i + 1]),
+                                _mm512_unpackhi_epi64(E[2 * i], E[2 * i + 1]));
+    }
+    if (quarters) {
+#pragma GCC unroll 4
+        for (i = 0; i < 4; i++) {
+            /* [F0.Li, F1.Li, F2.Li, F3.Li] */
+            __m512i a = _mm512_shuffle_i32x4(F[0], F[1], 0x55 * i);
+            __m512i b = _mm512_shuffle_i32x4(F[2], F[3], 0x55 * i);
+            out[i] = _mm512_shuffle_i32x4(a, b, 0x88);
+        }
+        return;
+    }
+    {
+        /* per F: [block 0 sums, block 1 sums] of its 4 rows, twice */
+        __m512i z01, z23;
+        if (paired) {
+            z01 = _mm512_add_epi32(_mm512_shuffle_i32x4(F[0], F[1], 0x44),
+                                   _mm512_shuffle_i32x4(F[0], F[1], 0xee));
+            z23 = _mm512_add_epi32(_mm512_shuffle_i32x4(F[2], F[3], 0x44),
+                                   _mm512_shuffle_i32x4(F[2], F[3], 0xee));
+        } else {
+            z01 = _mm512_add_epi32(_mm512_shuffle_i32x4(F[0], F[1], 0x88),
+                                   _mm512_shuffle_i32x4(F[0], F[1], 0xdd));
+            z23 = _mm512_add_epi32(_mm512_shuffle_i32x4(F[2], F[3], 0x88),
+                                   _mm512_shuffle_i32x4(F[2], F[3], 0xdd));
+        }
+        out[0] = _mm512_shuffle_i32x4(z01, z23, 0x88);
+        out[1] = _mm512_shuffle_i32x4(z01, z23, 0xdd);
+    }
+}
+
+
+/* The canonical step of one block (or half block) for one activation
+ * row: see the comment at the top. */
+INLINE __m512
+s_step(__m512 acc, __m512i sum, __m512 d, __m512 m, float dx, float sx)
+{
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                          _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
+    return _mm512_fmadd_ps(m, _mm512_set1_ps(sx), acc);
+}
+
+
+/*
+ * Weight rows j0 .. j0+rows (<= 16) against one activation row, blocks
+ * s0 .. s0+ns of the scales in t, into acc.  pf: prefetch the next 16
+ * rows (the first activation row streams W).
+ */
+INLINE void
+s_rows(const llm_cpu_gemm *g, int type, const t_tile *t, int64_t j0,
+       int rows, int64_t s0, int ns, const uint8_t *xr, int pf,
+       const k_idx *ix, __m512 *acc)
+{
+    const int      kq = type == LLM_Q4_K || type == LLM_Q5_K
+                        || type == LLM_Q6_K;
+    const int8_t  *xq = LLM_XQ_QS(xr);
+    const float   *xd = LLM_XQ_D(xr, g->k);
+    /* Q4_1's min goes with Q8_1's sum; the other offsets need the exact
+     * one */
+    const float   *xs = type == LLM_Q4_1 ? LLM_XQ_S1(xr, g->k)
+                                         : LLM_XQ_S(xr, g->k);
+    const float   *x16 = LLM_XQ_S16(xr, g->k);
+    const uint8_t *w0 = g->w + (size_t) j0 * g->w_nb;
+    int            c, j, i;
+
+    /* chunks of 64 elements: a pair of blocks (K-quants: a quarter of a
+     * super-block) */
+    for (c = 0; 2 * c < ns; c++) {
+        int64_t b = s0 + 2 * c;             /* first block of the chunk */
+        __m512i D[16], S[4];
+
+        if (2 * c + 1 == ns) {
+            /* a last odd block (blocks of 32 only): 32 bytes, natural */
+#pragma GCC unroll 16
+            for (j = 0; j < 16; j++) {
+                if (j < rows) {
+                    const uint8_t *blk = w0 + (size_t) j * g->w_nb
+                                         + b * b32_size(type);
+                    __m256i p = _mm256_dpbusd_epi32(
+                        _mm256_setzero_si256(), b32_one_quants(type, blk),
+                        _mm256_loadu_si256((const __m256i *) (xq + 32 * b)));
+                    D[j] = _mm512_zextsi256_si512(p);
+                } else {
+                    D[j] = _mm512_setzero_si512();
+                }
+            }
+            s_tree(D, 0, 0, S);
+            *acc = s_step(*acc, S[0], t->d[2 * c][0], t->m[2 * c][0],
+                          xd[b], xs[b]);
+            break;
+        }
+
+        {
+            __m512i xv = _mm512_loadu_si512(xq + 32 * b);
+
+#pragma GCC unroll 16
+            for (j = 0; j < 16; j++) {
+                if (j < rows) {
+                    const uint8_t *row = w0 + (size_t) j * g->w_nb;
+                    __m512i        wq;
+
+                    if (kq) {
+                        /* chunk b / 2 % 4 of super-block b / 8 */
+                        const uint8_t *blk = row + (b / 8) * k_size(type);
+                        if (pf && (b & 7) == 0) {
+                            _mm_prefetch((const char *) blk + 16 * g->w_nb,
+                                         _MM_HINT_T0);
+                            _mm_prefetch((const char *) blk + 64
+                                         + 16 * g->w_nb, _MM_HINT_T0);
+                            _mm_prefetch((const char *) blk + 128
+                                         + 16 * g->w_nb, _MM_HINT_T0);
+                        }
+                        wq = k_chunk_quants(type, blk, (int) (b / 2 % 4), ix);
+                    } else {
+                        const uint8_t *blk = row + b * b32_size(type);
+                        if (pf) {
+                            _mm_prefetch((const char *) blk + 16 * g->w_nb,
+                                         _MM_HINT_T0);
+                        }
+                        wq = b32_pair_quants(type, blk,
+                                             blk + b32_size(type));
+                    }
+                    D[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq,
+                                               xv);
+                } else {
+                    D[j] = _mm512_setzero_si512();
+                }
+            }
+        }
+
+        if (type == LLM_Q6_K) {
+            s_tree(D, 0, 1, S);
+            for (i = 0; i < 4; i++) {
+                int bb = 2 * c + i / 2;     /* block in the segment */
+                *acc = s_step(*acc, S[i], t->d[bb][i & 1], t->m[bb][i & 1],
+                              xd[s0 + bb], x16[2 * (s0 + bb) + (i & 1)]);
+            }
+        } else {
+            s_tree(D, type == LLM_Q4_0 || type == LLM_Q4_1, 0, S);
+            *acc = s_step(*acc, S[0], t->d[2 * c][0], t->m[2 * c][0],
+                          xd[b], xs[b]);
+            *acc = s_step(*acc, S[1], t->d[2 * c + 1][0],
+                          t->m[2 * c + 1][0], xd[b + 1], xs[b + 1]);
+        }
+    }
+}
+
+
+INLINE void
+gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
+{
+    const int kq = type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
+    t_tile    t __attribute__((aligned(64)));
+    k_idx     ix;
+    int64_t   nb = g->k / 32, j0, s0, r;
+    int       bs = kq ? k_size(type) : b32_size(type);
+
+    if (type == LLM_Q5_K) {
+        k_idx_init(type, &ix);
+    }
+    for (j0 = m0; j0 < m1; j0 += 16) {
+        int       rows = m1 - j0 < 16 ? (int) (m1 - j0) : 16;
+        __mmask16 rm = (__mmask16) ((1u << rows) - 1);
+        __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
+                                 : _mm512_setzero_ps();
+
+        for (s0 = 0; s0 < nb; s0 += TSEG) {
+            int            ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
+            const uint8_t *base = g->w + (size_t) j0 * g->w_nb
+                                  + (kq ? (size_t) (s0 / 8) * bs
+                                        : (size_t) s0 * bs);
+
+            /* only the scales are repacked here */
+            if (kq) {
+                t_repack_k(type, base, g->w_nb, rm, ns, 0, &t);
+            } else {
+                t_repack(type, base, g->w_nb, rm, ns, 0, &t);
+            }
+            for (r = 0; r < g->n; r++) {
+                __m512 acc = s0 == 0 ? bias
+                             : _mm512_maskz_loadu_ps(rm, out_row(g, r) + j0);
+                s_rows(g, type, &t, j0, rows, s0, ns, x_row(g, r), r == 0,
+                       &ix, &acc);
+                _mm512_mask_storeu_ps(out_row(g, r) + j0, rm, acc);
+            }
+        }
+    }
+}
+
+
+/* ------------------------------------------------------------ drivers */
+
+/* RB activation rows against weight rows [jc, je) of plain weights. */
+INLINE void
+plain_rows(const llm_cpu_gemm *g, int type, int RB, int64_t r0, int64_t jc,
+           int64_t je)
+{
+    /* the widest tile whose accumulators and operands fit 32 registers */
+    const int RW = RB <= 2 ? 4 : RB <= 4 ? 3 : RB <= 8 ? 2 : 1;
+    int64_t   j = jc;
+
+    for (; j + RW <= je; j += RW) {
+        tile_plain(g, type, RB, RW, r0, j);
+    }
+    for (; j < je; j++) {
+        tile_plain(g, type, RB, 1, r0, j);
+    }
+}
+
+
+INLINE void
+gemm_plain(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
+{
+    int64_t jc, je, r, mc;
+
+    mc = (int64_t) (CHUNK_BYTES / (g->w_nb ? g->w_nb : 1));
+    mc = mc < 12 ? 12 : mc - mc % 12;
+    for (jc = m0; jc < m1; jc = je) {
+        je = jc + mc < m1 ? jc + mc : m1;
+        for (r = 0; r + 16 <= g->n; r += 16) {
+            plain_rows(g, type, 16, r, jc, je);
+        }
+        for (; r + 8 <= g->n; r += 8) {
+            plain_rows(g, type, 8, r, jc, je);
+        }
+        for (; r + 4 <= g->n; r += 4) {
+            plain_rows(g, type, 4, r, jc, je);
+        }
+        switch (g->n - r) {
+        case 3: plain_rows(g, type, 3, r, jc, je); break;
+        case 2: plain_rows(g, type, 2, r, jc, je); break;
+        case 1: plain_rows(g, type, 1, r, jc, je); break;
+        }
+    }
+}
+
+
+#define GEMM_Q(name, type)                                                  \
+static void                                                                 \
+name(const llm_cpu_gemm *g, int64_t m0, int64_t m1)                         \
+{                                                                           \
+    if (g->batched) {                                                       \
+        gemm_tiles(g, m0, m1, type);                                        \
+    } else {                                                                \
+        gemm_rows(g, m0, m1, type);                                         \
+    }                                                                       \
+}
+
+#define GEMM_P(name, type)                                                  \
+static void                                                                 \
+name(const llm_cpu_gemm *g, int64_t m0, int64_t m1)                         \
+{                                                                           \
+    gemm_plain(g, m0, m1, type);                                            \
+}
+
+GEMM_Q(gemm_q4_0_avx512, LLM_Q4_0)
+GEMM_Q(gemm_q4_1_avx512, LLM_Q4_1)
+GEMM_Q(gemm_q8_0_avx512, LLM_Q8_0)
+GEMM_Q(gemm_q4_k_avx512, LLM_Q4_K)
+GEMM_Q(gemm_q5_k_avx512, LLM_Q5_K)
+GEMM_Q(gemm_q6_k_avx512, LLM_Q6_K)
+GEMM_P(gemm_f32_avx512, LLM_F32)
+GEMM_P(gemm_f16_avx512, LLM_F16)
+GEMM_P(gemm_bf16_avx512, LLM_BF16)
+
+
+void
+llm_cpu_kernels_avx512(llm_cpu_kernels *k)
+{
+    k->quant_x = quant_x_avx512;
+
+    k->gemm[LLM_Q4_0] = gemm_q4_0_avx512;
+    k->gemm[LLM_Q4_1] = gemm_q4_1_avx512;
+    k->gemm[LLM_Q8_0] = gemm_q8_0_avx512;
+    k->gemm[LLM_Q4_K] = gemm_q4_k_avx512;
+    k->gemm[LLM_Q5_K] = gemm_q5_k_avx512;
+    k->gemm[LLM_Q6_K] = gemm_q6_k_avx512;
+    k->gemm[LLM_F32] = gemm_f32_avx512;
+    k->gemm[LLM_F16] = gemm_f16_avx512;
+    k->gemm[LLM_BF16] = gemm_bf16_avx512;
+
+    /* 1-2 rows (rows kernel): the 4-bit pair order for Q4_0/Q4_1;
+     * 3 rows and more (tiles): natural.  Both give the same numbers. */
+    k->xq_kind[LLM_Q4_0] = LLM_XQ32P;
+    k->xq_kind[LLM_Q4_1] = LLM_XQ32P;
+    k->xq_kind[LLM_Q8_0] = LLM_XQ32;
+    k->xq_kind[LLM_Q4_K] = LLM_XQ32K;
+    k->xq_kind[LLM_Q5_K] = LLM_XQ32K;
+    k->xq_kind[LLM_Q6_K] = LLM_XQ32K;
+    k->batch_rows = 3;
+    k->xq_kind_batch[LLM_Q4_0] = LLM_XQ32;
+    k->xq_kind_batch[LLM_Q4_1] = LLM_XQ32;
+    k->xq_kind_batch[LLM_Q8_0] = LLM_XQ32;
+    k->xq_kind_batch[LLM_Q4_K] = LLM_XQ32K;
+    k->xq_kind_batch[LLM_Q5_K] = LLM_XQ32K;
+    k->xq_kind_batch[LLM_Q6_K] = LLM_XQ32K;
+
+    llm_cpu_vec_avx512(k);
+}

@@ -1,0 +1,641 @@
+/*
+ * The CPU backend's row-wise ops: embedding lookup, RMS norm, RoPE,
+ * SiLU-gate, residual add, output-row gather, and the paged KV cache
+ * writes and block copies.  Each op checks its arguments (shapes, types,
+ * token ids, block ids) before any thread touches memory, then splits its
+ * rows over the pool.
+ */
+#include "cpu.h"
+
+#include <math.h>
+#include <string.h>
+
+
+/* Rows below which an op runs on the calling thread alone. */
+#define SERIAL_ELEMS  16384
+
+
+static float *
+row_f32(const llm_tensor *t, int64_t r)
+{
+    return (float *) ((uint8_t *) t->data + (size_t) r * t->nb);
+}
+
+
+static int
+check_rows(llm_cpu_ctx *c, const llm_tensor *t, const char *op,
+           const char *what, int64_t cols, int64_t rows)
+{
+    if (t == NULL || (t->data == NULL && rows > 0)) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s is NULL", op, what);
+    }
+    if (t->type != LLM_F32) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s must be F32", op,
+                            what);
+    }
+    if ((cols >= 0 && t->ne[0] != cols) || (rows >= 0 && t->ne[1] != rows)
+        || t->ne[0] < 0 || t->ne[1] < 0
+        || (t->ne[1] > 1 && t->nb < (size_t) t->ne[0] * 4))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL,
+                            "cpu: %s: %s is [%lld, %lld], expected [%lld, %lld]",
+                            op, what, (long long) t->ne[1],
+                            (long long) t->ne[0], (long long) rows,
+                            (long long) cols);
+    }
+    return 0;
+}
+
+
+static int
+need_batch(llm_cpu_ctx *c, const char *op)
+{
+    if (!c->have_batch) {
+        return llm_cpu_fail(c, LLM_ESTATE, "cpu: %s: no batch set", op);
+    }
+    return 0;
+}
+
+
+/* Runs fn over the pool, or on this thread for small work. */
+static void
+run(llm_cpu_ctx *c, llm_cpu_task fn, void *arg, int64_t elems)
+{
+    if (elems < SERIAL_ELEMS || c->n_threads == 1) {
+        fn(arg, 0, 1);
+    } else {
+        llm_cpu_pool_run(c->pool, fn, arg, c->n_threads);
+    }
+}
+
+
+/* ---------------------------------------------------------------- embed */
+
+typedef struct embed_job {
+    llm_cpu_ctx        *c;
+    llm_tensor         *out;
+    const llm_tensor   *table;
+} embed_job;
+
+
+static void
+embed_task(void *arg, int ith, int nth)
+{
+    embed_job *j = arg;
+    int64_t    t0, t1, t;
+
+    llm_cpu_split(j->out->ne[1], ith, nth, 1, &t0, &t1);
+    for (t = t0; t < t1; t++) {
+        const uint8_t *src = (const uint8_t *) j->table->data
+                             + (size_t) j->c->batch.tokens[t] * j->table->nb;
+        float         *dst = row_f32(j->out, t);
+
+        if (j->table->type == LLM_F16) {
+            j->c->kern.f16_to_f32((const uint16_t *) src, dst,
+                                  j->table->ne[0]);
+        } else {
+            llm_dequantize_row(j->table->type, src, dst, j->table->ne[0]);
+        }
+    }
+}
+
+
+int
+llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table)
+{
+    embed_job j;
+    int64_t   dim, t;
+    int       rc;
+
+    if ((rc = need_batch(c, "embed")) != 0) {
+        return rc;
+    }
+    if (table == NULL || table->data == NULL
+        || llm_dtype_get(table->type) == NULL
+        || llm_row_bytes(table->type, table->ne[0]) == 0
+        || table->nb < llm_row_bytes(table->type, table->ne[0]))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: embed: bad table");
+    }
+    dim = table->ne[0];
+    if ((rc = check_rows(c, out, "embed", "out", dim, c->batch.n_tokens))
+        != 0)
+    {
+        return rc;
+    }
+    for (t = 0; t < c->batch.n_tokens; t++) {
+        int32_t id = c->batch.tokens[t];
+        if (id < 0 || id >= table->ne[1]) {
+            return llm_cpu_fail(c, LLM_EINVAL,
+                                "cpu: embed: token %d of the batch is %d,"
+                                " outside the vocabulary of %lld", (int) t,
+                                (int) id, (long long) table->ne[1]);
+        }
+    }
+    j.c = c;
+    j.out = out;
+    j.table = table;
+    run(c, embed_task, &j, c->batch.n_tokens * dim * 4);
+    return 0;
+}
+
+
+/* -------------------------------------------------------------- rmsnorm */
+
+typedef struct norm_job {
+    llm_tensor         *out;
+    const llm_tensor   *x;
+    const float        *w;
+    float               eps;
+} norm_job;
+
+
+static void
+norm_task(void *arg, int ith, int nth)
+{
+    norm_job *j = arg;
+    int64_t   r0, r1, r, i, n = j->x->ne[0];
+
+    llm_cpu_split(j->x->ne[1], ith, nth, 1, &r0, &r1);
+    for (r = r0; r < r1; r++) {
+        const float *x = row_f32(j->x, r);
+        float       *y = row_f32(j->out, r);
+        double       ss = 0.0;
+        float        scale;
+
+        /* as llama.cpp: sum of squares in double, eps inside the root */
+        for (i = 0; i < n; i++) {
+            ss += (double) (x[i] * x[i]);
+        }
+        scale = 1.0f / sqrtf((float) (ss / (double) n) + j->eps);
+        for (i = 0; i < n; i++) {
+            y[i] = (x[i] * scale) * j->w[i];
+        }
+    }
+}
+
+
+int
+llm_cpu_rmsnorm(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+                const llm_tensor *w, float eps)
+{
+    norm_job j;
+    int      rc;
+
+    if ((rc = check_rows(c, x, "rmsnorm", "x", -1, -1)) != 0
+        || (rc = check_rows(c, out, "rmsnorm", "out", x->ne[0], x->ne[1]))
+           != 0
+        || (rc = check_rows(c, w, "rmsnorm", "w", x->ne[0], -1)) != 0)
+    {
+        return rc;
+    }
+    if (x->ne[0] == 0) {
+        return 0;
+    }
+    j.out = out;
+    j.x = x;
+    j.w = w->data;
+    j.eps = eps;
+    run(c, norm_task, &j, x->ne[0] * x->ne[1]);
+    return 0;
+}
+
+
+/* ----------------------------------------------------------------- rope */
+
+/*
+ * cos/sin of every token of the batch, computed once per step and rope
+ * parameters: every layer rotates q and k at the same positions.
+ * As llama.cpp: theta_0 = pos, theta_{i+1} = theta_i * base^(-2/n_rot)
+ * (in float), divided by freq_factors[i] when given, times freq_scale.
+ */
+static int
+rope_table(llm_cpu_ctx *c, const llm_rope_params *rp)
+{
+    const llm_batch *b = &c->batch;
+    int              half = rp->n_rot / 2;
+    size_t           need = (size_t) b->n_tokens * (size_t) half * 2;
+    float            theta_scale;
+    int64_t          t;
+    int              i;
+
+    if (c->rope_cs != NULL && c->rope_step == c->step
+        && c->rope_n_rot == rp->n_rot && c->rope_base == rp->freq_base
+        && c->rope_scale == rp->freq_scale
+        && c->rope_factors == rp->freq_factors)
+    {
+        return 0;
+    }
+    if (need > c->rope_cs_cap) {
+        float *p = llm_malloc((need ? need : 1) * sizeof(float));
+        if (p == NULL) {
+            return llm_cpu_fail(c, LLM_ENOMEM, "cpu: rope: out of memory");
+        }
+        llm_free(c->rope_cs);
+        c->rope_cs = p;
+        c->rope_cs_cap = need;
+    }
+    theta_scale = powf(rp->freq_base, -2.0f / (float) rp->n_rot);
+    for (t = 0; t < b->n_tokens; t++) {
+        float  theta = (float) b->pos[t];
+        float *cs = c->rope_cs + (size_t) t * half * 2;
+
+        for (i = 0; i < half; i++) {
+            float th = theta;
+            if (rp->freq_factors != NULL) {
+                th /= rp->freq_factors[i];
+            }
+            th *= rp->freq_scale;
+            cs[2 * i] = cosf(th);
+            cs[2 * i + 1] = sinf(th);
+            theta *= theta_scale;
+        }
+    }
+    c->rope_step = c->step;
+    c->rope_n_rot = rp->n_rot;
+    c->rope_base = rp->freq_base;
+    c->rope_scale = rp->freq_scale;
+    c->rope_factors = rp->freq_factors;
+    return 0;
+}
+
+
+typedef struct rope_job {
+    llm_cpu_ctx        *c;
+    llm_tensor         *x;
+    int                 n_heads, head_dim, half, neox;
+} rope_job;
+
+
+static void
+rope_task(void *arg, int ith, int nth)
+{
+    rope_job *j = arg;
+    int64_t   t0, t1, t;
+    int       h, i;
+
+    llm_cpu_split(j->x->ne[1], ith, nth, 1, &t0, &t1);
+    for (t = t0; t < t1; t++) {
+        const float *cs = j->c->rope_cs + (size_t) t * j->half * 2;
+        float       *row = row_f32(j->x, t);
+
+        for (h = 0; h < j->n_heads; h++) {
+            float *x = row + (size_t) h * j->head_dim;
+
+            for (i = 0; i < j->half; i++) {
+                /* neox: (x[i], x[i + n_rot/2]); else (x[2i], x[2i+1]) */
+                int   a = j->neox ? i : 2 * i;
+                int   b = j->neox ? i + j->half : 2 * i + 1;
+                float x0 = x[a], x1 = x[b];
+
+                x[a] = x0 * cs[2 * i] - x1 * cs[2 * i + 1];
+                x[b] = x0 * cs[2 * i + 1] + x1 * cs[2 * i];
+            }
+        }
+    }
+}
+
+
+int
+llm_cpu_rope(llm_cpu_ctx *c, llm_tensor *x, int n_heads, int head_dim,
+             const llm_rope_params *rp)
+{
+    rope_job j;
+    int      rc;
+
+    if ((rc = need_batch(c, "rope")) != 0) {
+        return rc;
+    }
+    if (rp == NULL || n_heads <= 0 || head_dim <= 0 || rp->n_rot <= 0
+        || rp->n_rot > head_dim || rp->n_rot % 2 != 0
+        || !(rp->freq_base > 0.0f))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: rope: bad parameters"
+                            " (heads %d, head_dim %d, n_rot %d)", n_heads,
+                            head_dim, rp ? rp->n_rot : 0);
+    }
+    if ((rc = check_rows(c, x, "rope", "x", (int64_t) n_heads * head_dim,
+                         c->batch.n_tokens)) != 0)
+    {
+        return rc;
+    }
+    if ((rc = rope_table(c, rp)) != 0) {
+        return rc;
+    }
+    j.c = c;
+    j.x = x;
+    j.n_heads = n_heads;
+    j.head_dim = head_dim;
+    j.half = rp->n_rot / 2;
+    j.neox = rp->neox;
+    run(c, rope_task, &j, x->ne[0] * x->ne[1]);
+    return 0;
+}
+
+
+/* ------------------------------------------------------------- kv cache */
+
+static size_t
+kv_elem_size(const llm_kv_pool *kv)
+{
+    return kv->type == LLM_F16 ? 2 : 4;
+}
+
+
+int
+llm_cpu_check_kv(llm_cpu_ctx *c, const llm_kv_pool *kv, int layer,
+                 const char *op)
+{
+    const llm_batch *b = &c->batch;
+    size_t           blk_bytes;
+    int64_t          t;
+
+    if (kv == NULL || kv->k == NULL || kv->v == NULL
+        || (kv->type != LLM_F16 && kv->type != LLM_F32)
+        || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
+        || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: bad KV pool", op);
+    }
+    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
+                * kv_elem_size(kv);
+    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: KV pool layer_bytes %zu"
+                            " < %d blocks of %zu", op, kv->layer_bytes,
+                            kv->n_blocks, blk_bytes);
+    }
+    if (layer < 0 || layer >= kv->n_layers) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: layer %d of %d", op,
+                            layer, kv->n_layers);
+    }
+    if (b->n_tokens > 0 && (b->block_table == NULL || b->max_blocks <= 0)) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: batch has no block"
+                            " table", op);
+    }
+    for (t = 0; t < b->n_tokens; t++) {
+        int32_t s = b->tok_seq[t], p = b->pos[t];
+        int32_t bi, blk;
+
+        if (s < 0 || s >= b->n_seqs || p < 0) {
+            return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: token %lld: seq %d"
+                                " / pos %d out of range", op, (long long) t,
+                                (int) s, (int) p);
+        }
+        if (p / kv->block_size >= b->max_blocks) {
+            return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: token %lld: pos %d"
+                                " beyond %d blocks", op, (long long) t,
+                                (int) p, b->max_blocks);
+        }
+        /* every block position 0 .. p lies in (attention reads them) */
+        for (bi = 0; bi <= p / kv->block_size; bi++) {
+            blk = b->block_table[(size_t) s * b->max_blocks + bi];
+            if (blk < 0 || blk >= kv->n_blocks) {
+                return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: seq %d block"
+                                    " %d is %d, pool has %d", op, (int) s,
+                                    (int) bi, (int) blk, kv->n_blocks);
+            }
+        }
+        /* tokens of a sequence are in position order: the last one's
+         * check covers the earlier ones' blocks */
+        while (t + 1 < b->n_tokens && b->tok_seq[t + 1] == s
+               && b->pos[t + 1] >= p && b->pos[t + 1] / kv->block_size
+                                        == p / kv->block_size)
+        {
+            t++;
+            p = b->pos[t];
+        }
+    }
+    return 0;
+}
+
+
+/* Address of (position pos of seq s, kv head 0) in layer base. */
+static uint8_t *
+kv_slot(const llm_cpu_ctx *c, const llm_kv_pool *kv, uint8_t *base,
+        int32_t s, int32_t pos)
+{
+    const llm_batch *b = &c->batch;
+    int32_t          blk = b->block_table[(size_t) s * b->max_blocks
+                                          + pos / kv->block_size];
+    size_t           row = (size_t) blk * kv->block_size
+                           + pos % kv->block_size;
+
+    return base + row * kv->n_kv_heads * kv->head_dim * kv_elem_size(kv);
+}
+
+
+typedef struct store_job {
+    llm_cpu_ctx        *c;
+    const llm_kv_pool  *kv;
+    uint8_t            *kbase, *vbase;
+    const llm_tensor   *k, *v;
+} store_job;
+
+
+static void
+store_task(void *arg, int ith, int nth)
+{
+    store_job *j = arg;
+    int64_t    t0, t1, t;
+    int64_t    n = (int64_t) j->kv->n_kv_heads * j->kv->head_dim;
+
+    llm_cpu_split(j->k->ne[1], ith, nth, 1, &t0, &t1);
+    for (t = t0; t < t1; t++) {
+        int32_t  s = j->c->batch.tok_seq[t], p = j->c->batch.pos[t];
+        uint8_t *kd = kv_slot(j->c, j->kv, j->kbase, s, p);
+        uint8_t *vd = kv_slot(j->c, j->kv, j->vbase, s, p);
+
+        if (j->kv->type == LLM_F16) {
+            j->c->kern.f32_to_f16(row_f32(j->k, t), (uint16_t *) kd, n);
+            j->c->kern.f32_to_f16(row_f32(j->v, t), (uint16_t *) vd, n);
+        } else {
+            memcpy(kd, row_f32(j->k, t), (size_t) n * 4);
+            memcpy(vd, row_f32(j->v, t), (size_t) n * 4);
+        }
+    }
+}
+
+
+int
+llm_cpu_kv_store(llm_cpu_ctx *c, const llm_kv_pool *kv, int layer,
+                 const llm_tensor *k, const llm_tensor *v)
+{
+    store_job j;
+    int64_t   n;
+    int       rc;
+
+    if ((rc = need_batch(c, "kv_store")) != 0
+        || (rc = llm_cpu_check_kv(c, kv, layer, "kv_store")) != 0)
+    {
+        return rc;
+    }
+    n = (int64_t) kv->n_kv_heads * kv->head_dim;
+    if ((rc = check_rows(c, k, "kv_store", "k", n, c->batch.n_tokens)) != 0
+        || (rc = check_rows(c, v, "kv_store", "v", n, c->batch.n_tokens))
+           != 0)
+    {
+        return rc;
+    }
+    j.c = c;
+    j.kv = kv;
+    j.kbase = (uint8_t *) kv->k + (size_t) layer * kv->layer_bytes;
+    j.vbase = (uint8_t *) kv->v + (size_t) layer * kv->layer_bytes;
+    j.k = k;
+    j.v = v;
+    run(c, store_task, &j, 2 * n * c->batch.n_tokens);
+    return 0;
+}
+
+
+int
+llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
+                       const int32_t *src, const int32_t *dst, int n)
+{
+    size_t blk_bytes;
+    int    i, l;
+
+    if (n == 0) {
+        return 0;
+    }
+    if (kv == NULL || kv->k == NULL || kv->v == NULL || n < 0 || src == NULL
+        || dst == NULL || (kv->type != LLM_F16 && kv->type != LLM_F32)
+        || kv->block_size <= 0 || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: bad"
+                            " arguments");
+    }
+    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
+                * kv_elem_size(kv);
+    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: bad pool");
+    }
+    for (i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= kv->n_blocks || dst[i] < 0
+            || dst[i] >= kv->n_blocks)
+        {
+            return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: block"
+                                " %d -> %d outside the pool of %d",
+                                (int) src[i], (int) dst[i], kv->n_blocks);
+        }
+    }
+    for (l = 0; l < kv->n_layers; l++) {
+        uint8_t *kb = (uint8_t *) kv->k + (size_t) l * kv->layer_bytes;
+        uint8_t *vb = (uint8_t *) kv->v + (size_t) l * kv->layer_bytes;
+
+        for (i = 0; i < n; i++) {
+            if (src[i] == dst[i]) {
+                continue;
+            }
+            memcpy(kb + (size_t) dst[i] * blk_bytes,
+                   kb + (size_t) src[i] * blk_bytes, blk_bytes);
+            memcpy(vb + (size_t) dst[i] * blk_bytes,
+                   vb + (size_t) src[i] * blk_bytes, blk_bytes);
+        }
+    }
+    return 0;
+}
+
+
+/* ------------------------------------------------- silu_mul, add, gather */
+
+typedef struct ew_job {
+    llm_cpu_ctx        *c;
+    llm_tensor         *out;
+    const llm_tensor   *a, *b;
+    int                 op;             /* 0 silu_mul, 1 add */
+} ew_job;
+
+
+static void
+ew_task(void *arg, int ith, int nth)
+{
+    ew_job  *j = arg;
+    int64_t  r0, r1, r, i, n = j->a->ne[0];
+
+    llm_cpu_split(j->a->ne[1], ith, nth, 1, &r0, &r1);
+    for (r = r0; r < r1; r++) {
+        float       *o = row_f32(j->out, r);
+        const float *a = row_f32(j->a, r);
+        const float *b = row_f32(j->b, r);
+
+        if (j->op == 0) {
+            j->c->kern.silu_mul(o, a, b, n);
+        } else {
+            for (i = 0; i < n; i++) {
+                o[i] = a[i] + b[i];
+            }
+        }
+    }
+}
+
+
+static int
+elementwise(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *a,
+            const llm_tensor *b, int op, const char *name)
+{
+    ew_job j;
+    int    rc;
+
+    if ((rc = check_rows(c, a, name, op ? "a" : "gate", -1, -1)) != 0
+        || (rc = check_rows(c, b, name, op ? "b" : "up", a->ne[0], a->ne[1]))
+           != 0
+        || (rc = check_rows(c, out, name, "out", a->ne[0], a->ne[1])) != 0)
+    {
+        return rc;
+    }
+    j.c = c;
+    j.out = out;
+    j.a = a;
+    j.b = b;
+    j.op = op;
+    /* silu costs an exp: split earlier */
+    run(c, ew_task, &j, a->ne[0] * a->ne[1] * (op == 0 ? 8 : 1));
+    return 0;
+}
+
+
+int
+llm_cpu_silu_mul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *gate,
+                 const llm_tensor *up)
+{
+    return elementwise(c, out, gate, up, 0, "silu_mul");
+}
+
+
+int
+llm_cpu_add(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *a,
+            const llm_tensor *b)
+{
+    return elementwise(c, out, a, b, 1, "add");
+}
+
+
+int
+llm_cpu_gather_out_rows(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x)
+{
+    const llm_batch *b = &c->batch;
+    int              i, rc;
+
+    if ((rc = need_batch(c, "gather_out_rows")) != 0
+        || (rc = check_rows(c, x, "gather_out_rows", "x", -1, -1)) != 0
+        || (rc = check_rows(c, out, "gather_out_rows", "out", x->ne[0],
+                            b->n_out)) != 0)
+    {
+        return rc;
+    }
+    if (b->n_out > 0 && b->out_rows == NULL) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: gather_out_rows: no rows");
+    }
+    for (i = 0; i < b->n_out; i++) {
+        if (b->out_rows[i] < 0 || b->out_rows[i] >= x->ne[1]) {
+            return llm_cpu_fail(c, LLM_EINVAL, "cpu: gather_out_rows: row %d"
+                                " of %lld", (int) b->out_rows[i],
+                                (long long) x->ne[1]);
+        }
+    }
+    for (i = 0; i < b->n_out; i++) {
+        memmove(row_f32(out, i), row_f32(x, b->out_rows[i]),
+                (size_t) x->ne[0] * 4);
+    }
+    return 0;
+}

@@ -1,0 +1,361 @@
+/*
+ * AVX-512 vector helpers of the CPU backend: f16 rows, exp, SiLU and the
+ * inner loops of attention (see cpu.h: llm_cpu_kernels).
+ */
+#include "cpu.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define INLINE  static inline __attribute__((always_inline))
+
+
+/*
+ * exp(x) to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in
+ * two parts so r is exact), exp(r) by its Taylor polynomial to r^7
+ * (remainder < 4e-9 relative), then scaled by 2^n with vscalefps, which
+ * also gives 0 / inf on under- and overflow.
+ */
+INLINE __m512
+exp512(__m512 x)
+{
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2hi = _mm512_set1_ps(0.693359375f);
+    const __m512 ln2lo = _mm512_set1_ps(-2.12194440e-4f);
+    __m512       n, r, p;
+
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)),
+                      _mm512_set1_ps(-104.0f));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, ln2hi, x);
+    r = _mm512_fnmadd_ps(n, ln2lo, r);
+
+    p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+
+static void
+f16_to_f32_avx512(const uint16_t *src, float *dst, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(
+            _mm256_loadu_si256((const __m256i *) (src + i))));
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(
+            _mm256_maskz_loadu_epi16(m, src + i)));
+    }
+}
+
+
+static void
+f32_to_f16_avx512(const float *src, uint16_t *dst, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        _mm256_storeu_si256((__m256i *) (dst + i), _mm512_cvtps_ph(
+            _mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtps_ph(
+            _mm512_maskz_loadu_ps(m, src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+
+static float
+vmax_avx512(const float *x, int64_t n)
+{
+    __m512  m = _mm512_set1_ps(x[0]);
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16) ((1u << (n - i)) - 1);
+        m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
+    }
+    return _mm512_reduce_max_ps(m);
+}
+
+
+static float
+exp_sum_avx512(float *x, int64_t n, float max)
+{
+    const __m512 mv = _mm512_set1_ps(max);
+    __m512       sum = _mm512_setzero_ps();
+    int64_t      i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        __m512    e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i),
+                                           mv));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+
+INLINE __m512
+silu_mul16(__m512 g, __m512 u)
+{
+    __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(e,
+                                                        _mm512_set1_ps(1.0f))),
+                         u);
+}
+
+
+static void
+silu_mul_avx512(float *out, const float *gate, const float *up, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(out + i, silu_mul16(_mm512_loadu_ps(gate + i),
+                                             _mm512_loadu_ps(up + i)));
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m,
+                              silu_mul16(_mm512_maskz_loadu_ps(m, gate + i),
+                                         _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+
+/* ------------------------------------------------------------ attention */
+
+INLINE __m512
+kv_load(const void *p, int type, size_t i, __mmask16 m)
+{
+    if (type == LLM_F16) {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+            m, (const uint16_t *) p + i));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *) p + i);
+}
+
+
+/* Masks of the 16-lane chunks c .. c+3 of a head_dim of hd. */
+INLINE __mmask16
+chunk_mask(int hd, int c)
+{
+    int left = hd - 16 * c;
+
+    return left >= 16 ? 0xffff : left <= 0 ? 0
+                                           : (__mmask16) ((1u << left) - 1);
+}
+
+
+/* The sums of 4 vectors, as the low 4 lanes of the result. */
+INLINE __m128
+sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3)
+{
+    __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1),
+                               _mm512_unpackhi_ps(v0, v1));
+    __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3),
+                               _mm512_unpackhi_ps(v2, v3));
+    /* each 128-bit lane: partial sums of v0, v1, v2, v3 */
+    __m512 u = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01),
+                                            _mm512_castps_pd(t23))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01),
+                                            _mm512_castps_pd(t23))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                             _mm512_extractf32x8_ps(u, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+
+/*
+ * Scores of G (<= 4) query heads against positions i0 .. i0+3 (NP = 4) or
+ * i0 alone (NP = 1): the K rows are converted once per chunk and used by
+ * every head; four positions' sums are reduced together.
+ */
+INLINE void
+scores_tile(const float *q, int G, int NP, int hd, const void *k, int type,
+            size_t stride, int i0, float scale, float *s, int s_stride)
+{
+    __m512 acc[4][4];
+    int    c, h, p;
+
+#pragma GCC unroll 4
+    for (p = 0; p < NP; p++) {
+#pragma GCC unroll 4
+        for (h = 0; h < G; h++) {
+            acc[p][h] = _mm512_setzero_ps();
+        }
+    }
+    for (c = 0; 16 * c < hd; c++) {
+        __mmask16 m = chunk_mask(hd, c);
+        __m512    kv[4];
+#pragma GCC unroll 4
+        for (p = 0; p < NP; p++) {
+            kv[p] = kv_load(k, type, (size_t) (i0 + p) * stride + 16 * c, m);
+        }
+#pragma GCC unroll 4
+        for (h = 0; h < G; h++) {
+            __m512 qv = _mm512_maskz_loadu_ps(m, q + h * hd + 16 * c);
+#pragma GCC unroll 4
+            for (p = 0; p < NP; p++) {
+                acc[p][h] = _mm512_fmadd_ps(kv[p], qv, acc[p][h]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (h = 0; h < G; h++) {
+        if (NP == 4) {
+            _mm_storeu_ps(s + h * s_stride + i0, _mm_mul_ps(
+                sum4(acc[0][h], acc[1][h], acc[2][h], acc[3][h]),
+                _mm_set1_ps(scale)));
+        } else {
+            s[h * s_stride + i0] = _mm512_reduce_add_ps(acc[0][h]) * scale;
+        }
+    }
+}
+
+
+INLINE void
+scores_g(const float *q, int G, int hd, const void *k, int type,
+         size_t stride, int n, float scale, float *s, int s_stride)
+{
+    int i = 0;
+
+    for (; i + 4 <= n; i += 4) {
+        scores_tile(q, G, 4, hd, k, type, stride, i, scale, s, s_stride);
+    }
+    for (; i < n; i++) {
+        scores_tile(q, G, 1, hd, k, type, stride, i, scale, s, s_stride);
+    }
+}
+
+
+static void
+attn_scores_avx512(const float *q, int g, int hd, const void *k,
+                   int kv_type, size_t stride, int n, float scale,
+                   float *s, int s_stride)
+{
+    int h0;
+
+    /* heads in groups of up to 4, each with its own accumulators */
+    for (h0 = 0; h0 < g; h0 += 4) {
+        const float *qh = q + (size_t) h0 * hd;
+        float       *sh = s + (size_t) h0 * s_stride;
+
+        switch (g - h0 >= 4 ? 4 : g - h0) {
+        case 4: scores_g(qh, 4, hd, k, kv_type, stride, n, scale, sh,
+                         s_stride); break;
+        case 3: scores_g(qh, 3, hd, k, kv_type, stride, n, scale, sh,
+                         s_stride); break;
+        case 2: scores_g(qh, 2, hd, k, kv_type, stride, n, scale, sh,
+                         s_stride); break;
+        default: scores_g(qh, 1, hd, k, kv_type, stride, n, scale, sh,
+                          s_stride); break;
+        }
+    }
+}
+
+
+/* o[h][c0 .. c0+63] += sum_i p[h][i] v_i for G (<= 4) heads: 4 chunks of
+ * 16 per head in registers, each V chunk converted once. */
+INLINE void
+accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
+        const void *v, int type, size_t stride, int n)
+{
+    __m512    acc[4][4];
+    __mmask16 m[4];
+    int       i, h, c;
+
+#pragma GCC unroll 4
+    for (c = 0; c < 4; c++) {
+        m[c] = chunk_mask(hd, c0 / 16 + c);
+#pragma GCC unroll 4
+        for (h = 0; h < G; h++) {
+            acc[h][c] = _mm512_maskz_loadu_ps(m[c], o + h * hd + c0 + 16 * c);
+        }
+    }
+    for (i = 0; i < n; i++) {
+        __m512 vv[4];
+#pragma GCC unroll 4
+        for (c = 0; c < 4; c++) {
+            vv[c] = kv_load(v, type, (size_t) i * stride + c0 + 16 * c, m[c]);
+        }
+#pragma GCC unroll 4
+        for (h = 0; h < G; h++) {
+            __m512 pb = _mm512_set1_ps(p[h * p_stride + i]);
+#pragma GCC unroll 4
+            for (c = 0; c < 4; c++) {
+                acc[h][c] = _mm512_fmadd_ps(pb, vv[c], acc[h][c]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (c = 0; c < 4; c++) {
+#pragma GCC unroll 4
+        for (h = 0; h < G; h++) {
+            _mm512_mask_storeu_ps(o + h * hd + c0 + 16 * c, m[c], acc[h][c]);
+        }
+    }
+}
+
+
+static void
+attn_accum_avx512(float *o, int g, int hd, const float *p, int p_stride,
+                  const void *v, int kv_type, size_t stride, int n)
+{
+    int h0, c0;
+
+    for (h0 = 0; h0 < g; h0 += 4) {
+        float       *oh = o + (size_t) h0 * hd;
+        const float *ph = p + (size_t) h0 * p_stride;
+
+        for (c0 = 0; c0 < hd; c0 += 64) {
+            switch (g - h0 >= 4 ? 4 : g - h0) {
+            case 4: accum_g(oh, 4, hd, c0, ph, p_stride, v, kv_type, stride,
+                            n); break;
+            case 3: accum_g(oh, 3, hd, c0, ph, p_stride, v, kv_type, stride,
+                            n); break;
+            case 2: accum_g(oh, 2, hd, c0, ph, p_stride, v, kv_type, stride,
+                            n); break;
+            default: accum_g(oh, 1, hd, c0, ph, p_stride, v, kv_type, stride,
+                             n); break;
+            }
+        }
+    }
+}
+
+
+void
+llm_cpu_vec_avx512(llm_cpu_kernels *k)
+{
+    k->f16_to_f32 = f16_to_f32_avx512;
+    k->f32_to_f16 = f32_to_f16_avx512;
+    k->vmax = vmax_avx512;
+    k->exp_sum = exp_sum_avx512;
+    k->silu_mul = silu_mul_avx512;
+    k->attn_scores = attn_scores_avx512;
+    k->attn_accum = attn_accum_avx512;
+}

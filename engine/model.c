@@ -1221,7 +1221,10 @@ load_entry(loader *ld, plan_entry *e)
         /* safetensors does not promise aligned data: copy */
         rc = upload_copy(ld, e->name, t->data, t->nbytes, &p);
     } else {
-        rc = be->ops->adopt_weights(be, t->data, t->nbytes, &p);
+        /* a device backend may convert the type here (quantized weights
+         * expanded once at load), so the tensor is handed over whole */
+        rc = llm_backend_adopt_tensor(be, dst, t->data, t->nbytes);
+        p = dst->data;
         if (rc != 0) {
             rc = llm_err_set(ld->err, rc == LLM_ENOMEM ? LLM_ENOMEM
                                                       : LLM_EBACKEND,

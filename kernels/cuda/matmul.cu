@@ -1,0 +1,240 @@
+/*
+ * Matrix products out = x W^T (+ bias), f32 accumulation throughout.
+ *
+ *   - Weights are F32, F16 or BF16 on the device; a block-quantized W is
+ *     read through its dense F16/BF16 copy (llm_cuda_weight_view).
+ *   - A few activation rows (decode): a GEMV kernel, one warp per output
+ *     feature, streaming W once with 16-byte loads; x stays f32.
+ *   - More rows: cuBLAS.  F32 weights: cublasGemmEx all-f32 with
+ *     CUBLAS_COMPUTE_32F (no TF32).  F16/BF16 weights: x is rounded to
+ *     the weight's type in a scratch buffer (tensor cores take equal
+ *     input types), f32 output and CUBLAS_COMPUTE_32F.  A bias is written
+ *     into out first and added through beta = 1.
+ *
+ * cuBLAS is column-major: out [n, m] row-major is C [m, n] column-major,
+ * W [m, k] row-major is A [k, m] with op T, x [n, k] is B [k, n] with
+ * op N, so C = A^T B.
+ */
+#include "cuda_internal.cuh"
+#include "device.cuh"
+#include "matmul.cuh"
+
+
+template <typename W>
+static cudaError_t
+gemv_dispatch(float *out, size_t out_nb, const float *x, size_t x_nb,
+              const W *w, size_t w_nb, const float *bias, int n, int k, int m,
+              cudaStream_t stream)
+{
+    unsigned blocks = (unsigned) ((m + GEMV_THREADS / 32 - 1)
+                                  / (GEMV_THREADS / 32));
+
+    switch (n) {
+    case 1:
+        gemv_kernel<W, 1><<<blocks, GEMV_THREADS, 0, stream>>>(
+            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+        break;
+    case 2:
+        gemv_kernel<W, 2><<<blocks, GEMV_THREADS, 0, stream>>>(
+            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+        break;
+    case 3:
+    case 4:
+        gemv_kernel<W, 4><<<blocks, GEMV_THREADS, 0, stream>>>(
+            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+        break;
+    default:
+        return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
+
+cudaError_t
+launch_gemv(float *out, size_t out_nb, const float *x, size_t x_nb,
+            const void *w, int w_type, size_t w_nb, const float *bias, int n,
+            int k, int m, cudaStream_t stream)
+{
+    CUDA_CHECK_ARG(n >= 0 && n <= LLM_CUDA_GEMV_MAX_ROWS && k >= 0 && m >= 0);
+    if (n == 0 || m == 0) {
+        return cudaSuccess;
+    }
+    CUDA_CHECK_ARG(out != NULL && x != NULL && w != NULL);
+    /* 16-byte loads of 8 elements */
+    CUDA_CHECK_ARG(k % 8 == 0 && (uintptr_t) x % 16 == 0
+                   && (n == 1 || x_nb % 16 == 0)
+                   && (uintptr_t) w % 16 == 0 && w_nb % 16 == 0);
+    switch (w_type) {
+    case LLM_F32:
+        return gemv_dispatch<float>(out, out_nb, x, x_nb, (const float *) w,
+                                    w_nb, bias, n, k, m, stream);
+    case LLM_F16:
+        return gemv_dispatch<__half>(out, out_nb, x, x_nb,
+                                     (const __half *) w, w_nb, bias, n, k, m,
+                                     stream);
+    case LLM_BF16:
+        return gemv_dispatch<__nv_bfloat16>(out, out_nb, x, x_nb,
+                                            (const __nv_bfloat16 *) w, w_nb,
+                                            bias, n, k, m, stream);
+    default:
+        return cudaErrorNotSupported;
+    }
+}
+
+
+/* ------------------------------------------------------------ the op */
+
+static int
+blas_check(llm_cuda_ctx *c, cublasStatus_t s, const char *what)
+{
+    if (s == CUBLAS_STATUS_SUCCESS) {
+        return 0;
+    }
+    return llm_cuda_fail(c, s == CUBLAS_STATUS_NOT_SUPPORTED ? LLM_EUNSUP
+                                                           : LLM_EBACKEND,
+                         "cuda: matmul: %s: %s", what,
+                         cublasGetStatusString(s));
+}
+
+
+static int
+gemm_cublas(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
+            const llm_tensor *w, const float *bias, int n, int k, int m)
+{
+    const float  one = 1.0f;
+    float        beta = 0.0f;
+    size_t       es = w->type == LLM_F32 ? 4 : 2;
+    int          lda, ldb, ldc, rc;
+    const void  *b;
+    cudaDataType ab_type;
+
+    if (w->nb % es != 0 || w->nb / es < (size_t) k
+        || w->nb / es > (size_t) INT32_MAX)
+    {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul: weight rows of"
+                             " %zu bytes", w->nb);
+    }
+    lda = (int) (w->nb / es);
+    ldc = (int) (out->nb / 4);
+    ldc = n == 1 && ldc < m ? m : ldc;
+
+    if (bias != NULL) {
+        if ((rc = llm_cuda_check(c, launch_fill_rows((float *) out->data,
+                                                     out->nb, bias, n, m,
+                                                     c->stream),
+                                 "matmul", "bias")) != 0)
+        {
+            return rc;
+        }
+        beta = 1.0f;
+    }
+
+    if (w->type == LLM_F32) {
+        b = x->data;
+        ldb = (int) (x->nb / 4);
+        ldb = n == 1 && ldb < k ? k : ldb;
+        ab_type = CUDA_R_32F;
+    } else {
+        void *xs = llm_cuda_buf_get(c, &c->mm_scratch,
+                                    (size_t) n * (size_t) k * 2, "matmul");
+
+        if (xs == NULL) {
+            return LLM_ENOMEM;
+        }
+        if ((rc = llm_cuda_check(c, launch_convert_rows(xs, w->type,
+                                                        (const float *)
+                                                        x->data, x->nb, n, k,
+                                                        c->stream),
+                                 "matmul", "convert activations")) != 0)
+        {
+            return rc;
+        }
+        b = xs;
+        ldb = k;
+        ab_type = w->type == LLM_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    }
+    return blas_check(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N,
+                                      m, n, k, &one, w->data, ab_type, lda,
+                                      b, ab_type, ldb, &beta, out->data,
+                                      CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx");
+}
+
+
+int
+llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
+                const llm_tensor *w, const llm_tensor *bias)
+{
+    const llm_dtype_info *ti;
+    const float          *bp = NULL;
+    llm_tensor            wv;
+    int64_t               k, m, n;
+    int                   rc;
+
+    if ((rc = llm_cuda_check_f32(c, x, "matmul", "x", -1, -1)) != 0
+        || (rc = llm_cuda_check_f32(c, out, "matmul", "out", -1, -1)) != 0)
+    {
+        return rc;
+    }
+    if (w == NULL || w->data == NULL) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul: w is NULL");
+    }
+    k = x->ne[0];
+    n = x->ne[1];
+    m = w->ne[1];
+    if (w->ne[0] != k || out->ne[0] != m || out->ne[1] != n
+        || m > INT32_MAX)
+    {
+        return llm_cuda_fail(c, LLM_EINVAL,
+                             "cuda: matmul: shapes x [%lld, %lld] w [%lld,"
+                             " %lld] out [%lld, %lld] do not match",
+                             (long long) n, (long long) k,
+                             (long long) w->ne[1], (long long) w->ne[0],
+                             (long long) out->ne[1], (long long) out->ne[0]);
+    }
+    ti = llm_dtype_get(w->type);
+    if (ti == NULL || (!ti->is_quant && w->type != LLM_F32
+                       && w->type != LLM_F16 && w->type != LLM_BF16))
+    {
+        return llm_cuda_fail(c, LLM_EUNSUP, "cuda: matmul: weight type %d"
+                             " not supported", w->type);
+    }
+    if (llm_row_bytes(w->type, k) == 0 || w->nb < llm_row_bytes(w->type, k)) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul: weight rows of"
+                             " %lld elements do not fit type %s",
+                             (long long) k, ti->name);
+    }
+    if (bias != NULL && bias->data != NULL) {
+        if (bias->type != LLM_F32 || bias->ne[0] != m) {
+            return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul: bias must be"
+                                 " [%lld] F32", (long long) m);
+        }
+        bp = (const float *) bias->data;
+    }
+    if (n == 0 || m == 0) {
+        return 0;
+    }
+    if (k == 0) {
+        return llm_cuda_check(c, launch_fill_rows((float *) out->data,
+                                                  out->nb, bp, (int) n,
+                                                  (int) m, c->stream),
+                              "matmul", "launch");
+    }
+    if ((rc = llm_cuda_weight_view(c, w, &wv, "matmul")) != 0) {
+        return rc;
+    }
+
+    if (n <= LLM_CUDA_GEMV_MAX_ROWS && k % 8 == 0
+        && (uintptr_t) x->data % 16 == 0 && (n == 1 || x->nb % 16 == 0)
+        && (uintptr_t) wv.data % 16 == 0 && wv.nb % 16 == 0)
+    {
+        return llm_cuda_check(c, launch_gemv((float *) out->data, out->nb,
+                                             (const float *) x->data,
+                                             x->nb, wv.data,
+                                             wv.type, wv.nb, bp, (int) n,
+                                             (int) k, (int) m, c->stream),
+                              "matmul", "gemv");
+    }
+    return gemm_cublas(c, out, x, &wv, bp, (int) n, (int) k, (int) m);
+}

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "lora.h"
+#include "../kernels/dtype.h"
 
 
 typedef struct {
@@ -20,6 +21,7 @@ typedef struct {
 
 struct llm_lora_pool {
     llm_backend    *be;
+    int             type;       /* LLM_F32 or LLM_F16 */
     size_t          budget;
     size_t          bytes;
     pool_entry     *e;
@@ -40,8 +42,78 @@ llm_lora_pool_new(llm_backend *be, size_t budget, llm_err *err)
         return NULL;
     }
     p->be = be;
+    p->type = be->ops->lora_f16 ? LLM_F16 : LLM_F32;
     p->budget = budget;
     return p;
+}
+
+
+int
+llm_lora_pool_type(const llm_lora_pool *p)
+{
+    return p->type;
+}
+
+
+int
+llm_lora_pool_set_type(llm_lora_pool *p, int type)
+{
+    if (p->n > 0 || p->uploads > 0) {
+        return LLM_ESTATE;
+    }
+    if (type != LLM_F32 && !(type == LLM_F16 && p->be->ops->lora_f16)) {
+        return LLM_EUNSUP;
+    }
+    p->type = type;
+    return 0;
+}
+
+
+size_t
+llm_lora_pool_need(const llm_lora_pool *p, const llm_lora *lora)
+{
+    return p->type == LLM_F16 ? lora->bytes / 2 : lora->bytes;
+}
+
+
+/* Copies h's weights to d in the pool's format: f32 as they are, or f16
+ * with every B transposed to [rank, out] (backend.h, llm_lora_seg). */
+static int
+pool_upload(llm_lora_pool *p, void *d, const llm_lora *lora, size_t need)
+{
+    uint16_t              *h;
+    const float           *src;
+    const llm_lora_weight *w;
+    size_t                 i, n;
+    int                    rc, k, j, o;
+
+    if (p->type == LLM_F32) {
+        return p->be->ops->upload(p->be, d, lora->data, need);
+    }
+    n = lora->bytes / sizeof(float);
+    h = llm_malloc(n * sizeof(uint16_t));
+    if (h == NULL) {
+        return LLM_ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        h[i] = llm_f32_to_f16(lora->data[i]);
+    }
+    for (k = 0; k < lora->n_layers * LLM_LORA_N_TARGETS; k++) {
+        w = &lora->w[k];
+        if (w->rank == 0) {
+            continue;
+        }
+        src = lora->data + w->b_off;            /* [out, rank] */
+        for (o = 0; o < w->out; o++) {
+            for (j = 0; j < w->rank; j++) {
+                h[w->b_off + (size_t) j * w->out + o] =
+                    llm_f32_to_f16(src[(size_t) o * w->rank + j]);
+            }
+        }
+    }
+    rc = p->be->ops->upload(p->be, d, h, need);
+    llm_free(h);
+    return rc;
 }
 
 
@@ -87,7 +159,7 @@ int
 llm_lora_pool_acquire(llm_lora_pool *p, const llm_lora_handle *h,
                       const uint8_t **dev, llm_err *err)
 {
-    size_t  need = h->lora->bytes;
+    size_t  need = llm_lora_pool_need(p, h->lora);
     void   *d;
     int     i = pool_find(p, h->serial);
 
@@ -132,7 +204,7 @@ llm_lora_pool_acquire(llm_lora_pool *p, const llm_lora_handle *h,
                            "cannot allocate %zu bytes for adapter %s", need,
                            h->lora->version_hex);
     }
-    if (p->be->ops->upload(p->be, d, h->lora->data, need) != 0) {
+    if (pool_upload(p, d, h->lora, need) != 0) {
         llm_err_set(err, LLM_EBACKEND, "adapter upload: %s",
                     llm_backend_error(p->be));
         p->be->ops->release(p->be, d);
@@ -177,4 +249,11 @@ llm_lora_pool_get_stats(const llm_lora_pool *p, llm_lora_pool_stats *st)
     for (i = 0; i < p->n; i++) {
         st->pinned += p->e[i].pins > 0;
     }
+}
+
+
+int
+llm_lora_pool_has(const llm_lora_pool *p, uint64_t serial)
+{
+    return p != NULL && serial != 0 && pool_find(p, serial) >= 0;
 }

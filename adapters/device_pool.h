@@ -1,8 +1,13 @@
 /*
  * Adapter weights on the backend: a pool of device copies of loaded
- * adapters (llm_lora's one f32 block), keyed by the registry's load
- * serial, with a byte budget and LRU eviction of copies no running
- * sequence uses.  The host cache (registry.h) is the tier below.
+ * adapters (llm_lora's one block), keyed by the registry's load serial,
+ * with a byte budget and LRU eviction of copies no running sequence
+ * uses.  The host cache (registry.h) is the tier below.
+ *
+ * The copy is f32 as on the host, or f16 (converted at upload, half the
+ * bytes) on backends whose lora op takes it (ops->lora_f16): the offsets
+ * of llm_lora_weight then count f16 elements, and each B is stored
+ * transposed ([rank, out], backend.h) in its place.
  */
 #ifndef LLM_LORA_DEVICE_POOL_H
 #define LLM_LORA_DEVICE_POOL_H
@@ -39,5 +44,16 @@ void llm_lora_pool_release(llm_lora_pool *p, const llm_lora_handle *h);
 
 void llm_lora_pool_get_stats(const llm_lora_pool *p,
                              llm_lora_pool_stats *st);
+
+/* 1 if the load of registry serial has a copy on the backend. */
+int  llm_lora_pool_has(const llm_lora_pool *p, uint64_t serial);
+
+/* The element type of the copies (LLM_F32 or LLM_F16), and the bytes a
+ * copy of lora takes. */
+int    llm_lora_pool_type(const llm_lora_pool *p);
+size_t llm_lora_pool_need(const llm_lora_pool *p, const llm_lora *lora);
+/* LLM_F32 always works; LLM_F16 where the backend takes it.  Only
+ * before the first copy is made (LLM_ESTATE after). */
+int    llm_lora_pool_set_type(llm_lora_pool *p, int type);
 
 #endif /* LLM_LORA_DEVICE_POOL_H */

@@ -686,3 +686,59 @@ llm_lora_registry_is_loaded(const llm_lora_registry *reg, const char *name)
 
     return e != NULL && e->cur->lora != NULL;
 }
+
+
+int
+llm_lora_registry_peek(const llm_lora_registry *reg, const char *name,
+                       const llm_lora **lora, uint64_t *serial)
+{
+    lora_entry *e = reg != NULL ? ent_get(reg, name) : NULL;
+
+    if (e == NULL) {
+        return -1;
+    }
+    if (lora != NULL) {
+        *lora = e->cur->lora;
+    }
+    if (serial != NULL) {
+        *serial = e->cur->serial;
+    }
+    return e->cur->lora != NULL;
+}
+
+
+int
+llm_lora_registry_adopt(llm_lora_registry *reg, const char *name,
+                        const char *dir, llm_lora *lora, llm_err *err)
+{
+    lora_entry *e;
+    lora_rec   *r;
+    int         rc;
+
+    if (reg == NULL || name == NULL || dir == NULL || lora == NULL) {
+        llm_lora_free(lora);
+        return llm_err_set(err, LLM_EINVAL, "lora registry: no name, "
+                           "folder or weights");
+    }
+    rc = ent_get(reg, name) != NULL
+         ? llm_lora_registry_reload(reg, name, dir, err)
+         : llm_lora_registry_register(reg, name, dir, err);
+    if (rc != 0) {
+        llm_lora_free(lora);
+        return rc;
+    }
+    e = ent_get(reg, name);
+    r = e->cur;                 /* a new record, not loaded yet */
+    evict(reg, lora->bytes);
+    if (reg->budget != 0 && reg->bytes + lora->bytes > reg->budget) {
+        llm_lora_free(lora);    /* no room now: loads at first use */
+        return 0;
+    }
+    r->lora = lora;
+    r->serial = ++reg->serial;
+    reg->bytes += lora->bytes;
+    reg->n_loaded++;
+    reg->loads++;
+    lru_push_front(reg, r);
+    return 0;
+}

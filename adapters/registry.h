@@ -121,6 +121,20 @@ int llm_lora_registry_find(const llm_lora_registry *reg, const char *name,
 int llm_lora_registry_is_loaded(const llm_lora_registry *reg,
                                 const char *name);
 
+/* register or reload (as those do) with weights already loaded by
+ * llm_lora_load(dir, ...), which then stay in the host cache if the
+ * budget has room (else they are freed and load again at first use).
+ * Takes lora in every case. */
+int llm_lora_registry_adopt(llm_lora_registry *reg, const char *name,
+                            const char *dir, llm_lora *lora, llm_err *err);
+
+/* name's current version without pinning it: 1 with *lora (its weights,
+ * valid until the next registry call) and *serial if it is in host
+ * memory, 0 if it is not loaded, -1 if name is not registered.  lora and
+ * serial may be NULL. */
+int llm_lora_registry_peek(const llm_lora_registry *reg, const char *name,
+                           const llm_lora **lora, uint64_t *serial);
+
 #ifdef __cplusplus
 }
 #endif

@@ -203,6 +203,9 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                                          ? e->p.adapter_device_memory
                                          : (size_t) 512 << 20, err)
                      : NULL;
+    if (e->pool != NULL && e->p.adapter_f32) {
+        llm_lora_pool_set_type(e->pool, LLM_F32);
+    }
     e->spans = llm_calloc((size_t) e->p.max_seqs, sizeof(llm_lora_span));
     if (e->reg == NULL || e->pool == NULL || e->spans == NULL) {
         if (e->spans == NULL) {
@@ -211,8 +214,9 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         goto failed;
     }
     if (e->p.adapter_dir != NULL
-        && llm_lora_registry_register_dir(e->reg, e->p.adapter_dir, NULL,
-                                          NULL, err) < 0)
+        && llm_lora_registry_register_dir(e->reg, e->p.adapter_dir,
+                                          e->p.adapter_refused,
+                                          e->p.adapter_refused_ud, err) < 0)
     {
         goto failed;
     }
@@ -365,8 +369,37 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
         s->stop_ids = llm_malloc((size_t) req->n_stop_ids * sizeof(int32_t));
     }
     if (req->adapter != NULL && req->adapter[0] != '\0') {
+        llm_lora_pool_stats     ps;
+        llm_lora_registry_stats rs;
+        llm_lora_info           li;
+
+        /* an adapter larger than a whole budget would never run: refuse
+         * it rather than queue it forever */
+        llm_lora_registry_get_stats(e->reg, &rs);
+        if (rs.budget != 0
+            && llm_lora_registry_find(e->reg, req->adapter, NULL, &li)
+            && li.bytes > rs.budget)
+        {
+            seq_free(e, s);
+            return llm_err_set(err, LLM_EUNSUP, "adapter \"%s\" needs "
+                               "%zu bytes of host memory, more than the "
+                               "whole adapter cache (%zu bytes)",
+                               req->adapter, li.bytes, rs.budget);
+        }
         rc = llm_lora_registry_acquire(e->reg, req->adapter, &s->lora, err);
         if (rc != 0) {
+            seq_free(e, s);
+            return rc;
+        }
+        llm_lora_pool_get_stats(e->pool, &ps);
+        if (ps.budget != 0
+            && llm_lora_pool_need(e->pool, s->lora.lora) > ps.budget)
+        {
+            rc = llm_err_set(err, LLM_EUNSUP, "adapter \"%s\" needs %zu "
+                             "bytes on the device, more than the whole "
+                             "adapter pool (%zu bytes)", req->adapter,
+                             llm_lora_pool_need(e->pool, s->lora.lora),
+                             ps.budget);
             seq_free(e, s);
             return rc;
         }
@@ -467,6 +500,10 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->adapter_host_bytes = rs.bytes;
         st->adapters_resident = ps.resident;
         st->adapter_device_bytes = ps.bytes;
+        st->adapter_loads = rs.loads;
+        st->adapter_uploads = ps.uploads;
+        st->adapter_host_evictions = rs.evictions;
+        st->adapter_device_evictions = ps.evictions;
     }
 }
 
@@ -494,6 +531,84 @@ const char *
 llm_engine_adapter_name(const llm_engine *e, int i)
 {
     return llm_lora_registry_name(e->reg, i);
+}
+
+
+int
+llm_engine_adapter_info_get(const llm_engine *e, const char *name,
+                            llm_engine_adapter_info *info)
+{
+    const llm_lora *lo = NULL;
+    llm_lora_info   li;
+    uint64_t        serial = 0;
+    const char     *dir = NULL;
+
+    memset(info, 0, sizeof(*info));
+    if (name == NULL || !llm_lora_registry_find(e->reg, name, &dir, &li)) {
+        return LLM_ENOTFOUND;
+    }
+    info->dir = dir;
+    info->max_rank = li.max_rank;
+    info->bytes = li.bytes;
+    if (llm_lora_registry_peek(e->reg, name, &lo, &serial) == 1
+        && lo != NULL)
+    {
+        info->loaded = 1;
+        info->resident = llm_lora_pool_has(e->pool, serial);
+        info->max_rank = lo->max_rank;
+        info->bytes = lo->bytes;
+        memcpy(info->version, lo->version_hex, sizeof(info->version));
+    }
+    return 0;
+}
+
+
+int
+llm_engine_adapter_load(llm_engine *e, const char *name, const char *dir,
+                        llm_engine_adapter_info *info, llm_err *err)
+{
+    llm_lora   *probe = NULL;
+    const char *cur = NULL;
+    char       *dir_copy = NULL;
+    int         rc, known;
+
+    if (name == NULL) {
+        return llm_err_set(err, LLM_EINVAL, "no adapter name");
+    }
+    known = llm_lora_registry_find(e->reg, name, &cur, NULL);
+    if (dir == NULL || dir[0] == '\0') {
+        if (!known) {
+            return llm_err_set(err, LLM_ENOTFOUND, "adapter \"%s\" is not "
+                               "registered (give its folder to load it)",
+                               name);
+        }
+        /* cur belongs to the record a reload replaces */
+        dir = dir_copy = llm_strdup(cur);
+        if (dir == NULL) {
+            return llm_err_set(err, LLM_ENOMEM, "out of memory");
+        }
+    }
+
+    /* The whole adapter first, weights included, so that files refused
+     * for any reason leave the current version in place; the weights
+     * then go into the host cache (if it has room) instead of loading
+     * again at the first request. */
+    rc = llm_lora_load(dir, &e->model->cfg, &probe, err);
+    if (rc != 0) {
+        llm_err_wrap(err, "adapter \"%s\"%s", name,
+                     known ? " (the current version stays)" : "");
+        llm_free(dir_copy);
+        return rc;
+    }
+    rc = llm_lora_registry_adopt(e->reg, name, dir, probe, err);
+    llm_free(dir_copy);
+    if (rc != 0) {
+        return rc;
+    }
+    if (info != NULL) {
+        (void) llm_engine_adapter_info_get(e, name, info);
+    }
+    return 0;
 }
 
 
@@ -556,6 +671,7 @@ build_spans(llm_engine *e, int n_seqs)
         e->spans[n].n = len;
         e->spans[n].lora = s->lora.lora;
         e->spans[n].dev = s->lora_dev;
+        e->spans[n].type = llm_lora_pool_type(e->pool);
         n++;
     }
     return n;

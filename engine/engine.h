@@ -35,6 +35,14 @@ typedef struct llm_engine_params {
     const char *adapter_dir;
     size_t      adapter_host_memory;    /* host cache budget; 0: 1 GiB */
     size_t      adapter_device_memory;  /* device pool budget; 0: 512 MiB */
+    int         adapter_f32;    /* 1: adapter weights stay f32 on the
+                                   device (default: f16 where the
+                                   backend's LoRA op takes it, half the
+                                   bytes to read per step) */
+    /* told about each adapter_dir folder refused (may be NULL) */
+    void      (*adapter_refused)(void *ud, const char *name,
+                                 const llm_err *err);
+    void       *adapter_refused_ud;
 } llm_engine_params;
 
 enum {
@@ -116,6 +124,10 @@ typedef struct llm_engine_stats {
     int         adapters_resident;      /* on the device */
     size_t      adapter_host_bytes;
     size_t      adapter_device_bytes;
+    uint64_t    adapter_loads;          /* host loads from disk */
+    uint64_t    adapter_uploads;        /* copies made on the device */
+    uint64_t    adapter_host_evictions;
+    uint64_t    adapter_device_evictions;
     int         last_batch_tokens;
     int         last_batch_seqs;
 } llm_engine_stats;
@@ -154,6 +166,31 @@ int llm_engine_adapter_unregister(llm_engine *e, const char *name,
                                   llm_err *err);
 /* Registered names in sorted order; NULL past the end. */
 const char *llm_engine_adapter_name(const llm_engine *e, int i);
+
+/* What is known of a registered adapter. */
+typedef struct llm_engine_adapter_info {
+    const char *dir;            /* valid until the next adapter call */
+    int         max_rank;
+    size_t      bytes;          /* host bytes once loaded; before, the
+                                   size its file headers predict */
+    int         loaded;         /* current version in the host cache */
+    int         resident;       /* ... and copied to the device */
+    char        version[17];    /* content hash, 16 hex; "" until loaded */
+} llm_engine_adapter_info;
+
+/* 0, or LLM_ENOTFOUND if name is not registered. */
+int llm_engine_adapter_info_get(const llm_engine *e, const char *name,
+                                llm_engine_adapter_info *info);
+
+/* Registers name from dir, or replaces its version, only once the whole
+ * adapter has loaded and checked (weights included), then keeps it in
+ * the host cache: refused files (LLM_EFORMAT, LLM_EINVAL, LLM_EIO with a
+ * message naming the file and the reason) change nothing.  dir NULL or
+ * "": the folder name was registered from (a reload).  info may be
+ * NULL. */
+int llm_engine_adapter_load(llm_engine *e, const char *name,
+                            const char *dir, llm_engine_adapter_info *info,
+                            llm_err *err);
 
 /* 1 when nothing is queued or running (step() would do nothing). */
 int  llm_engine_idle(const llm_engine *e);

@@ -143,7 +143,8 @@ forward_lora(llm_forward *fw, llm_tensor *out, const llm_tensor *x,
              int layer, int target, const llm_lora_span *spans, int n_spans,
              llm_err *err)
 {
-    int i, n = 0, rc;
+    int    i, n = 0, rc;
+    size_t esize;
 
     for (i = 0; i < n_spans; i++) {
         const llm_lora_weight *w = llm_lora_at(spans[i].lora, layer, target);
@@ -151,12 +152,16 @@ forward_lora(llm_forward *fw, llm_tensor *out, const llm_tensor *x,
         if (w == NULL || w->rank == 0) {
             continue;
         }
+        /* the pool's copy may be f16 (device_pool.h): the offsets count
+         * elements of its type */
+        esize = spans[i].type == LLM_F16 ? 2 : sizeof(float);
         fw->segs[n].first = spans[i].first;
         fw->segs[n].n = spans[i].n;
         fw->segs[n].rank = w->rank;
         fw->segs[n].scale = w->scale;
-        fw->segs[n].a = spans[i].dev + w->a_off * sizeof(float);
-        fw->segs[n].b = spans[i].dev + w->b_off * sizeof(float);
+        fw->segs[n].a = spans[i].dev + w->a_off * esize;
+        fw->segs[n].b = spans[i].dev + w->b_off * esize;
+        fw->segs[n].type = spans[i].type;
         n++;
     }
     if (n == 0) {

@@ -35,12 +35,14 @@ typedef struct llm_forward {
 struct llm_lora;
 
 /* The tokens [first, first + n) of a batch that use one adapter, whose
- * weights are resident at backend address dev (device_pool.h). */
+ * weights are resident at backend address dev (device_pool.h), in
+ * elements of type (LLM_F32 or LLM_F16). */
 typedef struct llm_lora_span {
     int32_t                 first;
     int32_t                 n;
     const struct llm_lora  *lora;
     const uint8_t          *dev;
+    int                     type;
 } llm_lora_span;
 
 /* Allocates activations for cap_tokens rows per step and a KV pool of

@@ -446,6 +446,24 @@ str_ok(const char *s, size_t max)
 }
 
 
+/* A string field held in a char array of cap bytes: at most max bytes
+ * and NUL-ended inside the array. */
+static int
+field_ok(const char *s, size_t cap, size_t max)
+{
+    return strnlen(s, cap) <= max;
+}
+
+
+#define FIELD_OK(f, max)    field_ok(f, sizeof(f), max)
+#define FIELD_SIZE(f)       (2 + strnlen(f, sizeof(f)))
+
+
+/* STATS: the first part, then the adapter part (protocol.h). */
+#define STATS_BASE_SIZE     (10 * 4 + 7 * 8)
+#define STATS_ADAPTER_SIZE  (4 * 4 + 6 * 8)
+
+
 /* ---- encoders ------------------------------------------------------ */
 
 int
@@ -724,7 +742,8 @@ llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
     wr  w;
     int rc;
 
-    rc = frame_begin(b, 0, LLM_MSG_STATS, req_id, 10 * 4 + 7 * 8, &w);
+    rc = frame_begin(b, 0, LLM_MSG_STATS, req_id,
+                     STATS_BASE_SIZE + STATS_ADAPTER_SIZE, &w);
     if (rc != 0) {
         return rc;
     }
@@ -745,7 +764,146 @@ llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
     w_u64(&w, m->requests_total);
     w_u64(&w, m->requests_rejected);
     w_u64(&w, m->uptime_ms);
+    w_u32(&w, m->adapters_registered);
+    w_u32(&w, m->adapters_loaded);
+    w_u32(&w, m->adapters_resident);
+    w_u32(&w, 0);
+    w_u64(&w, m->adapter_host_bytes);
+    w_u64(&w, m->adapter_device_bytes);
+    w_u64(&w, m->adapter_loads);
+    w_u64(&w, m->adapter_uploads);
+    w_u64(&w, m->adapter_host_evictions);
+    w_u64(&w, m->adapter_device_evictions);
     frame_end(b, &w);
+    return 0;
+}
+
+
+int
+llm_proto_encode_adapter_load(llm_proto_buf *b, uint32_t req_id,
+                              const llm_proto_adapter_load *m)
+{
+    wr  w;
+    int rc;
+
+    if (!FIELD_OK(m->name, LLM_PROTO_MAX_ADAPTER)
+        || !FIELD_OK(m->path, LLM_PROTO_MAX_PATH))
+    {
+        return LLM_EINVAL;
+    }
+    rc = frame_begin(b, 0, LLM_MSG_ADAPTER_LOAD, req_id,
+                     FIELD_SIZE(m->name) + FIELD_SIZE(m->path), &w);
+    if (rc != 0) {
+        return rc;
+    }
+    w_str(&w, m->name);
+    w_str(&w, m->path);
+    frame_end(b, &w);
+    return 0;
+}
+
+
+int
+llm_proto_encode_adapter_unload(llm_proto_buf *b, uint32_t req_id,
+                                const char *name)
+{
+    wr  w;
+    int rc;
+
+    if (!str_ok(name, LLM_PROTO_MAX_ADAPTER)) {
+        return LLM_EINVAL;
+    }
+    rc = frame_begin(b, 0, LLM_MSG_ADAPTER_UNLOAD, req_id, str_size(name),
+                     &w);
+    if (rc != 0) {
+        return rc;
+    }
+    w_str(&w, name);
+    frame_end(b, &w);
+    return 0;
+}
+
+
+int
+llm_proto_encode_adapter_ok(llm_proto_buf *b, uint32_t req_id,
+                            const llm_proto_adapter_ok *m)
+{
+    wr  w;
+    int rc;
+
+    if (!FIELD_OK(m->name, LLM_PROTO_MAX_ADAPTER)
+        || !FIELD_OK(m->version, LLM_PROTO_MAX_VERSION))
+    {
+        return LLM_EINVAL;
+    }
+    rc = frame_begin(b, 0, LLM_MSG_ADAPTER_OK, req_id,
+                     FIELD_SIZE(m->name) + FIELD_SIZE(m->version) + 4 + 8, &w);
+    if (rc != 0) {
+        return rc;
+    }
+    w_str(&w, m->name);
+    w_str(&w, m->version);
+    w_u32(&w, m->max_rank);
+    w_u64(&w, m->bytes);
+    frame_end(b, &w);
+    return 0;
+}
+
+
+static size_t
+adapter_entry_size(const llm_proto_adapter_info *e)
+{
+    return FIELD_SIZE(e->name) + FIELD_SIZE(e->version) + 4 + 4 + 8;
+}
+
+
+int
+llm_proto_encode_adapters(llm_proto_buf *b, uint32_t req_id,
+                          uint32_t n_total, const llm_proto_adapter_info *e,
+                          int n, int *sent)
+{
+    wr     w;
+    int    rc, i, k;
+    size_t size, one;
+
+    if (n < 0 || (n > 0 && e == NULL) || (uint32_t) n > n_total) {
+        return LLM_EINVAL;
+    }
+    /* as many entries as one payload holds */
+    size = 8;
+    for (k = 0; k < n; k++) {
+        if (!FIELD_OK(e[k].name, LLM_PROTO_MAX_ADAPTER)
+            || !FIELD_OK(e[k].version, LLM_PROTO_MAX_VERSION)
+            || e[k].flags > 0xff)
+        {
+            return LLM_EINVAL;
+        }
+        one = adapter_entry_size(&e[k]);
+        if (size + one > LLM_PROTO_MAX_PAYLOAD) {
+            break;
+        }
+        size += one;
+    }
+    rc = frame_begin(b, 0, LLM_MSG_ADAPTERS, req_id, size, &w);
+    if (rc != 0) {
+        return rc;
+    }
+    w_u32(&w, n_total);
+    w_u32(&w, (uint32_t) k);
+    for (i = 0; i < k; i++) {
+        w_str(&w, e[i].name);
+        w_str(&w, e[i].version);
+        w_u8(&w, (uint8_t) e[i].flags);
+        w_u8(&w, 0);
+        w_u8(&w, 0);
+        w_u8(&w, 0);
+        w_u32(&w, e[i].max_rank);
+        w_u64(&w, e[i].bytes);
+    }
+    frame_end(b, &w);
+    if (sent != NULL) {
+        *sent = k;
+    }
     return 0;
 }
 
@@ -1101,7 +1259,152 @@ llm_proto_decode_stats(const llm_proto_frame *f, llm_proto_stats *m,
     m->requests_total = r_u64(&r, "requests_total");
     m->requests_rejected = r_u64(&r, "requests_rejected");
     m->uptime_ms = r_u64(&r, "uptime_ms");
+    if (!r.bad && r.left > 0) {
+        m->has_adapters = 1;
+        m->adapters_registered = r_u32(&r, "adapters_registered");
+        m->adapters_loaded = r_u32(&r, "adapters_loaded");
+        m->adapters_resident = r_u32(&r, "adapters_resident");
+        (void) r_u32(&r, "reserved");
+        m->adapter_host_bytes = r_u64(&r, "adapter_host_bytes");
+        m->adapter_device_bytes = r_u64(&r, "adapter_device_bytes");
+        m->adapter_loads = r_u64(&r, "adapter_loads");
+        m->adapter_uploads = r_u64(&r, "adapter_uploads");
+        m->adapter_host_evictions = r_u64(&r, "adapter_host_evictions");
+        m->adapter_device_evictions = r_u64(&r, "adapter_device_evictions");
+    }
     return dec_end(f, &r, err);
+}
+
+
+int
+llm_proto_decode_adapter_load(const llm_proto_frame *f,
+                              llm_proto_adapter_load *m, llm_err *err)
+{
+    rd  r;
+    int rc;
+
+    memset(m, 0, sizeof(*m));
+    rc = dec_begin(f, LLM_MSG_ADAPTER_LOAD, &r, err);
+    if (rc != 0) {
+        return rc;
+    }
+    r_str(&r, m->name, LLM_PROTO_MAX_ADAPTER, "name");
+    r_str(&r, m->path, LLM_PROTO_MAX_PATH, "path");
+    return dec_end(f, &r, err);
+}
+
+
+int
+llm_proto_decode_adapter_unload(const llm_proto_frame *f, char *name,
+                                llm_err *err)
+{
+    rd  r;
+    int rc;
+
+    name[0] = '\0';
+    rc = dec_begin(f, LLM_MSG_ADAPTER_UNLOAD, &r, err);
+    if (rc != 0) {
+        return rc;
+    }
+    r_str(&r, name, LLM_PROTO_MAX_ADAPTER, "name");
+    return dec_end(f, &r, err);
+}
+
+
+int
+llm_proto_decode_adapter_ok(const llm_proto_frame *f,
+                            llm_proto_adapter_ok *m, llm_err *err)
+{
+    rd  r;
+    int rc;
+
+    memset(m, 0, sizeof(*m));
+    rc = dec_begin(f, LLM_MSG_ADAPTER_OK, &r, err);
+    if (rc != 0) {
+        return rc;
+    }
+    r_str(&r, m->name, LLM_PROTO_MAX_ADAPTER, "name");
+    r_str(&r, m->version, LLM_PROTO_MAX_VERSION, "version");
+    m->max_rank = r_u32(&r, "max_rank");
+    m->bytes = r_u64(&r, "bytes");
+    return dec_end(f, &r, err);
+}
+
+
+/* One ADAPTERS entry; with e == NULL only validates and skips it. */
+static void
+r_adapter(rd *r, llm_proto_adapter_info *e)
+{
+    llm_proto_adapter_info tmp;
+
+    if (e == NULL) {
+        e = &tmp;
+    }
+    r_str(r, e->name, LLM_PROTO_MAX_ADAPTER, "name");
+    r_str(r, e->version, LLM_PROTO_MAX_VERSION, "version");
+    e->flags = r_u8(r, "flags");
+    (void) r_bytes(r, 3, "reserved");
+    e->max_rank = r_u32(r, "max_rank");
+    e->bytes = r_u64(r, "bytes");
+}
+
+
+int
+llm_proto_decode_adapters(const llm_proto_frame *f, llm_proto_adapters *m,
+                          llm_err *err)
+{
+    rd       r;
+    int      rc;
+    uint32_t i;
+
+    memset(m, 0, sizeof(*m));
+    rc = dec_begin(f, LLM_MSG_ADAPTERS, &r, err);
+    if (rc != 0) {
+        return rc;
+    }
+    m->n_total = r_u32(&r, "n_total");
+    m->n = r_u32(&r, "n");
+    if (!r.bad && m->n > m->n_total) {
+        r.bad = 1;
+        r.field = "n";
+    }
+    m->raw = r.p;
+    /* walk every entry once so that the iterator cannot run short */
+    for (i = 0; i < m->n && !r.bad; i++) {
+        r_adapter(&r, NULL);
+    }
+    rc = dec_end(f, &r, err);
+    if (rc != 0) {
+        m->raw = NULL;
+        m->n = m->n_total = 0;
+        return rc;
+    }
+    m->raw_len = (size_t) (r.p - m->raw);
+    m->off = 0;
+    return 0;
+}
+
+
+int
+llm_proto_adapters_next(llm_proto_adapters *m, llm_proto_adapter_info *e)
+{
+    rd r;
+
+    if (m->raw == NULL || m->off >= m->raw_len) {
+        return 0;
+    }
+    r.p = m->raw + m->off;
+    r.left = m->raw_len - m->off;
+    r.bad = 0;
+    r.field = NULL;
+    memset(e, 0, sizeof(*e));
+    r_adapter(&r, e);
+    if (r.bad) {                /* validated; belt */
+        m->off = m->raw_len;
+        return 0;
+    }
+    m->off = (size_t) (r.p - m->raw);
+    return 1;
 }
 
 

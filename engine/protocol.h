@@ -35,6 +35,12 @@
  *                                        finished)
  *   STATS_REQ (req any)             ->
  *                                   <-  STATS (same req id)
+ *   ADAPTER_LOAD (req N)            ->  (register or reload, then load)
+ *                                   <-  ADAPTER_OK (req N) or ERROR (req N)
+ *   ADAPTER_UNLOAD (req N)          ->
+ *                                   <-  ADAPTER_OK (req N) or ERROR (req N)
+ *   ADAPTER_LIST (req N)            ->
+ *                                   <-  ADAPTERS (req N)
  *   PING (req any)                  ->
  *                                   <-  PONG (same req id)
  *
@@ -91,6 +97,8 @@ extern "C" {
 #define LLM_PROTO_MAX_TOP       20      /* == LLM_MAX_TOP_LOGPROBS */
 #define LLM_PROTO_MAX_PROMPT    ((LLM_PROTO_MAX_PAYLOAD - 1024) / 4)
 #define LLM_PROTO_MAX_TOKENS_PER_FRAME 4096
+#define LLM_PROTO_MAX_PATH      1024    /* ADAPTER_LOAD folder */
+#define LLM_PROTO_MAX_VERSION   64      /* adapter version text */
 
 /* Message types.  Direction: C client -> server, S server -> client. */
 enum {
@@ -105,11 +113,11 @@ enum {
     LLM_MSG_STATS          = 9,     /* S */
     LLM_MSG_PING           = 10,    /* C, empty payload */
     LLM_MSG_PONG           = 11,    /* S, empty payload */
-    /* Reserved for issue 4 (LoRA adapters); layouts defined there. */
+    /* LoRA adapters (layouts below STATS) */
     LLM_MSG_ADAPTER_LOAD   = 16,    /* C */
     LLM_MSG_ADAPTER_UNLOAD = 17,    /* C */
     LLM_MSG_ADAPTER_OK     = 18,    /* S */
-    LLM_MSG_ADAPTER_LIST   = 19,    /* C */
+    LLM_MSG_ADAPTER_LIST   = 19,    /* C, empty payload */
     LLM_MSG_ADAPTERS       = 20,    /* S */
     LLM_MSG_TYPE_MAX       = 31
 };
@@ -310,7 +318,15 @@ typedef struct llm_proto_error {
  *   u32 last_batch_tokens, u32 last_batch_seqs, u32 draining (0/1),
  *   u64 steps, u64 tokens_prefilled, u64 tokens_generated,
  *   u64 preemptions, u64 requests_total, u64 requests_rejected,
- *   u64 uptime_ms
+ *   u64 uptime_ms,
+ * then (added with adapters; a decoder takes a payload without this
+ * part as all zeros, has_adapters = 0):
+ *   u32 adapters_registered, u32 adapters_loaded (host cache),
+ *   u32 adapters_resident (device pool), u32 reserved (0),
+ *   u64 adapter_host_bytes, u64 adapter_device_bytes,
+ *   u64 adapter_loads (host loads from disk), u64 adapter_uploads
+ *   (device uploads), u64 adapter_host_evictions,
+ *   u64 adapter_device_evictions
  */
 typedef struct llm_proto_stats {
     uint32_t    waiting;
@@ -330,7 +346,75 @@ typedef struct llm_proto_stats {
     uint64_t    requests_total;
     uint64_t    requests_rejected;
     uint64_t    uptime_ms;
+    int         has_adapters;   /* decoding: the adapter part was there */
+    uint32_t    adapters_registered;
+    uint32_t    adapters_loaded;
+    uint32_t    adapters_resident;
+    uint64_t    adapter_host_bytes;
+    uint64_t    adapter_device_bytes;
+    uint64_t    adapter_loads;
+    uint64_t    adapter_uploads;
+    uint64_t    adapter_host_evictions;
+    uint64_t    adapter_device_evictions;
 } llm_proto_stats;
+
+
+/*
+ * ADAPTER_LOAD payload: str name, str path.
+ *   Registers name from the adapter folder path (on the engine's host)
+ *   or, if name is registered, replaces it with a new version (sequences
+ *   already running keep the old one); then loads its weights into the
+ *   host cache so that the reply can give its version.  Refused files
+ *   leave everything as it was: ERROR (BAD_REQUEST) naming the file and
+ *   the reason.  An empty path reloads from the folder it came from.
+ * ADAPTER_UNLOAD payload: str name.
+ *   New requests can no longer name it (NOT_FOUND if it is not
+ *   registered); running sequences finish with it.
+ * ADAPTER_OK payload (the answer to both):
+ *   str name, str version (16 hex digits of the content hash; "" if the
+ *   weights are not loaded), u32 max_rank, u64 bytes (host bytes of the
+ *   weights, or the size predicted from the file headers).
+ */
+typedef struct llm_proto_adapter_load {
+    char        name[LLM_PROTO_MAX_ADAPTER + 1];
+    char        path[LLM_PROTO_MAX_PATH + 1];
+} llm_proto_adapter_load;
+
+typedef struct llm_proto_adapter_ok {
+    char        name[LLM_PROTO_MAX_ADAPTER + 1];
+    char        version[LLM_PROTO_MAX_VERSION + 1];
+    uint32_t    max_rank;
+    uint64_t    bytes;
+} llm_proto_adapter_ok;
+
+/*
+ * ADAPTERS payload (the answer to ADAPTER_LIST), registered adapters in
+ * name order:
+ *   u32 n_total (registered), u32 n (entries in this frame; fewer than
+ *   n_total only if the payload limit cut the list), then per entry:
+ *   str name, str version ("" if not loaded), u8 flags
+ *   (LLM_ADAPTER_*), u8 reserved[3] (0), u32 max_rank, u64 bytes
+ */
+#define LLM_ADAPTER_LOADED      0x01u   /* weights in the host cache */
+#define LLM_ADAPTER_RESIDENT    0x02u   /* a copy on the device */
+
+typedef struct llm_proto_adapter_info {
+    char        name[LLM_PROTO_MAX_ADAPTER + 1];
+    char        version[LLM_PROTO_MAX_VERSION + 1];
+    unsigned    flags;
+    uint32_t    max_rank;
+    uint64_t    bytes;
+} llm_proto_adapter_info;
+
+typedef struct llm_proto_adapters {
+    uint32_t        n_total;
+    uint32_t        n;
+    /* Decoding only: the validated entries; walk them with
+     * llm_proto_adapters_next(). */
+    const uint8_t  *raw;
+    size_t          raw_len;
+    size_t          off;
+} llm_proto_adapters;
 
 
 /* ---- output buffer ------------------------------------------------- */
@@ -385,7 +469,21 @@ int llm_proto_encode_error(llm_proto_buf *b, uint32_t req_id, int code,
                            const char *message);
 int llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
                            const llm_proto_stats *m);
-/* A frame with an empty payload: CANCEL, STATS_REQ, PING, PONG. */
+int llm_proto_encode_adapter_load(llm_proto_buf *b, uint32_t req_id,
+                                  const llm_proto_adapter_load *m);
+int llm_proto_encode_adapter_unload(llm_proto_buf *b, uint32_t req_id,
+                                    const char *name);
+int llm_proto_encode_adapter_ok(llm_proto_buf *b, uint32_t req_id,
+                                const llm_proto_adapter_ok *m);
+/* n_total registered, e[0..n-1] the entries to send.  If they do not fit
+ * one payload, as many as fit are sent (*sent says how many; may be
+ * NULL). */
+int llm_proto_encode_adapters(llm_proto_buf *b, uint32_t req_id,
+                              uint32_t n_total,
+                              const llm_proto_adapter_info *e, int n,
+                              int *sent);
+/* A frame with an empty payload: CANCEL, STATS_REQ, PING, PONG,
+ * ADAPTER_LIST. */
 int llm_proto_encode_empty(llm_proto_buf *b, int type, uint32_t req_id);
 /* Any frame from a prepared payload (tests, future messages). */
 int llm_proto_encode_raw(llm_proto_buf *b, int version, int type,
@@ -420,7 +518,20 @@ int llm_proto_decode_error(const llm_proto_frame *f, llm_proto_error *m,
                            llm_err *err);
 int llm_proto_decode_stats(const llm_proto_frame *f, llm_proto_stats *m,
                            llm_err *err);
-/* CANCEL, STATS_REQ, PING, PONG: checks the payload is empty. */
+int llm_proto_decode_adapter_load(const llm_proto_frame *f,
+                                  llm_proto_adapter_load *m, llm_err *err);
+/* ADAPTER_UNLOAD: name[LLM_PROTO_MAX_ADAPTER + 1]. */
+int llm_proto_decode_adapter_unload(const llm_proto_frame *f, char *name,
+                                    llm_err *err);
+int llm_proto_decode_adapter_ok(const llm_proto_frame *f,
+                                llm_proto_adapter_ok *m, llm_err *err);
+int llm_proto_decode_adapters(const llm_proto_frame *f,
+                              llm_proto_adapters *m, llm_err *err);
+/* Next entry of a decoded ADAPTERS frame: 1 (filled), 0 at the end. */
+int llm_proto_adapters_next(llm_proto_adapters *m,
+                            llm_proto_adapter_info *e);
+/* CANCEL, STATS_REQ, PING, PONG, ADAPTER_LIST: checks the payload is
+ * empty. */
 int llm_proto_decode_empty(const llm_proto_frame *f, llm_err *err);
 
 /* Token id i of a decoded id array (stop_ids, prompt). */

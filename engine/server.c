@@ -724,6 +724,36 @@ proto_class(uint8_t p)
 }
 
 
+/* The ERROR code of a failed llm_engine_submit. */
+static int
+submit_error_code(const llm_request *rq, int rc, const llm_err *err)
+{
+    switch (rc) {
+    case LLM_ENOTFOUND:
+        return LLM_PERR_NOT_FOUND;      /* unknown adapter */
+    case LLM_ENOMEM:
+        return LLM_PERR_INTERNAL;
+    case LLM_EFULL:
+        /* the KV cache cannot hold the request at all, or the adapter
+         * host cache is full of adapters that running sequences pin
+         * (the registry's message names the adapter): retry later */
+        if (rq->adapter != NULL && strncmp(err->msg, "adapter", 7) == 0) {
+            return LLM_PERR_OVERLOADED;
+        }
+        return LLM_PERR_CONTEXT;
+    case LLM_EFORMAT:
+    case LLM_EIO:
+    case LLM_EUNSUP:
+    case LLM_EBACKEND:
+        /* a registered adapter whose files went bad since */
+        return rq->adapter != NULL ? LLM_PERR_INTERNAL
+                                   : LLM_PERR_BAD_REQUEST;
+    default:
+        return LLM_PERR_BAD_REQUEST;
+    }
+}
+
+
 static void
 on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
 {
@@ -756,13 +786,6 @@ on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
                "the engine is shutting down and accepts no new requests");
         return;
     }
-    if (m.adapter[0] != '\0') {
-        snprintf(msg, sizeof(msg), "adapter \"%s\": this engine serves "
-                 "no adapters", m.adapter);
-        reject(s, c, f->req_id, LLM_PERR_NOT_FOUND, msg);
-        return;
-    }
-
     memset(&rq, 0, sizeof(rq));
     llm_sampling_default(&rq.sampling);
     rq.sampling.temperature = m.temperature;
@@ -833,14 +856,12 @@ on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
     rq.tenant = m.tenant;
     rq.weight = m.weight > 0 ? m.weight : 1;
     rq.queue_timeout_ms = m.queue_timeout_ms;
+    rq.adapter = m.adapter[0] != '\0' ? m.adapter : NULL;
 
     rc = llm_engine_submit(s->e, &rq, &r->seq_id, &err);
     if (rc != 0) {
         llm_free(r);
-        reject(s, c, f->req_id,
-               rc == LLM_EFULL ? LLM_PERR_CONTEXT
-               : rc == LLM_ENOMEM ? LLM_PERR_INTERNAL
-               : LLM_PERR_BAD_REQUEST, err.msg);
+        reject(s, c, f->req_id, submit_error_code(&rq, rc, &err), err.msg);
         return;
     }
 
@@ -913,6 +934,148 @@ fill_stats(llm_server *s, llm_proto_stats *m)
     m->requests_total = s->requests_total;
     m->requests_rejected = s->requests_rejected;
     m->uptime_ms = (llm_now_ns() - s->start_ns) / 1000000;
+    m->adapters_registered = (uint32_t) st.adapters_registered;
+    m->adapters_loaded = (uint32_t) st.adapters_loaded;
+    m->adapters_resident = (uint32_t) st.adapters_resident;
+    m->adapter_host_bytes = st.adapter_host_bytes;
+    m->adapter_device_bytes = st.adapter_device_bytes;
+    m->adapter_loads = st.adapter_loads;
+    m->adapter_uploads = st.adapter_uploads;
+    m->adapter_host_evictions = st.adapter_host_evictions;
+    m->adapter_device_evictions = st.adapter_device_evictions;
+}
+
+
+/* ---- adapters ------------------------------------------------------ */
+
+static void
+adapter_ok(llm_server *s, srv_conn *c, uint32_t req_id, const char *name,
+           const llm_engine_adapter_info *info)
+{
+    llm_proto_adapter_ok ok;
+
+    memset(&ok, 0, sizeof(ok));
+    snprintf(ok.name, sizeof(ok.name), "%s", name);
+    if (info != NULL) {
+        snprintf(ok.version, sizeof(ok.version), "%s", info->version);
+        ok.max_rank = (uint32_t) info->max_rank;
+        ok.bytes = info->bytes;
+    }
+    conn_encoded(s, c, llm_proto_encode_adapter_ok(&c->out, req_id, &ok),
+                 "ADAPTER_OK");
+}
+
+
+/*
+ * ADAPTER_LOAD: register or replace, weights checked first.  Loading
+ * reads the files on this thread (tens of milliseconds for a rank-16
+ * adapter of a small model): running sequences pause for that long.
+ */
+static void
+on_adapter_load(llm_server *s, srv_conn *c, const llm_proto_frame *f)
+{
+    llm_proto_adapter_load  m;
+    llm_engine_adapter_info info;
+    llm_err                 err;
+    uint64_t                t0;
+    int                     rc;
+
+    if (llm_proto_decode_adapter_load(f, &m, &err) != 0) {
+        conn_fail(s, c, LLM_PERR_PROTOCOL, err.msg);
+        return;
+    }
+    t0 = llm_now_ns();
+    memset(&err, 0, sizeof(err));
+    rc = llm_engine_adapter_load(s->e, m.name, m.path, &info, &err);
+    if (rc != 0) {
+        llm_log(LLM_LOG_WARN, "adapter load refused: %s", err.msg);
+        /* NOT_FOUND: a reload of a name never registered; a folder
+         * that is missing or refused is a bad request */
+        send_error(s, c, f->req_id,
+                   rc == LLM_ENOTFOUND && m.path[0] == '\0'
+                   ? LLM_PERR_NOT_FOUND
+                   : rc == LLM_ENOMEM ? LLM_PERR_INTERNAL
+                   : LLM_PERR_BAD_REQUEST, err.msg);
+        return;
+    }
+    llm_log(LLM_LOG_INFO, "adapter \"%s\" loaded from %s: version %s, "
+            "rank <= %d, %zu bytes, %.1f ms", m.name,
+            info.dir ? info.dir : "?", info.version[0] ? info.version : "-",
+            info.max_rank, info.bytes,
+            (double) (llm_now_ns() - t0) / 1e6);
+    adapter_ok(s, c, f->req_id, m.name, &info);
+}
+
+
+static void
+on_adapter_unload(llm_server *s, srv_conn *c, const llm_proto_frame *f)
+{
+    llm_engine_adapter_info info;
+    llm_err                 err;
+    char                    name[LLM_PROTO_MAX_ADAPTER + 1];
+
+    if (llm_proto_decode_adapter_unload(f, name, &err) != 0) {
+        conn_fail(s, c, LLM_PERR_PROTOCOL, err.msg);
+        return;
+    }
+    if (llm_engine_adapter_info_get(s->e, name, &info) != 0) {
+        snprintf(err.msg, sizeof(err.msg), "adapter \"%s\" is not "
+                 "registered", name);
+        send_error(s, c, f->req_id, LLM_PERR_NOT_FOUND, err.msg);
+        return;
+    }
+    if (llm_engine_adapter_unregister(s->e, name, &err) != 0) {
+        send_error(s, c, f->req_id, LLM_PERR_NOT_FOUND, err.msg);
+        return;
+    }
+    llm_log(LLM_LOG_INFO, "adapter \"%s\" unloaded (version %s)", name,
+            info.version[0] ? info.version : "-");
+    info.dir = NULL;
+    adapter_ok(s, c, f->req_id, name, &info);
+}
+
+
+static void
+on_adapter_list(llm_server *s, srv_conn *c, const llm_proto_frame *f)
+{
+    llm_proto_adapter_info *list;
+    llm_engine_adapter_info info;
+    llm_engine_stats        st;
+    llm_err                 err;
+    const char             *name;
+    int                     i, n = 0;
+
+    if (llm_proto_decode_empty(f, &err) != 0) {
+        conn_fail(s, c, LLM_PERR_PROTOCOL, err.msg);
+        return;
+    }
+    llm_engine_get_stats(s->e, &st);
+    list = llm_calloc((size_t) (st.adapters_registered > 0
+                                ? st.adapters_registered : 1),
+                      sizeof(*list));
+    if (list == NULL) {
+        send_error(s, c, f->req_id, LLM_PERR_INTERNAL, "out of memory");
+        return;
+    }
+    for (i = 0; i < st.adapters_registered
+                && (name = llm_engine_adapter_name(s->e, i)) != NULL; i++)
+    {
+        if (llm_engine_adapter_info_get(s->e, name, &info) != 0) {
+            continue;
+        }
+        snprintf(list[n].name, sizeof(list[n].name), "%s", name);
+        snprintf(list[n].version, sizeof(list[n].version), "%s",
+                 info.version);
+        list[n].flags = (info.loaded ? LLM_ADAPTER_LOADED : 0)
+                        | (info.resident ? LLM_ADAPTER_RESIDENT : 0);
+        list[n].max_rank = (uint32_t) info.max_rank;
+        list[n].bytes = info.bytes;
+        n++;
+    }
+    conn_encoded(s, c, llm_proto_encode_adapters(&c->out, f->req_id,
+                                                 (uint32_t) n, list, n,
+                                                 NULL), "ADAPTERS");
+    llm_free(list);
 }
 
 
@@ -963,10 +1126,13 @@ on_frame(llm_server *s, srv_conn *c, const llm_proto_frame *f)
                      "STATS");
         break;
     case LLM_MSG_ADAPTER_LOAD:
+        on_adapter_load(s, c, f);
+        break;
     case LLM_MSG_ADAPTER_UNLOAD:
+        on_adapter_unload(s, c, f);
+        break;
     case LLM_MSG_ADAPTER_LIST:
-        send_error(s, c, f->req_id, LLM_PERR_UNSUPPORTED,
-                   "adapters are not supported by this engine");
+        on_adapter_list(s, c, f);
         break;
     default:
         snprintf(msg, sizeof(msg), "unexpected %s (%u) frame from a client",

@@ -99,8 +99,11 @@ typedef struct llm_lora_seg {
     int32_t     n;          /* rows */
     int32_t     rank;
     float       scale;
-    const void *a;          /* backend address, [rank, in] f32 */
-    const void *b;          /* backend address, [out, rank] f32 */
+    const void *a;          /* backend address, [rank, in] */
+    const void *b;          /* backend address, [out, rank]; with
+                               LLM_F16, B^T: [rank, out] */
+    int32_t     type;       /* of a and b: LLM_F32 (0), or LLM_F16 where
+                               the backend sets lora_f16 */
 } llm_lora_seg;
 
 typedef struct llm_backend_ops {
@@ -173,11 +176,16 @@ typedef struct llm_backend_ops {
      * segment, rows [first, first + n) of x and out,
      *     out[t] += scale * (x[t] A^T) B^T
      * (shrink to the segment's rank, then expand).  x: [n_tokens, in]
-     * f32; out: [n_tokens, out] f32; segment weights are f32 backend
-     * addresses, A [rank, in] and B [out, rank].  Ranks differ between
-     * segments; segments do not overlap.  Optional (NULL: no LoRA). */
+     * f32; out: [n_tokens, out] f32; segment weights are backend
+     * addresses (f32, or f16: seg type), A [rank, in] and B [out, rank].
+     * Ranks differ between segments; segments do not overlap.  Optional
+     * (NULL: no LoRA). */
     int (*lora)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
                 const struct llm_lora_seg *segs, int n_segs);
+    /* 1: lora also takes f16 weights (seg type LLM_F16: A [rank, in],
+     * B transposed, [rank, out]), and adapters are then stored so on
+     * this backend: half the bytes of f32, and B^T rows stream. */
+    int   lora_f16;
 
     /* Copies whole KV blocks between pools' block ids (same layout),
      * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */

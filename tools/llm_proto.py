@@ -15,6 +15,10 @@ Command line:
     llm_proto.py ADDR hello
     llm_proto.py ADDR stats
     llm_proto.py ADDR generate 1,2,3 [--max-tokens N] [--temperature T]
+                 [--adapter NAME]
+    llm_proto.py ADDR adapters
+    llm_proto.py ADDR load NAME [DIR]
+    llm_proto.py ADDR unload NAME
 """
 
 import argparse
@@ -32,12 +36,17 @@ MAX_PAYLOAD = 4 << 20
 HELLO, HELLO_OK, SUBMIT, CANCEL, TOKENS, DONE, ERROR = 1, 2, 3, 4, 5, 6, 7
 STATS_REQ, STATS, PING, PONG = 8, 9, 10, 11
 ADAPTER_LOAD, ADAPTER_UNLOAD, ADAPTER_OK = 16, 17, 18
+ADAPTER_LIST, ADAPTERS = 19, 20
 
 TYPE_NAMES = {
     1: "HELLO", 2: "HELLO_OK", 3: "SUBMIT", 4: "CANCEL", 5: "TOKENS",
     6: "DONE", 7: "ERROR", 8: "STATS_REQ", 9: "STATS", 10: "PING",
-    11: "PONG",
+    11: "PONG", 16: "ADAPTER_LOAD", 17: "ADAPTER_UNLOAD", 18: "ADAPTER_OK",
+    19: "ADAPTER_LIST", 20: "ADAPTERS",
 }
+
+# ADAPTERS entry flags
+A_LOADED, A_RESIDENT = 1, 2
 
 # ERROR codes
 E_BAD_REQUEST, E_CONTEXT, E_OVERLOADED, E_DRAINING, E_INTERNAL = 1, 2, 3, 4, 5
@@ -57,6 +66,13 @@ STATS_FIELDS = (
     "connections", "max_seqs", "last_batch_tokens", "last_batch_seqs",
     "draining", "steps", "tokens_prefilled", "tokens_generated",
     "preemptions", "requests_total", "requests_rejected", "uptime_ms",
+)
+# the part added with adapters (absent from older engines)
+STATS_ADAPTER_FIELDS = (
+    "adapters_registered", "adapters_loaded", "adapters_resident",
+    "_reserved", "adapter_host_bytes", "adapter_device_bytes",
+    "adapter_loads", "adapter_uploads", "adapter_host_evictions",
+    "adapter_device_evictions",
 )
 
 
@@ -203,9 +219,46 @@ def decode_error(p):
 
 def decode_stats(p):
     r = Reader(p)
-    vals = r.unpack("10I7Q")
+    d = dict(zip(STATS_FIELDS, r.unpack("10I7Q")))
+    if r.o < len(r.d):
+        d.update(zip(STATS_ADAPTER_FIELDS, r.unpack("4I6Q")))
+        del d["_reserved"]
     r.end()
-    return dict(zip(STATS_FIELDS, vals))
+    return d
+
+
+def encode_adapter_load(req_id, name, path=""):
+    return frame(ADAPTER_LOAD, req_id, _str(name) + _str(path))
+
+
+def encode_adapter_unload(req_id, name):
+    return frame(ADAPTER_UNLOAD, req_id, _str(name))
+
+
+def decode_adapter_ok(p):
+    r = Reader(p)
+    name, version = r.str(), r.str()
+    max_rank, nbytes = r.unpack("IQ")
+    r.end()
+    return dict(name=name, version=version, max_rank=max_rank,
+                bytes=nbytes)
+
+
+def decode_adapters(p):
+    """{"total": n_total, "adapters": [{name, version, loaded, resident,
+    max_rank, bytes}, ...]}"""
+    r = Reader(p)
+    total, n = r.unpack("II")
+    out = []
+    for _ in range(n):
+        name, version = r.str(), r.str()
+        flags, _, _, _, max_rank, nbytes = r.unpack("BBBBIQ")
+        out.append(dict(name=name, version=version,
+                        loaded=bool(flags & A_LOADED),
+                        resident=bool(flags & A_RESIDENT),
+                        max_rank=max_rank, bytes=nbytes))
+    r.end()
+    return dict(total=total, adapters=out)
 
 
 # ---- client ------------------------------------------------------------
@@ -252,6 +305,7 @@ class Client:
         self.next_id = 1
         self.info = None
         self.replies = {}       # req_id -> (type, payload) for STATS/PONG
+        self.pending = set()    # ids of STATS/PING/ADAPTER_* requests
         self.conn_errors = []
         self.closed = False
         if hello:
@@ -350,9 +404,11 @@ class Client:
             res = self.results.get(rid) if rid else None
             if res is not None:
                 res.error = (code, msg)
+            elif rid in self.pending:
+                self.replies[rid] = (ftype, p)
             else:
                 self.conn_errors.append((code, msg))
-        elif ftype in (STATS, PONG):
+        elif ftype in (STATS, PONG, ADAPTER_OK, ADAPTERS):
             self.replies[rid] = (ftype, p)
         else:
             raise ProtocolError("unexpected frame type %d" % ftype)
@@ -382,17 +438,41 @@ class Client:
         self.wait([res], timeout)
         return res
 
-    def _request(self, ftype, want):
+    def _request(self, ftype, want, data=None):
+        """Sends a request (an empty frame of ftype, or the frame data
+        makes for an id) and returns the payload of its answer; an ERROR
+        answer raises EngineError."""
         rid = self._new_id()
-        self.send(frame(ftype, rid))
-        deadline = time.monotonic() + self.timeout
-        while rid not in self.replies:
-            if self.poll(deadline - time.monotonic()) is None:
-                raise ConnectionError("engine closed the connection")
+        self.pending.add(rid)
+        try:
+            self.send(data(rid) if data else frame(ftype, rid))
+            deadline = time.monotonic() + self.timeout
+            while rid not in self.replies:
+                if self.poll(deadline - time.monotonic()) is None:
+                    raise ConnectionError("engine closed the connection")
+        finally:
+            self.pending.discard(rid)
         t, p = self.replies.pop(rid)
+        if t == ERROR:
+            raise EngineError(*decode_error(p), req_id=rid)
         if t != want:
             raise ProtocolError("expected type %d, got %d" % (want, t))
         return p
+
+    def adapter_load(self, name, path=""):
+        """Registers (or replaces) name from the folder path; returns the
+        ADAPTER_OK dict, raises EngineError if refused."""
+        return decode_adapter_ok(self._request(
+            ADAPTER_LOAD, ADAPTER_OK,
+            lambda rid: encode_adapter_load(rid, name, path)))
+
+    def adapter_unload(self, name):
+        return decode_adapter_ok(self._request(
+            ADAPTER_UNLOAD, ADAPTER_OK,
+            lambda rid: encode_adapter_unload(rid, name)))
+
+    def adapters(self):
+        return decode_adapters(self._request(ADAPTER_LIST, ADAPTERS))
 
     def stats(self):
         return decode_stats(self._request(STATS_REQ, STATS))
@@ -405,9 +485,14 @@ class Client:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("addr", help="unix:PATH or HOST:PORT")
-    ap.add_argument("cmd", choices=("hello", "stats", "generate", "ping"))
+    ap.add_argument("cmd", choices=("hello", "stats", "generate", "ping",
+                                    "adapters", "load", "unload"))
     ap.add_argument("prompt", nargs="?", default="",
-                    help="comma-separated token ids (generate)")
+                    help="comma-separated token ids (generate), or the "
+                         "adapter name (load, unload)")
+    ap.add_argument("path", nargs="?", default="",
+                    help="adapter folder (load)")
+    ap.add_argument("--adapter", default="")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int)
@@ -420,10 +505,22 @@ def main(argv=None):
             print(c.stats())
         elif a.cmd == "ping":
             print(c.ping())
+        elif a.cmd in ("adapters", "load", "unload"):
+            try:
+                if a.cmd == "adapters":
+                    print(c.adapters())
+                elif a.cmd == "load":
+                    print(c.adapter_load(a.prompt, a.path))
+                else:
+                    print(c.adapter_unload(a.prompt))
+            except EngineError as e:
+                print("error", e.code, e.message)
+                return 1
         else:
             ids = [int(x) for x in a.prompt.split(",") if x.strip()]
             r = c.generate(ids, max_tokens=a.max_tokens,
-                           temperature=a.temperature, seed=a.seed)
+                           temperature=a.temperature, seed=a.seed,
+                           adapter=a.adapter)
             if r.error:
                 print("error", r.error)
                 return 1

@@ -1,7 +1,8 @@
 /*
  * llm-bench: prefill and decode throughput of the engine.
  *
- *   llm-bench --model PATH [--threads N] [--prompt-tokens P]
+ *   llm-bench --model PATH [--device cpu|cuda:N] [--threads N]
+ *             [--prompt-tokens P]
  *             [--gen-tokens G] [--concurrency 1,8,32] [--repeat R]
  *
  * For each concurrency c: c sequences of P prompt tokens are submitted at
@@ -131,7 +132,7 @@ main(int argc, char **argv)
     llm_engine_params  ep;
     llm_engine        *e;
     llm_err            err = { 0, "" };
-    const char        *model = NULL;
+    const char        *model = NULL, *device = "cpu";
     int                threads = 0, P = 128, G = 64, repeat = 2;
     int                conc[16] = { 1, 8, 32 }, n_conc = 3, i, r, maxc = 0;
     char               desc[2048];
@@ -140,6 +141,7 @@ main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : "";
         if (strcmp(argv[i], "--model") == 0) { model = v; i++; }
         else if (strcmp(argv[i], "--threads") == 0) { threads = atoi(v); i++; }
+        else if (strcmp(argv[i], "--device") == 0) { device = v; i++; }
         else if (strcmp(argv[i], "--prompt-tokens") == 0) { P = atoi(v); i++; }
         else if (strcmp(argv[i], "--gen-tokens") == 0) { G = atoi(v); i++; }
         else if (strcmp(argv[i], "--repeat") == 0) { repeat = atoi(v); i++; }
@@ -148,7 +150,8 @@ main(int argc, char **argv)
             i++;
         } else {
             fprintf(stderr,
-                    "usage: llm-bench --model PATH [--threads N] "
+                    "usage: llm-bench --model PATH [--device cpu|cuda:N] "
+                    "[--threads N] "
                     "[--prompt-tokens P] [--gen-tokens G] "
                     "[--concurrency 1,8,32] [--repeat R]\n");
             return 2;
@@ -164,6 +167,7 @@ main(int argc, char **argv)
 
     memset(&ep, 0, sizeof(ep));
     ep.model_path = model;
+    ep.device = device;
     ep.n_threads = threads;
     ep.max_seqs = maxc;
     ep.max_step_tokens = 512 > maxc ? 512 : maxc;

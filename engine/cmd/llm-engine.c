@@ -7,7 +7,13 @@
  *              [--kv-type f16|f32] [--max-seqs N] [--max-step-tokens N]
  *              [--ctx N] [--max-queue N] [--max-conns N]
  *              [--socket-mode OCTAL] [--drain-timeout SEC]
+ *              [--adapters DIR] [--adapter-host-memory SIZE]
+ *              [--adapter-device-memory SIZE] [--adapter-dtype f16|f32]
  *              [--log-level error|warn|info|debug]
+ *
+ * --adapters DIR registers every subfolder of DIR holding a peft adapter
+ * under the folder's name (weights load at first use); more are loaded
+ * and unloaded at run time with ADAPTER_LOAD / ADAPTER_UNLOAD.
  *
  * SIGTERM or SIGINT drains: running requests finish (up to
  * --drain-timeout seconds, then they are cancelled), new ones are refused,
@@ -51,6 +57,17 @@ usage(FILE *f)
         "  --socket-mode OCTAL    unix socket permissions (default 0660)\n"
         "  --drain-timeout SEC    on SIGTERM, wait this long for running\n"
         "                         requests (default 30; -1: forever)\n"
+        "  --adapters DIR         register every LoRA adapter folder in "
+        "DIR\n"
+        "                         under its folder name\n"
+        "  --adapter-host-memory SIZE   host cache of adapter weights "
+        "(default 1G)\n"
+        "  --adapter-device-memory SIZE device pool of adapter weights "
+        "(default 512M)\n"
+        "  --adapter-dtype f16|f32 adapter weights on the device (default "
+        "f16\n"
+        "                         where the backend takes it: half the "
+        "bytes)\n"
         "  --log-level LEVEL      error, warn, info (default), debug\n");
 }
 
@@ -116,6 +133,15 @@ on_signal(int sig)
 
 
 static void
+on_adapter_refused(void *ud, const char *name, const llm_err *err)
+{
+    (void) ud;
+    llm_log(LLM_LOG_WARN, "adapter folder \"%s\" refused: %s", name,
+            err->msg);
+}
+
+
+static void
 log_lines(const char *text)
 {
     const char *p = text, *nl;
@@ -153,6 +179,7 @@ main(int argc, char **argv)
     memset(&err, 0, sizeof(err));
     ep.device = "cpu";
     ep.kv_type = LLM_F16;
+    ep.adapter_refused = on_adapter_refused;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -252,6 +279,31 @@ main(int argc, char **argv)
                         "-1 for no limit\n");
                 return 2;
             }
+        } else if (strcmp(a, "--adapters") == 0) {
+            ep.adapter_dir = v;
+        } else if (strcmp(a, "--adapter-host-memory") == 0
+                   || strcmp(a, "--adapter-device-memory") == 0)
+        {
+            size_t size = parse_size(v);
+
+            if (size == 0) {
+                fprintf(stderr, "llm-engine: %s: expected a size like "
+                        "256M or 2G, got \"%s\"\n", a, v);
+                return 2;
+            }
+            if (strcmp(a, "--adapter-host-memory") == 0) {
+                ep.adapter_host_memory = size;
+            } else {
+                ep.adapter_device_memory = size;
+            }
+        } else if (strcmp(a, "--adapter-dtype") == 0) {
+            if (strcmp(v, "f16") == 0 || strcmp(v, "f32") == 0) {
+                ep.adapter_f32 = strcmp(v, "f32") == 0;
+            } else {
+                fprintf(stderr, "llm-engine: --adapter-dtype: f16 or "
+                        "f32\n");
+                return 2;
+            }
         } else if (strcmp(a, "--log-level") == 0) {
             level = llm_log_parse_level(v);
             if (level < 0) {
@@ -311,6 +363,10 @@ main(int argc, char **argv)
         llm_log(LLM_LOG_INFO, "context %d tokens, KV cache %d blocks of %d "
                 "tokens, max %d sequences", llm_engine_n_ctx(e),
                 st.kv_blocks_total, st.block_size, sp.max_seqs);
+        if (ep.adapter_dir != NULL) {
+            llm_log(LLM_LOG_INFO, "%d adapters registered from %s",
+                    st.adapters_registered, ep.adapter_dir);
+        }
     }
     for (i = 0; i < llm_server_n_listen(s); i++) {
         llm_log(LLM_LOG_INFO, "listening on %s", llm_server_listen_addr(s, i));

@@ -6,9 +6,10 @@
  * query heads that share a KV head (GQA group) are done together, so each
  * cached K/V row is read once per group.
  *
- * Work items are (token, KV head, range of RANGE positions).  A context
- * longer than RANGE gives several items, so that even one sequence's
- * decode keeps every thread busy; each such item leaves a partial softmax
+ * Work items are (token, range of RANGE positions), every head: the
+ * cached rows of a block are then read once per token.  A context longer
+ * than RANGE gives several items, so that even one sequence's decode
+ * keeps every thread busy; each such item leaves a partial softmax
  * (max m, sum l, unnormalised output o) and a second pass merges them in
  * order:  M = max m_i,  out = sum(o_i e^(m_i - M)) / sum(l_i e^(m_i - M)).
  * The split depends only on the token's context length, never on the
@@ -33,7 +34,6 @@
 
 typedef struct attn_item {
     int32_t  t;             /* token */
-    int32_t  kvh;           /* KV head */
     int32_t  j0, j1;        /* positions [j0, j1) */
     int32_t  part;          /* partial slot, or -1: the whole context */
 } attn_item;
@@ -45,17 +45,17 @@ typedef struct attn_job {
     const llm_tensor   *q;
     const llm_kv_pool  *kv;
     const uint8_t      *kbase, *vbase;
-    int                 g, hd;
+    int                 nh, g, hd;      /* query heads, per KV head, dim */
     float               scale;
 
     attn_item          *items;          /* [n_items] of this wave */
     int64_t             n_items;
     int32_t             t0, t1;         /* the wave's tokens */
-    int32_t            *first;          /* [(t1 - t0) * n_kv + 1] item
-                                           index of each (token, KV head) */
-    float              *partial;        /* [partials, g, hd + 2] */
-    float              *scores;         /* [n_threads, g, s_stride] */
-    float              *obuf;           /* [n_threads, g, hd + 2] */
+    int32_t            *first;          /* [t1 - t0 + 1] first item of
+                                           each token */
+    float              *partial;        /* [partials, nh, hd + 2] */
+    float              *scores;         /* [n_threads, nh, s_stride] */
+    float              *obuf;           /* [n_threads, nh, hd + 2] */
     int                 s_stride;
     _Atomic int64_t     next;
 } attn_job;
@@ -68,30 +68,33 @@ esize(const llm_kv_pool *kv)
 }
 
 
-/* Calls fn for each run of consecutive positions within one block:
- * (offset of the run from j0, KV row address of KV head kvh, length). */
-#define FOR_EACH_RUN(job, base, s, kvh, j0, j1, body)                       \
+/* Runs body for each run of consecutive positions within one block, with
+ * at_ the offset of the run from j0, row_ the address of its first
+ * position's row (KV head 0) and cnt_ its length. */
+#define FOR_EACH_RUN(job, base, s, j0, j1, body)                            \
     do {                                                                    \
         const llm_batch *b_ = &(job)->c->batch;                             \
         int              bs_ = (job)->kv->block_size;                       \
-        size_t           row_ = (size_t) (job)->kv->n_kv_heads * (job)->hd; \
+        size_t           w_ = (size_t) (job)->kv->n_kv_heads * (job)->hd    \
+                              * esize((job)->kv);                           \
         int32_t          j_ = (j0);                                         \
         while (j_ < (j1)) {                                                 \
             int32_t blk_ = b_->block_table[(size_t) (s) * b_->max_blocks    \
                                            + j_ / bs_];                     \
             int32_t off_ = j_ % bs_;                                        \
             int32_t cnt_ = bs_ - off_ < (j1) - j_ ? bs_ - off_ : (j1) - j_; \
-            const uint8_t *kvp_ = (base)                                    \
-                + (((size_t) blk_ * bs_ + off_) * row_                      \
-                   + (size_t) (kvh) * (job)->hd) * esize((job)->kv);        \
+            const uint8_t *row_ = (base)                                    \
+                + ((size_t) blk_ * bs_ + off_) * w_;                        \
             int32_t at_ = j_ - (j0);                                        \
-            (void) at_;                                                     \
             body;                                                           \
             j_ += cnt_;                                                     \
         }                                                                   \
     } while (0)
 
 
+/* One item: every query head of token t over positions [j0, j1).  The KV
+ * heads of a run are done one after the other, while its rows are in
+ * L1. */
 static void
 attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
 {
@@ -99,43 +102,51 @@ attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
     const llm_cpu_kernels *kn = &j->c->kern;
     const llm_kv_pool     *kv = j->kv;
     int32_t                s = j->c->batch.tok_seq[it->t];
-    int                    g = j->g, hd = j->hd, h, e;
+    int                    nh = j->nh, g = j->g, hd = j->hd, h, e, kvh;
     int32_t                n = it->j1 - it->j0;
     size_t                 stride = (size_t) kv->n_kv_heads * hd;
+    size_t                 hb = (size_t) hd * esize(kv);   /* a head's row */
     const float           *q = (const float *) ((const uint8_t *) j->q->data
-                                                + (size_t) it->t * j->q->nb)
-                               + (size_t) it->kvh * g * hd;
+                                                + (size_t) it->t * j->q->nb);
     /* split context: this item's partial; else the thread's buffer */
     float                 *slot = it->part >= 0
                                   ? j->partial
-                                    + (size_t) it->part * g * (hd + 2)
+                                    + (size_t) it->part * nh * (hd + 2)
                                   : obuf;
-    float                 *o = slot;                    /* [g, hd] */
-    float                 *m = slot + (size_t) g * hd;  /* [g] */
-    float                 *l = m + g;                   /* [g] */
+    float                 *o = slot;                    /* [nh, hd] */
+    float                 *m = slot + (size_t) nh * hd; /* [nh] */
+    float                 *l = m + nh;                  /* [nh] */
 
-    FOR_EACH_RUN(j, j->kbase, s, it->kvh, it->j0, it->j1,
-                 kn->attn_scores(q, g, hd, kvp_, kv->type, stride, cnt_,
-                                 j->scale, sc + at_, j->s_stride));
+    FOR_EACH_RUN(j, j->kbase, s, it->j0, it->j1,
+        for (kvh = 0; kvh < kv->n_kv_heads; kvh++) {
+            kn->attn_scores(q + (size_t) kvh * g * hd, g, hd,
+                            row_ + kvh * hb, kv->type, stride, cnt_,
+                            j->scale,
+                            sc + (size_t) kvh * g * j->s_stride + at_,
+                            j->s_stride);
+        });
 
-    for (h = 0; h < g; h++) {
+    for (h = 0; h < nh; h++) {
         float *sh = sc + (size_t) h * j->s_stride;
 
         m[h] = kn->vmax(sh, n);
         l[h] = kn->exp_sum(sh, n, m[h]);
     }
 
-    memset(o, 0, (size_t) g * hd * sizeof(float));
-    FOR_EACH_RUN(j, j->vbase, s, it->kvh, it->j0, it->j1,
-                 kn->attn_accum(o, g, hd, sc + at_, j->s_stride, kvp_,
-                                kv->type, stride, cnt_));
+    memset(o, 0, (size_t) nh * hd * sizeof(float));
+    FOR_EACH_RUN(j, j->vbase, s, it->j0, it->j1,
+        for (kvh = 0; kvh < kv->n_kv_heads; kvh++) {
+            kn->attn_accum(o + (size_t) kvh * g * hd, g, hd,
+                           sc + (size_t) kvh * g * j->s_stride + at_,
+                           j->s_stride, row_ + kvh * hb, kv->type, stride,
+                           cnt_);
+        });
 
     if (it->part < 0) {
-        /* the item is the whole (token, KV head): finish here */
+        /* the item is the token's whole context: finish here */
         float *dst = (float *) ((uint8_t *) j->out->data
-                                + (size_t) it->t * j->out->nb)
-                     + (size_t) it->kvh * g * hd;
-        for (h = 0; h < g; h++) {
+                                + (size_t) it->t * j->out->nb);
+        for (h = 0; h < nh; h++) {
             float inv = 1.0f / l[h];
             for (e = 0; e < hd; e++) {
                 dst[h * hd + e] = o[h * hd + e] * inv;
@@ -149,8 +160,8 @@ static void
 attn_task(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
-    float    *sc = j->scores + (size_t) ith * j->g * j->s_stride;
-    float    *obuf = j->obuf + (size_t) ith * j->g * (j->hd + 2);
+    float    *sc = j->scores + (size_t) ith * j->nh * j->s_stride;
+    float    *obuf = j->obuf + (size_t) ith * j->nh * (j->hd + 2);
     int64_t   idx;
 
     for (;;) {
@@ -163,49 +174,47 @@ attn_task(void *arg, int ith, int nth)
 }
 
 
-/* Second pass: merges the ranges of each split (token, KV head), in
+/* Second pass: merges the ranges of each split token, head by head, in
  * range order. */
 static void
 attn_merge_task(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
-    int       g = j->g, hd = j->hd, nkv = j->kv->n_kv_heads, h, e;
-    int64_t   n = (int64_t) (j->t1 - j->t0) * nkv, p0, p1, p, i;
+    int       nh = j->nh, hd = j->hd, h, e;
+    int64_t   n = (int64_t) (j->t1 - j->t0) * nh, p0, p1, p, i;
 
     llm_cpu_split(n, ith, nth, 1, &p0, &p1);
     for (p = p0; p < p1; p++) {
-        int64_t t = j->t0 + p / nkv, kvh = p % nkv;
-        float  *dst = (float *) ((uint8_t *) j->out->data
-                                 + (size_t) t * j->out->nb)
-                      + (size_t) kvh * g * hd;
+        int64_t tt = p / nh, t = j->t0 + tt;
+        float  *dst;
+        float   mx = -INFINITY, sum = 0.0f;
 
-        if (j->first[p + 1] - j->first[p] < 2) {
+        h = (int) (p % nh);
+        if (j->first[tt + 1] - j->first[tt] < 2) {
             continue;                   /* finished by its only item */
         }
-        for (h = 0; h < g; h++) {
-            float mx = -INFINITY, sum = 0.0f;
+        dst = (float *) ((uint8_t *) j->out->data + (size_t) t * j->out->nb)
+              + (size_t) h * hd;
+        for (i = j->first[tt]; i < j->first[tt + 1]; i++) {
+            const float *slot = j->partial
+                                + (size_t) j->items[i].part * nh * (hd + 2);
+            mx = fmaxf(mx, slot[(size_t) nh * hd + h]);
+        }
+        for (e = 0; e < hd; e++) {
+            dst[e] = 0.0f;
+        }
+        for (i = j->first[tt]; i < j->first[tt + 1]; i++) {
+            const float *slot = j->partial
+                                + (size_t) j->items[i].part * nh * (hd + 2);
+            float        w = expf(slot[(size_t) nh * hd + h] - mx);
 
-            for (i = j->first[p]; i < j->first[p + 1]; i++) {
-                const float *slot = j->partial
-                                    + (size_t) j->items[i].part * g * (hd + 2);
-                mx = fmaxf(mx, slot[(size_t) g * hd + h]);
-            }
+            sum += slot[(size_t) nh * hd + nh + h] * w;
             for (e = 0; e < hd; e++) {
-                dst[h * hd + e] = 0.0f;
+                dst[e] += slot[(size_t) h * hd + e] * w;
             }
-            for (i = j->first[p]; i < j->first[p + 1]; i++) {
-                const float *slot = j->partial
-                                    + (size_t) j->items[i].part * g * (hd + 2);
-                float        w = expf(slot[(size_t) g * hd + h] - mx);
-
-                sum += slot[(size_t) g * hd + g + h] * w;
-                for (e = 0; e < hd; e++) {
-                    dst[h * hd + e] += slot[h * hd + e] * w;
-                }
-            }
-            for (e = 0; e < hd; e++) {
-                dst[h * hd + e] /= sum;
-            }
+        }
+        for (e = 0; e < hd; e++) {
+            dst[e] /= sum;
         }
     }
 }
@@ -225,7 +234,7 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     const llm_batch *b = &c->batch;
     attn_job         j;
     int64_t          T, t, n_items, parts, width;
-    int              nkv, kvh, rc;
+    int              nkv, rc;
     int32_t          maxlen;
     size_t           sz_items, sz_first, sz_part, sz_sc, sz_o, need;
     uint8_t         *mem;
@@ -264,6 +273,7 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     j.kv = kv;
     j.kbase = (const uint8_t *) kv->k + (size_t) layer * kv->layer_bytes;
     j.vbase = (const uint8_t *) kv->v + (size_t) layer * kv->layer_bytes;
+    j.nh = n_heads;
     j.g = n_heads / nkv;
     j.hd = kv->head_dim;
     j.scale = scale;
@@ -276,21 +286,21 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     for (t = 0; t < T; t++) {
         int64_t ranges = ((int64_t) b->pos[t] + RANGE) / RANGE;
         maxlen = b->pos[t] + 1 > maxlen ? b->pos[t] + 1 : maxlen;
-        n_items += ranges * nkv;
-        parts += ranges > 1 ? ranges * nkv : 0;
+        n_items += ranges;
+        parts += ranges > 1 ? ranges : 0;
     }
     {
-        int64_t cap = ((int64_t) maxlen + RANGE - 1) / RANGE * nkv;
+        int64_t cap = ((int64_t) maxlen + RANGE - 1) / RANGE;
         cap = cap > MAX_PARTIALS ? cap : MAX_PARTIALS;
         parts = parts < cap ? parts : cap;
     }
     j.s_stride = (int) (((maxlen < RANGE ? maxlen : RANGE) + 15) & ~15);
 
     sz_items = align64((size_t) n_items * sizeof(attn_item));
-    sz_first = align64(((size_t) T * nkv + 1) * sizeof(int32_t));
-    sz_part = align64((size_t) parts * j.g * (j.hd + 2) * sizeof(float));
-    sz_sc = align64((size_t) c->n_threads * j.g * j.s_stride * sizeof(float));
-    sz_o = align64((size_t) c->n_threads * j.g * (j.hd + 2) * sizeof(float));
+    sz_first = align64(((size_t) T + 1) * sizeof(int32_t));
+    sz_part = align64((size_t) parts * j.nh * (j.hd + 2) * sizeof(float));
+    sz_sc = align64((size_t) c->n_threads * j.nh * j.s_stride * sizeof(float));
+    sz_o = align64((size_t) c->n_threads * j.nh * (j.hd + 2) * sizeof(float));
     need = sz_items + sz_first + sz_part + sz_sc + sz_o;
     if (need > c->attn_scratch_size) {
         void *p = llm_cpu_aligned_alloc(need + need / 4);
@@ -319,25 +329,20 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
             int32_t len = b->pos[j.t1] + 1, j0;
             int64_t ranges = (len + RANGE - 1) / RANGE;
 
-            if (j.t1 > j.t0 && ranges > 1
-                && used + ranges * nkv > MAX_PARTIALS)
-            {
+            if (j.t1 > j.t0 && ranges > 1 && used + ranges > MAX_PARTIALS) {
                 break;
             }
-            for (kvh = 0; kvh < nkv; kvh++) {
-                j.first[(j.t1 - j.t0) * nkv + kvh] = (int32_t) n_items;
-                for (j0 = 0; j0 < len; j0 += RANGE) {
-                    attn_item *it = &j.items[n_items++];
-                    it->t = j.t1;
-                    it->kvh = kvh;
-                    it->j0 = j0;
-                    it->j1 = j0 + RANGE < len ? j0 + RANGE : len;
-                    it->part = ranges > 1 ? (int32_t) used++ : -1;
-                }
+            j.first[j.t1 - j.t0] = (int32_t) n_items;
+            for (j0 = 0; j0 < len; j0 += RANGE) {
+                attn_item *it = &j.items[n_items++];
+                it->t = j.t1;
+                it->j0 = j0;
+                it->j1 = j0 + RANGE < len ? j0 + RANGE : len;
+                it->part = ranges > 1 ? (int32_t) used++ : -1;
             }
             split |= ranges > 1;
         }
-        j.first[(j.t1 - j.t0) * nkv] = (int32_t) n_items;
+        j.first[j.t1 - j.t0] = (int32_t) n_items;
         j.n_items = n_items;
         atomic_store(&j.next, 0);
 

@@ -57,8 +57,7 @@ const char *llm_cpu_isa_name(int isa);
 
 /*
  * Activation rows quantized once per matmul, as llama.cpp does (the same
- * quants and scales as its Q8_0, Q8_1 and Q8_K blocks, so that our
- * quantized products make the same rounding choices), in an internal
+ * quants and scales as its Q8_0, Q8_1 and Q8_K blocks), in an internal
  * layout (not GGUF's) made for the integer dot products.  One row of k
  * elements:
  *
@@ -67,23 +66,23 @@ const char *llm_cpu_isa_name(int isa);
  *   as f16):
  *     int8   qs[k]           64-byte aligned
  *     float  d[nb]           block scales (f16 values), nb = k / 32
- *     float  s[nb]           d * sum(qs of the block), exact
- *     float  s16[nb * 2]     d * sum(qs) of each half block
  *     float  s1[nb]          Q8_1's s: f16(max|x| / 127 * sum(qs))
+ *     int32  isum[nb]        sum(qs) of each block
  *   XQ32P: as XQ32 but each pair of blocks (b0, b1) is stored in the
  *     order the 4-bit weights unpack to with 512-bit registers:
  *     b0[0..15] b1[0..15] b0[16..31] b1[16..31].  A last odd block stays
  *     as in XQ32.
- *   XQ32K (for K-quant weights in blocks of 32): the XQ32 layout with
- *     Q8_K's quantization of each 256: x_max the element of largest
- *     magnitude, q = min(127, round(-127 / x_max * x)), d = -x_max / 127
- *     (f32), repeated for the 8 blocks of 32 (s1 = s).
- *   XQK (for K-quant weights by super-block; Q8_K's quantization):
+ *   XQ32K (for K-quant weights; Q8_K's quantization of each 256: x_max
+ *   the element of largest magnitude, q = min(127, round(-127 / x_max *
+ *   x)), d = -x_max / 127 in f32):
  *     int8   qs[k]
- *     float  d[nb]           nb = k / 256
+ *     float  d[k / 256]
+ *     int32  bsum16[k / 16]  sums of each 16 quants
+ *   XQK (the same quants, for the AVX2 kernels):
+ *     int8   qs[k]
+ *     float  d[k / 256]
  *     float  ds16[k / 16]    d * sum of each 16 quants
  *     float  ds32[k / 32]    d * sum of each 32 quants
- *   (the weights' min / offset terms are dot products with ds16/ds32)
  *
  * Rounding is to nearest even, |q| <= 127.
  */
@@ -94,11 +93,27 @@ size_t llm_xq_row_bytes(int kind, int64_t k);   /* multiple of 64 */
 
 #define LLM_XQ_QS(row)          ((int8_t *) (row))
 #define LLM_XQ_D(row, k)        ((float *) ((uint8_t *) (row) + (k)))
-#define LLM_XQ_S(row, k)        (LLM_XQ_D(row, k) + (k) / 32)
-#define LLM_XQ_S16(row, k)      (LLM_XQ_D(row, k) + 2 * ((k) / 32))
-#define LLM_XQ_S1(row, k)       (LLM_XQ_D(row, k) + 4 * ((k) / 32))
+#define LLM_XQ_S1(row, k)       (LLM_XQ_D(row, k) + (k) / 32)
+#define LLM_XQ_ISUM(row, k)     ((int32_t *) (LLM_XQ_D(row, k) + 2 * ((k) / 32)))
+#define LLM_XQ_BSUM16(row, k)   ((int32_t *) (LLM_XQ_D(row, k) + (k) / 256))
 #define LLM_XQ_DS16(row, k)     (LLM_XQ_D(row, k) + (k) / 256)
 #define LLM_XQ_DS32(row, k)     (LLM_XQ_DS16(row, k) + (k) / 16)
+
+/*
+ * The canonical result of quantized weights, which every kernel of a
+ * given instruction set computes for any batch (so that a sequence's
+ * logits do not depend on its batch), and which is llama.cpp's arithmetic
+ * (AVX-512 VNNI kernels), starting from 0 and adding the bias last:
+ *
+ *   Q4_0, Q8_0:  per block  acc = fma(I, d_w * d_x, acc)
+ *                with I the exact integer sum of (w_q - offset) * x_q
+ *   Q4_1:        per block  acc = fma(I, d_w * d_x, acc);
+ *                           acc = fma(m_w, s1_x, acc)
+ *   Q4_K, Q5_K:  per 256    acc = fma(sum_s sc_s I_s, d_w * d_x, acc);
+ *                           acc = fnmadd(sum_s m_s bsum32_s, dmin * d_x, acc)
+ *   Q6_K:        per 256    acc = fma(sum_g sc_g (I_g - 32 bsum16_g),
+ *                                     d_w * d_x, acc)
+ */
 
 /* f32 through f16 and back (round to nearest even), as the activation
  * scales of XQ32. */

@@ -11,10 +11,12 @@
  * many rows its segment has (rows go by in blocks of LORA_ROWS while the
  * weight row is in L1).  Ranks differ per segment; nothing is padded.
  *
- * Weights are f32 or f16 (seg->type; the adapter pool stores f16 on this
- * backend, lora_f16 = 1): decoding with many distinct adapters reads
- * every adapter's A and B once per step, so the step is bound by those
- * bytes, and f16 halves them.  Sums are f32 either way.
+ * Weights are f32, B [out, r], or f16 with B transposed, [r, out]
+ * (seg->type; the adapter pool stores f16 on this backend, lora_f16 =
+ * 1): decoding with many distinct adapters reads every adapter's A and B
+ * once per step, so the step is bound by those bytes; f16 halves them
+ * and B^T lets expand stream its rows.  Sums are f32 either way, and a
+ * row's sums do not depend on the other rows of the call.
  *
  * The row kernels below are the portable ones; lora_avx512.c has the
  * same with AVX-512 (F16C conversions), chosen by the ISA at run time.
@@ -27,19 +29,22 @@
 
 
 /* Row kernels: shrink: t[r * ts] = dot(x[r], a) for r < n (n <= 4);
- * expand: out[o] += scale * dot(t, B row o) for o in [o0, o1). */
+ * expand: out[r * os + o] += scale * dot(t[r * rank ...], B row o) for
+ * o in [o0, o1) and the n rows of a segment; B has od rows. */
 typedef void (*lora_shrink_fn)(const void *a, int type, int64_t in,
                                const float *const *x, int n, float *t,
                                int64_t ts);
 typedef void (*lora_expand_fn)(const void *b, int type, int rank,
-                               const float *t, float scale, float *out,
+                               int64_t od, const float *t, int n,
+                               float scale, float *out, int64_t os,
                                int64_t o0, int64_t o1);
 
 void llm_cpu_lora_shrink_avx512(const void *a, int type, int64_t in,
                                 const float *const *x, int n, float *t,
                                 int64_t ts);
 void llm_cpu_lora_expand_avx512(const void *b, int type, int rank,
-                                const float *t, float scale, float *out,
+                                int64_t od, const float *t, int n,
+                                float scale, float *out, int64_t os,
                                 int64_t o0, int64_t o1);
 
 
@@ -106,19 +111,25 @@ shrink_scalar(const void *a, int type, int64_t in, const float *const *x,
 
 
 static void
-expand_scalar(const void *b, int type, int rank, const float *t,
-              float scale, float *out, int64_t o0, int64_t o1)
+expand_scalar(const void *b, int type, int rank, int64_t od, const float *t,
+              int n, float scale, float *out, int64_t os, int64_t o0,
+              int64_t o1)
 {
     int64_t o;
-    int     j;
+    int     j, r;
 
-    for (o = o0; o < o1; o++) {
-        float sum = 0.0f;
+    for (r = 0; r < n; r++) {
+        for (o = o0; o < o1; o++) {
+            float sum = 0.0f;
 
-        for (j = 0; j < rank; j++) {
-            sum += t[j] * weight_at(b, type, o * rank + j);
+            for (j = 0; j < rank; j++) {
+                /* f16: B^T, [rank, od] */
+                sum += t[r * rank + j]
+                       * weight_at(b, type, type == LLM_F16 ? j * od + o
+                                                            : o * rank + j);
+            }
+            out[r * os + o] += scale * sum;
         }
-        out[o] += scale * sum;
     }
 }
 
@@ -172,7 +183,7 @@ static void
 lora_expand_chunk(void *arg, int c, int nc)
 {
     lora_task *tk = arg;
-    int64_t    j0, j1, row;
+    int64_t    j0, j1;
     int        s;
 
     llm_cpu_split(tk->o, c, nc, 16, &j0, &j1);
@@ -181,16 +192,13 @@ lora_expand_chunk(void *arg, int c, int nc)
     }
     for (s = 0; s < tk->n_segs; s++) {
         const llm_lora_seg *sg = &tk->segs[s];
+        float              *out0 = (float *) ((uint8_t *) tk->out->data
+                                              + (size_t) sg->first
+                                                * tk->out->nb);
 
-        for (row = 0; row < sg->n; row++) {
-            float *outr = (float *) ((uint8_t *) tk->out->data
-                                     + (size_t) (sg->first + row)
-                                       * tk->out->nb);
-
-            tk->expand(sg->b, sg->type, sg->rank,
-                       tk->t + tk->t_off[s] + row * sg->rank, sg->scale,
-                       outr, j0, j1);
-        }
+        tk->expand(sg->b, sg->type, sg->rank, tk->o, tk->t + tk->t_off[s],
+                   sg->n, sg->scale, out0,
+                   (int64_t) (tk->out->nb / sizeof(float)), j0, j1);
     }
 }
 

@@ -3,11 +3,18 @@
  * weights (converted with vcvtph2ps as they are loaded), f32 sums.
  *
  *   shrink: t[r * ts] = dot(x[r], a)              r < n <= 4 rows
- *   expand: out[o] += scale * dot(t, B row o)     o in [o0, o1)
+ *   expand: out[r][o] += scale * dot(t[r], B row o), o in [o0, o1), for
+ *           the n rows of a segment
  *
- * Expand works on 16 outputs at a time: sixteen products of a B row
- * with t, then one transposing reduction gives the sixteen sums in one
- * vector (B keeps its [out, rank] layout; no packing at upload).
+ * Expand: f16 weights come with B transposed ([rank, out], packed so at
+ * upload), and each B^T row is read in memory order into a tile of
+ * deltas kept in registers / L1.  f32 weights keep B's [out, rank]
+ * layout: each 16 x 16 block of B is transposed in registers, then each
+ * row of the segment costs one FMA per rank.
+ *
+ * A row's sums never depend on how many rows its segment has or where
+ * the threads split the work, so a sequence gets the same numbers in any
+ * batch.
  */
 #include <immintrin.h>
 
@@ -103,87 +110,169 @@ llm_cpu_lora_shrink_avx512(const void *a, int type, int64_t in,
 }
 
 
-/*
- * The sums of the 16 lanes of each of v[0..15], as one vector (lane k:
- * the sum of v[k]).  Pairs, then quads of 128-bit lanes, then across the
- * four 128-bit lanes.
- */
-static inline __m512
-hsum16(const __m512 *v)
+/* In place: r[i] lane j <- r[j] lane i. */
+static inline void
+transpose16(__m512 *r)
 {
-    __m512 a[8], b[4], c0, c1, d01, d23;
-    int    i;
+    __m512 t[16], u0, u1, u2, u3;
+    int    i, m;
 
-    for (i = 0; i < 8; i++) {
-        /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     }
-    for (i = 0; i < 4; i++) {
-        /* per 128-bit lane: the lane's sums of v[4i .. 4i + 3] */
-        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]),
-                                        _mm512_castps_pd(a[2 * i + 1]));
-        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]),
-                                        _mm512_castps_pd(a[2 * i + 1]));
+    /* r[4q + m], 128-bit lane L: element 4L + m of rows 4q .. 4q + 3 */
+    for (i = 0; i < 16; i += 4) {
+        __m512d a = _mm512_castps_pd(t[i]), c = _mm512_castps_pd(t[i + 2]);
+        __m512d b = _mm512_castps_pd(t[i + 1]);
+        __m512d d = _mm512_castps_pd(t[i + 3]);
 
-        b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
     }
-    c0 = _mm512_shuffle_f32x4(b[0], b[1], 0x44);
-    c1 = _mm512_shuffle_f32x4(b[0], b[1], 0xee);
-    d01 = _mm512_add_ps(c0, c1);
-    c0 = _mm512_shuffle_f32x4(b[2], b[3], 0x44);
-    c1 = _mm512_shuffle_f32x4(b[2], b[3], 0xee);
-    d23 = _mm512_add_ps(c0, c1);
-    return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88),
-                         _mm512_shuffle_f32x4(d01, d23, 0xdd));
+    /* then a 4 x 4 transpose of 128-bit lanes for each m */
+    for (m = 0; m < 4; m++) {
+        t[m] = r[m];
+        t[4 + m] = r[4 + m];
+        t[8 + m] = r[8 + m];
+        t[12 + m] = r[12 + m];
+    }
+    for (m = 0; m < 4; m++) {
+        u0 = _mm512_shuffle_f32x4(t[m], t[4 + m], 0x44);
+        u1 = _mm512_shuffle_f32x4(t[m], t[4 + m], 0xee);
+        u2 = _mm512_shuffle_f32x4(t[8 + m], t[12 + m], 0x44);
+        u3 = _mm512_shuffle_f32x4(t[8 + m], t[12 + m], 0xee);
+        r[m] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+        r[8 + m] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+        r[12 + m] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+    }
+}
+
+
+/* f32, B [out, rank]: per block of 16 outputs and 16 ranks, the block
+ * transposed in registers (col[j] = B[ob .. ob + 15][c + j]); then
+ * out[r] += scale * sum_j t[r][c + j] * col[j]. */
+static void
+expand_f32(const void *b, int rank, const float *t, int n, float scale,
+           float *out, int64_t os, int64_t o0, int64_t o1)
+{
+    __m512     col[16], sc = _mm512_set1_ps(scale), acc, o;
+    __mmask16  om, cm;
+    int64_t    ob;
+    int        c, cw, k, j, r, rows;
+
+    for (ob = o0; ob < o1; ob += 16) {
+        rows = o1 - ob < 16 ? (int) (o1 - ob) : 16;
+        om = rows == 16 ? (__mmask16) 0xffff : tail_mask(rows);
+        for (c = 0; c < rank; c += 16) {
+            cw = rank - c < 16 ? rank - c : 16;
+            cm = cw == 16 ? (__mmask16) 0xffff : tail_mask(cw);
+            for (k = 0; k < 16; k++) {
+                col[k] = k < rows ? ld16_mask(b, 0, (ob + k) * rank + c, cm)
+                                  : _mm512_setzero_ps();
+            }
+            transpose16(col);
+            for (j = cw; j < 16; j++) {
+                col[j] = _mm512_setzero_ps();
+            }
+            for (r = 0; r < n; r++) {
+                const float *tr = t + (int64_t) r * rank + c;
+                __m512       a[4];
+
+                /* four chains (j mod 4), summed in one fixed order */
+                for (j = 0; j < 4; j++) {
+                    a[j] = _mm512_mul_ps(_mm512_set1_ps(j < cw ? tr[j] : 0),
+                                         col[j]);
+                }
+                for (j = 4; j < cw; j++) {
+                    a[j & 3] = _mm512_fmadd_ps(_mm512_set1_ps(tr[j]), col[j],
+                                               a[j & 3]);
+                }
+                acc = _mm512_add_ps(_mm512_add_ps(a[0], a[1]),
+                                    _mm512_add_ps(a[2], a[3]));
+                o = _mm512_maskz_loadu_ps(om, out + r * os + ob);
+                _mm512_mask_storeu_ps(out + r * os + ob, om,
+                                      _mm512_fmadd_ps(sc, acc, o));
+            }
+        }
+    }
+}
+
+
+/*
+ * f16, B^T [rank, od]: for a tile of outputs and up to EXP_ROWS rows,
+ * d[r] = sum_j t[r][j] * B^T row j, walking each B^T row's tile in
+ * memory order (one stream at a time, a tile's delta in L1), then
+ * out[r] += scale * d[r].  Sums run over j in order, whatever the rows.
+ */
+#define EXP_TILE  1024
+#define EXP_ROWS  4
+
+static void
+expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
+           float scale, float *out, int64_t os, int64_t o0, int64_t o1)
+{
+    __m512     d[EXP_ROWS][EXP_TILE / 16], sc = _mm512_set1_ps(scale), w;
+    __m512     tj[EXP_ROWS];
+    __mmask16  m;
+    int64_t    tb, o, len, nv, v;
+    int        r0, nr, r, j;
+
+    for (tb = o0; tb < o1; tb += EXP_TILE) {
+        len = o1 - tb < EXP_TILE ? o1 - tb : EXP_TILE;
+        nv = (len + 15) / 16;
+        for (r0 = 0; r0 < n; r0 += EXP_ROWS) {
+            nr = n - r0 < EXP_ROWS ? n - r0 : EXP_ROWS;
+            for (r = 0; r < nr; r++) {
+                for (v = 0; v < nv; v++) {
+                    d[r][v] = _mm512_setzero_ps();
+                }
+            }
+            for (j = 0; j < rank; j++) {
+                const uint16_t *row = bt + (int64_t) j * od + tb;
+
+                for (r = 0; r < nr; r++) {
+                    tj[r] = _mm512_set1_ps(t[(int64_t) (r0 + r) * rank + j]);
+                }
+                for (v = 0; v < nv; v++) {
+                    o = 16 * v;
+                    m = len - o >= 16 ? (__mmask16) 0xffff
+                                      : tail_mask(len - o);
+                    w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
+                                                                 row + o));
+                    for (r = 0; r < nr; r++) {
+                        d[r][v] = _mm512_fmadd_ps(tj[r], w, d[r][v]);
+                    }
+                }
+            }
+            for (r = 0; r < nr; r++) {
+                float *orow = out + (int64_t) (r0 + r) * os + tb;
+
+                for (v = 0; v < nv; v++) {
+                    o = 16 * v;
+                    m = len - o >= 16 ? (__mmask16) 0xffff
+                                      : tail_mask(len - o);
+                    _mm512_mask_storeu_ps(orow + o, m,
+                        _mm512_fmadd_ps(sc, d[r][v],
+                                        _mm512_maskz_loadu_ps(m, orow + o)));
+                }
+            }
+        }
+    }
 }
 
 
 void
-llm_cpu_lora_expand_avx512(const void *b, int type, int rank,
-                           const float *t, float scale, float *out,
-                           int64_t o0, int64_t o1)
+llm_cpu_lora_expand_avx512(const void *b, int type, int rank, int64_t od,
+                           const float *t, int n, float scale, float *out,
+                           int64_t os, int64_t o0, int64_t o1)
 {
-    __m512     tv[16], p[16], sc = _mm512_set1_ps(scale);
-    __mmask16  last;
-    int        f16 = type == LLM_F16, nc, c, k;
-    int64_t    o;
-
-    if (rank > 16 * 16) {
-        return;                 /* LLM_LORA_MAX_RANK is 256 */
-    }
-    nc = (rank + 15) / 16;
-    last = rank % 16 ? tail_mask(rank % 16) : (__mmask16) 0xffff;
-    for (c = 0; c < nc; c++) {
-        tv[c] = _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff,
-                                      t + 16 * c);
-    }
-
-    for (o = o0; o + 16 <= o1; o += 16) {
-        for (k = 0; k < 16; k++) {
-            int64_t row = (o + k) * rank;
-
-            p[k] = _mm512_mul_ps(ld16_mask(b, f16, row,
-                                           nc == 1 ? last : 0xffff), tv[0]);
-            for (c = 1; c < nc; c++) {
-                p[k] = _mm512_fmadd_ps(ld16_mask(b, f16, row + 16 * c,
-                                                 c == nc - 1 ? last
-                                                             : 0xffff),
-                                       tv[c], p[k]);
-            }
-        }
-        _mm512_storeu_ps(out + o, _mm512_fmadd_ps(sc, hsum16(p),
-                                                  _mm512_loadu_ps(out + o)));
-    }
-    for (; o < o1; o++) {
-        __m512 q = _mm512_mul_ps(ld16_mask(b, f16, o * rank,
-                                           nc == 1 ? last : 0xffff), tv[0]);
-
-        for (c = 1; c < nc; c++) {
-            q = _mm512_fmadd_ps(ld16_mask(b, f16, o * rank + 16 * c,
-                                          c == nc - 1 ? last : 0xffff),
-                                tv[c], q);
-        }
-        out[o] += scale * _mm512_reduce_add_ps(q);
+    if (type == LLM_F16) {
+        expand_f16(b, rank, od, t, n, scale, out, os, o0, o1);
+    } else {
+        expand_f32(b, rank, t, n, scale, out, os, o0, o1);
     }
 }

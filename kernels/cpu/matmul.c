@@ -1,14 +1,15 @@
 /*
  * Matrix products out = x W^T (+ bias): argument checks, activation
- * quantization, the split over threads, OpenBLAS for large f32 products,
- * and the portable C kernels (the reference the SIMD kernels in
- * matmul_avx2.c / matmul_avx512.c are tested against).
+ * quantization, the split over threads, OpenBLAS for large f32 products
+ * (on request), and the portable C kernels (the reference the SIMD
+ * kernels in matmul_avx2.c / matmul_avx512.c are tested against).
  *
  * Quantized weights are multiplied as llama.cpp does: the activation rows
- * are quantized once per call to 8 bits (cpu.h: XQ32/XQK layouts), then
- * each block's integer dot product is scaled by both block scales.
- * Threads split the output features (rows of W) in contiguous ranges, so
- * each thread streams its part of W once.
+ * are quantized once per call to 8 bits (cpu.h: Q8_0/Q8_1/Q8_K's
+ * quantization in the XQ* layouts), then each block's integer dot product
+ * is scaled by both block scales, in the canonical order of cpu.h.
+ * Threads split the output features (rows of W) in chunks of contiguous
+ * rows, so each thread streams its part of W once.
  */
 #include "cpu.h"
 
@@ -21,9 +22,9 @@
  * a second round trip through the pool costs more. */
 #define QUANT_SERIAL_MAX  (16 * 1024)
 
-/* F32 weights: OpenBLAS from this many activation rows and this inner
- * dimension on; below, our register tiles were as fast or faster
- * (bench/kernels/RESULTS.md). */
+/* F32 weights with LLM_CPU_BLAS=1: OpenBLAS from this many activation
+ * rows and this inner dimension on (below, our register tiles were as
+ * fast or faster; bench/kernels/RESULTS.md). */
 #define BLAS_MIN_ROWS     16
 #define BLAS_MIN_K        1024
 
@@ -35,10 +36,16 @@ llm_xq_row_bytes(int kind, int64_t k)
 {
     size_t n;
 
-    if (kind == LLM_XQK) {
+    switch (kind) {
+    case LLM_XQK:
         n = (size_t) k + 4 * (size_t) (k / 256 + k / 16 + k / 32);
-    } else {
-        n = (size_t) k + 20 * (size_t) (k / 32);
+        break;
+    case LLM_XQ32K:
+        n = (size_t) k + 4 * (size_t) (k / 256 + k / 16);
+        break;
+    default:
+        n = (size_t) k + 12 * (size_t) (k / 32);
+        break;
     }
     return (n + 63) & ~(size_t) 63;
 }
@@ -104,33 +111,23 @@ quant_x_scalar(const float *x, void *xq, int64_t k, int kind)
         nb = k / 256;
         for (b = 0; b < nb; b++) {
             int8_t *q = qs + 256 * b;
-            float   db = q8k_block(x + 256 * b, q);
             int     sum16[16];
 
+            d[b] = q8k_block(x + 256 * b, q);
             memset(sum16, 0, sizeof(sum16));
             for (i = 0; i < 256; i++) {
                 sum16[i / 16] += q[i];
             }
-            if (kind == LLM_XQK) {
-                d[b] = db;
-                for (i = 0; i < 16; i++) {
-                    LLM_XQ_DS16(xq, k)[16 * b + i] = db * (float) sum16[i];
+            for (i = 0; i < 16; i++) {
+                if (kind == LLM_XQ32K) {
+                    LLM_XQ_BSUM16(xq, k)[16 * b + i] = sum16[i];
+                } else {
+                    LLM_XQ_DS16(xq, k)[16 * b + i] = d[b] * (float) sum16[i];
                 }
-                for (i = 0; i < 8; i++) {
-                    LLM_XQ_DS32(xq, k)[8 * b + i] =
-                        db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                }
-            } else {
-                for (i = 0; i < 8; i++) {
-                    int64_t sb = 8 * b + i;
-                    float   s = db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                    d[sb] = db;
-                    LLM_XQ_S(xq, k)[sb] = s;
-                    LLM_XQ_S1(xq, k)[sb] = s;
-                    LLM_XQ_S16(xq, k)[2 * sb] = db * (float) sum16[2 * i];
-                    LLM_XQ_S16(xq, k)[2 * sb + 1] =
-                        db * (float) sum16[2 * i + 1];
-                }
+            }
+            for (i = 0; i < 8 && kind == LLM_XQK; i++) {
+                LLM_XQ_DS32(xq, k)[8 * b + i] =
+                    d[b] * (float) (sum16[2 * i] + sum16[2 * i + 1]);
             }
         }
         return;
@@ -141,12 +138,11 @@ quant_x_scalar(const float *x, void *xq, int64_t k, int kind)
         const float *xb = x + 32 * b;
         float        amax = block_absmax(xb, 32);
         float        id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        int          sum = 0, half = 0, q;
+        int          sum = 0, q;
 
         for (i = 0; i < 32; i++) {
             q = (int) nearbyintf(xb[i] * id);
             sum += q;
-            half += i < 16 ? q : 0;
             if (kind == LLM_XQ32P && (b | 1) < nb) {
                 /* pair layout: b0 lo16, b1 lo16, b0 hi16, b1 hi16 */
                 int8_t *pair = qs + 32 * (b & ~(int64_t) 1);
@@ -156,10 +152,8 @@ quant_x_scalar(const float *x, void *xq, int64_t k, int kind)
             }
         }
         d[b] = llm_cpu_f16_round(amax / 127.0f);
-        LLM_XQ_S(xq, k)[b] = d[b] * (float) sum;
-        LLM_XQ_S16(xq, k)[2 * b] = d[b] * (float) half;
-        LLM_XQ_S16(xq, k)[2 * b + 1] = d[b] * (float) (sum - half);
         LLM_XQ_S1(xq, k)[b] = llm_cpu_f16_round(amax / 127.0f * (float) sum);
+        LLM_XQ_ISUM(xq, k)[b] = sum;
     }
 }
 
@@ -180,16 +174,15 @@ hf(const uint8_t *p)
 }
 
 
-/* The activation quant of element i of block b (XQ32 natural layout). */
+/* The canonical sums of cpu.h, one output at a time. */
 static float
 dot_xq32(int type, const uint8_t *w, const void *xq, int64_t k)
 {
     const int8_t *qs = LLM_XQ_QS(xq);
     const float  *d = LLM_XQ_D(xq, k);
-    const float  *s = LLM_XQ_S(xq, k);
     const float  *s1 = LLM_XQ_S1(xq, k);
     int64_t       b, nb = k / 32;
-    float         sum = 0.0f;
+    float         acc = 0.0f;
     int           i, isum;
 
     for (b = 0; b < nb; b++) {
@@ -200,10 +193,9 @@ dot_xq32(int type, const uint8_t *w, const void *xq, int64_t k)
         case LLM_Q4_0: {
             const uint8_t *q = w + 18 * b + 2;
             for (i = 0; i < 16; i++) {
-                isum += (q[i] & 0x0f) * x[i] + (q[i] >> 4) * x[i + 16];
+                isum += ((q[i] & 0x0f) - 8) * x[i] + ((q[i] >> 4) - 8) * x[i + 16];
             }
-            /* w = d (q - 8): the -8 part through the activation sum */
-            sum += hf(w + 18 * b) * (d[b] * (float) isum - 8.0f * s[b]);
+            acc = fmaf((float) isum, hf(w + 18 * b) * d[b], acc);
             break;
         }
         case LLM_Q4_1: {
@@ -211,9 +203,9 @@ dot_xq32(int type, const uint8_t *w, const void *xq, int64_t k)
             for (i = 0; i < 16; i++) {
                 isum += (q[i] & 0x0f) * x[i] + (q[i] >> 4) * x[i + 16];
             }
+            acc = fmaf((float) isum, hf(w + 20 * b) * d[b], acc);
             /* the min times Q8_1's sum */
-            sum += hf(w + 20 * b) * d[b] * (float) isum
-                   + hf(w + 20 * b + 2) * s1[b];
+            acc = fmaf(hf(w + 20 * b + 2), s1[b], acc);
             break;
         }
         case LLM_Q8_0: {
@@ -221,12 +213,12 @@ dot_xq32(int type, const uint8_t *w, const void *xq, int64_t k)
             for (i = 0; i < 32; i++) {
                 isum += q[i] * x[i];
             }
-            sum += hf(w + 34 * b) * d[b] * (float) isum;
+            acc = fmaf((float) isum, hf(w + 34 * b) * d[b], acc);
             break;
         }
         }
     }
-    return sum;
+    return acc;
 }
 
 
@@ -248,16 +240,15 @@ dot_xqk(int type, const uint8_t *w, const void *xq, int64_t k)
 {
     const int8_t  *qs = LLM_XQ_QS(xq);
     const float   *dx = LLM_XQ_D(xq, k);
-    const float   *ds16 = LLM_XQ_DS16(xq, k);
-    const float   *ds32 = LLM_XQ_DS32(xq, k);
+    const int32_t *b16 = LLM_XQ_BSUM16(xq, k);
     int64_t        b, nb = k / 256;
-    float          sum = 0.0f;
+    float          acc = 0.0f;
     int            i, j, sc, m;
 
     for (b = 0; b < nb; b++) {
         const int8_t  *x = qs + 256 * b;
-        int            isum = 0;
-        float          msum = 0.0f;
+        const int32_t *bs = b16 + 16 * b;
+        int            isum = 0, msum = 0;
 
         if (type == LLM_Q4_K || type == LLM_Q5_K) {
             const uint8_t *blk = w + (type == LLM_Q4_K ? 144 : 176) * b;
@@ -276,14 +267,16 @@ dot_xqk(int type, const uint8_t *w, const void *xq, int64_t k)
                     sub += v * x[32 * j + i];
                 }
                 isum += sc * sub;
-                msum += (float) m * ds32[8 * b + j];
+                msum += m * (bs[2 * j] + bs[2 * j + 1]);
             }
-            sum += dx[b] * hf(blk) * (float) isum - hf(blk + 2) * msum;
+            acc = fmaf((float) isum, hf(blk) * dx[b], acc);
+            acc = fmaf(-(float) msum, hf(blk + 2) * dx[b], acc);
         } else {                                        /* Q6_K */
             const uint8_t *blk = w + 210 * b;
             const int8_t  *scl = (const int8_t *) (blk + 192);
-            int            e;
+            int            e, sub[16];
 
+            memset(sub, 0, sizeof(sub));
             for (e = 0; e < 256; e++) {
                 int h = e / 128, r = e % 128, l = r % 32, g = r / 32;
                 const uint8_t *ql = blk + 64 * h;
@@ -291,16 +284,16 @@ dot_xqk(int type, const uint8_t *w, const void *xq, int64_t k)
                 int lo = g & 1 ? ql[l + 32] : ql[l];
                 int v = (g < 2 ? lo & 0x0f : lo >> 4)
                         | (((qh[l] >> (2 * g)) & 3) << 4);
-                isum += scl[e / 16] * v * x[e];
-            }
-            for (i = 0; i < 16; i++) {
-                msum += (float) scl[i] * ds16[16 * b + i];
+                sub[e / 16] += v * x[e];
             }
             /* w = d sc (q - 32) */
-            sum += hf(blk + 208) * (dx[b] * (float) isum - 32.0f * msum);
+            for (i = 0; i < 16; i++) {
+                isum += scl[i] * (sub[i] - 32 * bs[i]);
+            }
+            acc = fmaf((float) isum, hf(blk + 208) * dx[b], acc);
         }
     }
-    return sum;
+    return acc;
 }
 
 
@@ -489,9 +482,9 @@ llm_cpu_kernels_scalar(llm_cpu_kernels *k)
     k->xq_kind[LLM_Q4_0] = LLM_XQ32;
     k->xq_kind[LLM_Q4_1] = LLM_XQ32;
     k->xq_kind[LLM_Q8_0] = LLM_XQ32;
-    k->xq_kind[LLM_Q4_K] = LLM_XQK;
-    k->xq_kind[LLM_Q5_K] = LLM_XQK;
-    k->xq_kind[LLM_Q6_K] = LLM_XQK;
+    k->xq_kind[LLM_Q4_K] = LLM_XQ32K;
+    k->xq_kind[LLM_Q5_K] = LLM_XQ32K;
+    k->xq_kind[LLM_Q6_K] = LLM_XQ32K;
 
     k->f16_to_f32 = f16_to_f32_scalar;
     k->f32_to_f16 = f32_to_f16_scalar;
@@ -536,13 +529,14 @@ mm_quant_task(void *arg, int ith, int nth)
 }
 
 
-/* Chunks of output features: a few per thread, so that threads the OS
- * does not schedule at once delay little (threadpool.c). */
+/* Chunks of output features: a few per thread for single rows (long
+ * streams of W), many for batches (compute bound: a thread the OS has
+ * preempted then holds back little work; threadpool.c). */
 static int
 mm_chunks(llm_cpu_ctx *c, const mm_job *j)
 {
     int64_t units = (j->m + j->align - 1) / j->align;
-    int64_t n = 3 * (int64_t) c->n_threads;
+    int64_t n = (j->g.n >= 3 ? 16 : 3) * (int64_t) c->n_threads;
 
     return (int) (units < n ? units : n);
 }

@@ -1,9 +1,14 @@
 /*
  * AVX2 (+FMA, F16C) matrix product kernels, for CPUs without AVX-512.
- * Same structure as matmul_avx512.c with 256-bit registers: one block of
- * 32 per register; vpmaddubsw + vpmaddwd for the integer dot products.
- * Q8_0 weights are signed: |w| times x with w's sign keeps vpmaddubsw
- * from saturating (|w|, |x| <= 127).
+ * Register tiles of RB activation rows x RW weight rows, one block of 32
+ * per register; vpmaddubsw + vpmaddwd for the integer dot products, f32
+ * lanes accumulated over the blocks and summed at the end (the same order
+ * for any RB, RW, so results do not depend on the batch; they are not
+ * bit-identical to the scalar and AVX-512 kernels' canonical order).
+ * Signed weights (Q8_0, Q4_0 as q - 8) multiply as |w| times x with w's
+ * sign, which keeps vpmaddubsw from saturating (|w|, |x| <= 127).
+ * K-quants: integer sub-block scales through vpmaddwd, float scales once
+ * per super-block.
  */
 #include "cpu.h"
 
@@ -142,8 +147,9 @@ quant_x_avx2(const float *x, void *xq, int64_t k, int kind)
         nb = k / 256;
         for (b = 0; b < nb; b++) {
             const float *xb = x + 256 * b;
-            float        amax = absmax(xb, 256), max = 0.0f, db = 0.0f;
+            float        amax = absmax(xb, 256), max = 0.0f;
 
+            d[b] = 0.0f;
             if (amax != 0.0f) {
                 for (i = 0; i < 256; i++) {
                     if (xb[i] == amax || xb[i] == -amax) {
@@ -155,31 +161,21 @@ quant_x_avx2(const float *x, void *xq, int64_t k, int kind)
                     quant32(xb + 32 * i, -127.0f / max, qs + 256 * b + 32 * i,
                             sum16 + 2 * i);
                 }
-                db = 1.0f / (-127.0f / max);
+                d[b] = 1.0f / (-127.0f / max);
             } else {
                 memset(qs + 256 * b, 0, 256);
                 memset(sum16, 0, sizeof(sum16));
             }
-            if (kind == LLM_XQK) {
-                d[b] = db;
-                for (i = 0; i < 16; i++) {
-                    LLM_XQ_DS16(xq, k)[16 * b + i] = db * (float) sum16[i];
+            for (i = 0; i < 16; i++) {
+                if (kind == LLM_XQ32K) {
+                    LLM_XQ_BSUM16(xq, k)[16 * b + i] = sum16[i];
+                } else {
+                    LLM_XQ_DS16(xq, k)[16 * b + i] = d[b] * (float) sum16[i];
                 }
-                for (i = 0; i < 8; i++) {
-                    LLM_XQ_DS32(xq, k)[8 * b + i] =
-                        db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                }
-            } else {
-                for (i = 0; i < 8; i++) {
-                    int64_t sb = 8 * b + i;
-                    float   sv = db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                    d[sb] = db;
-                    LLM_XQ_S(xq, k)[sb] = sv;
-                    LLM_XQ_S1(xq, k)[sb] = sv;
-                    LLM_XQ_S16(xq, k)[2 * sb] = db * (float) sum16[2 * i];
-                    LLM_XQ_S16(xq, k)[2 * sb + 1] =
-                        db * (float) sum16[2 * i + 1];
-                }
+            }
+            for (i = 0; i < 8 && kind == LLM_XQK; i++) {
+                LLM_XQ_DS32(xq, k)[8 * b + i] =
+                    d[b] * (float) (sum16[2 * i] + sum16[2 * i + 1]);
             }
         }
         return;
@@ -194,10 +190,8 @@ quant_x_avx2(const float *x, void *xq, int64_t k, int kind)
         quant32(x + 32 * b, id, qs + 32 * b, sum16);
         sum = sum16[0] + sum16[1];
         d[b] = f16_round(amax / 127.0f);
-        LLM_XQ_S(xq, k)[b] = d[b] * (float) sum;
-        LLM_XQ_S16(xq, k)[2 * b] = d[b] * (float) sum16[0];
-        LLM_XQ_S16(xq, k)[2 * b + 1] = d[b] * (float) sum16[1];
         LLM_XQ_S1(xq, k)[b] = f16_round(amax / 127.0f * (float) sum);
+        LLM_XQ_ISUM(xq, k)[b] = sum;
     }
     if (kind == LLM_XQ32P) {
         /* not used by this table's kernels; kept complete: swap the
@@ -238,6 +232,8 @@ b32_size(int type)
 }
 
 
+/* A block's 32 weight quants: Q8_0 and Q4_0 (q - 8) signed, Q4_1
+ * unsigned. */
 INLINE __m256i
 b32_quants(int type, const uint8_t *blk)
 {
@@ -246,18 +242,23 @@ b32_quants(int type, const uint8_t *blk)
     } else {
         __m128i v = _mm_loadu_si128((const __m128i *)
                                     (blk + (type == LLM_Q4_0 ? 2 : 4)));
-        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v),
-                                _mm256_set1_epi8(0x0f));
+        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v),
+                                     _mm256_set1_epi8(0x0f));
+        return type == LLM_Q4_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(8)) : q;
     }
 }
 
 
+/* Per block: acc += (dot of the quants) * d_w * d_x, and Q4_1's min times
+ * Q8_1's sum; signed weights (Q4_0, Q8_0) through |w| and x with w's sign,
+ * so that vpmaddubsw cannot saturate. */
 INLINE void
 tile_b32(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
          int64_t j0)
 {
     const int64_t  k = g->k, nb = k / 32;
     const int      bs = b32_size(type);
+    const int      sgn = type != LLM_Q4_1;
     const __m256i  ones = _mm256_set1_epi16(1);
     __m256         acc[4][2];
     float          mw[2][SEG32];
@@ -267,19 +268,17 @@ tile_b32(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
     int64_t        s0, s1, b;
     int            r, w;
 
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (w = 0; w < RW; w++) {
         wr[w] = g->w + (size_t) (j0 + w) * g->w_nb;
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (r = 0; r < RB; r++) {
         const uint8_t *xr = x_row(g, r0 + r);
         xqs[r] = LLM_XQ_QS(xr);
         xd[r] = LLM_XQ_D(xr, k);
-        /* Q4_1's min goes with Q8_1's sum, Q4_0's offset with the exact
-         * one */
-        xs[r] = type == LLM_Q4_1 ? LLM_XQ_S1(xr, k) : LLM_XQ_S(xr, k);
-        #pragma GCC unroll 16
+        xs[r] = LLM_XQ_S1(xr, k);
+#pragma GCC unroll 16
         for (w = 0; w < RW; w++) {
             acc[r][w] = _mm256_setzero_ps();
         }
@@ -292,31 +291,27 @@ tile_b32(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
             __m256i wq[2], wa[2];
             __m256  dw[2];
 
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (w = 0; w < RW; w++) {
                 const uint8_t *blk = wr[w] + b * bs;
-                float          d = f16_at(blk);
 
                 if (RB == 1) {
                     _mm_prefetch((const char *) blk + PF_ROWS * g->w_nb,
                                  _MM_HINT_T0);
                 }
                 wq[w] = b32_quants(type, blk);
-                wa[w] = type == LLM_Q8_0 ? _mm256_sign_epi8(wq[w], wq[w])
-                                         : wq[w];
-                dw[w] = _mm256_set1_ps(d);
-                mw[w][b - s0] = type == LLM_Q4_1 ? f16_at(blk + 2)
-                                : type == LLM_Q4_0 ? -8.0f * d : 0.0f;
+                wa[w] = sgn ? _mm256_sign_epi8(wq[w], wq[w]) : wq[w];
+                dw[w] = _mm256_set1_ps(f16_at(blk));
+                mw[w][b - s0] = type == LLM_Q4_1 ? f16_at(blk + 2) : 0.0f;
             }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (r = 0; r < RB; r++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)
                                                 (xqs[r] + 32 * b));
                 __m256  dx = _mm256_broadcast_ss(xd[r] + b);
-                #pragma GCC unroll 16
+#pragma GCC unroll 16
                 for (w = 0; w < RW; w++) {
-                    __m256i xs8 = type == LLM_Q8_0 ? _mm256_sign_epi8(xv, wq[w])
-                                                   : xv;
+                    __m256i xs8 = sgn ? _mm256_sign_epi8(xv, wq[w]) : xv;
                     __m256i p = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(wa[w], xs8), ones);
                     acc[r][w] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
@@ -325,10 +320,10 @@ tile_b32(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
                 }
             }
         }
-        if (type != LLM_Q8_0) {
-            #pragma GCC unroll 16
+        if (type == LLM_Q4_1) {
+#pragma GCC unroll 16
             for (r = 0; r < RB; r++) {
-                #pragma GCC unroll 16
+#pragma GCC unroll 16
                 for (w = 0; w < RW; w++) {
                     acc[r][w] = fma_rows(mw[w], xs[r] + s0, s1 - s0,
                                          acc[r][w]);
@@ -337,10 +332,10 @@ tile_b32(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
         }
     }
 
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (r = 0; r < RB; r++) {
         float *o = out_row(g, r0 + r);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (w = 0; w < RW; w++) {
             o[j0 + w] = hsum256(acc[r][w])
                         + (g->bias ? g->bias[j0 + w] : 0.0f);

@@ -3,23 +3,16 @@
  * -mavx512* flags (Makefile), called only when the CPU has them.
  *
  * Quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).  Every output
- * is computed in one canonical way, whatever the number of activation
- * rows, so that a sequence gets bit-identical logits alone or in a batch:
- * for each block of 32 in order (16 for Q6_K's scales)
- *
- *     acc = fma(float(I), d_w * d_x, acc);  acc = fma(m_w, s_x, acc)
- *
- * starting from the bias, where I is the exact integer dot product of the
- * weight quants (made unsigned: q - 8 for Q4_0, q + 128 for Q8_0, q - 32
- * for Q6_K) with the activation quants (8-bit, blocks of 32), d_w the
- * block's (or sub-block's: d * sc) float scale, d_x the activation block
- * scale, m_w the offset multiplier (Q4_1's min; -8 d, -128 d, -dmin m,
- * -32 d sc) and s_x = d_x * sum of the block's activation quants.
- * Lanes are 16 weight rows; two kernels produce these vectors:
+ * is computed in the canonical way of cpu.h (llama.cpp's arithmetic),
+ * whatever the number of activation rows, so that a sequence gets
+ * bit-identical logits alone or in a batch: exact integer block sums,
+ * then one or two fused multiply-adds per block (per 256 for K-quants),
+ * in order.  Lanes are 16 weight rows; two kernels produce the integer
+ * sums:
  *
  *   - tiles (3 or more activation rows): 16 rows are repacked once per
  *     call so that register kk holds quants 4kk..4kk+3 of each row; an
- *     activation row then costs 8 vpdpbusd per block (broadcast
+ *     activation row then costs 8 vpdpbusd per block of 32 (broadcast
  *     activations), and the block sums of the 16 rows land in one
  *     register;
  *   - rows (1 or 2 activation rows): each weight row's blocks are
@@ -72,7 +65,8 @@ f16_round(float f)
 }
 
 
-/* Q8_K's quantization of 256 values into q; returns d (see cpu.h). */
+/* Q8_K's quantization of 256 values into q, the sums of each 16 into
+ * sum16; returns d (see cpu.h). */
 INLINE float
 q8k_block(const float *x, int8_t *q, int *sum16)
 {
@@ -129,28 +123,17 @@ quant_x_avx512(const float *x, void *xq, int64_t k, int kind)
 
         nb = k / 256;
         for (b = 0; b < nb; b++) {
-            float db = q8k_block(x + 256 * b, qs + 256 * b, sum16);
-
-            if (kind == LLM_XQK) {
-                d[b] = db;
-                for (i = 0; i < 16; i++) {
-                    LLM_XQ_DS16(xq, k)[16 * b + i] = db * (float) sum16[i];
+            d[b] = q8k_block(x + 256 * b, qs + 256 * b, sum16);
+            for (i = 0; i < 16; i++) {
+                if (kind == LLM_XQ32K) {
+                    LLM_XQ_BSUM16(xq, k)[16 * b + i] = sum16[i];
+                } else {
+                    LLM_XQ_DS16(xq, k)[16 * b + i] = d[b] * (float) sum16[i];
                 }
-                for (i = 0; i < 8; i++) {
-                    LLM_XQ_DS32(xq, k)[8 * b + i] =
-                        db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                }
-            } else {
-                for (i = 0; i < 8; i++) {
-                    int64_t sb = 8 * b + i;
-                    float   sv = db * (float) (sum16[2 * i] + sum16[2 * i + 1]);
-                    d[sb] = db;
-                    LLM_XQ_S(xq, k)[sb] = sv;
-                    LLM_XQ_S1(xq, k)[sb] = sv;
-                    LLM_XQ_S16(xq, k)[2 * sb] = db * (float) sum16[2 * i];
-                    LLM_XQ_S16(xq, k)[2 * sb + 1] =
-                        db * (float) sum16[2 * i + 1];
-                }
+            }
+            for (i = 0; i < 8 && kind == LLM_XQK; i++) {
+                LLM_XQ_DS32(xq, k)[8 * b + i] =
+                    d[b] * (float) (sum16[2 * i] + sum16[2 * i + 1]);
             }
         }
         return;
@@ -167,8 +150,7 @@ quant_x_avx512(const float *x, void *xq, int64_t k, int kind)
         __m512       idv = _mm512_set1_ps(id);
         __m512i      q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, idv));
         __m512i      q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, idv));
-        int          lo = _mm512_reduce_add_epi32(q0);
-        int          hi = _mm512_reduce_add_epi32(q1);
+        int          sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         int8_t      *plo, *phi;
 
         if (kind == LLM_XQ32P && (b | 1) < nb) {
@@ -182,10 +164,8 @@ quant_x_avx512(const float *x, void *xq, int64_t k, int kind)
         _mm_storeu_si128((__m128i *) plo, _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *) phi, _mm512_cvtsepi32_epi8(q1));
         d[b] = f16_round(amax / 127.0f);
-        LLM_XQ_S(xq, k)[b] = d[b] * (float) (lo + hi);
-        LLM_XQ_S16(xq, k)[2 * b] = d[b] * (float) lo;
-        LLM_XQ_S16(xq, k)[2 * b + 1] = d[b] * (float) hi;
-        LLM_XQ_S1(xq, k)[b] = f16_round(amax / 127.0f * (float) (lo + hi));
+        LLM_XQ_S1(xq, k)[b] = f16_round(amax / 127.0f * (float) sum);
+        LLM_XQ_ISUM(xq, k)[b] = sum;
     }
 }
 
@@ -409,37 +389,72 @@ tile_plain(const llm_cpu_gemm *g, int type, int RB, int RW, int64_t r0,
 }
 
 
-/* ------------------------------------ quantized: transposed tiles */
+/* ---------------------------------------- quantized: canonical steps */
 
-/*
- * With a batch of activation rows, 16 weight rows at a time are repacked
- * (gathered) into registers whose 16 lanes are the 16 rows: register kk of
- * a block holds quants 4kk .. 4kk+3 of each row.  An activation row then
- * takes 8 vpdpbusd per block against its broadcast quants, and the block
- * sums of all 16 rows land in one register, scaled by one multiply-add
- * (d_w of the 16 rows times d_x) plus one for the offset term: no
- * horizontal sums.  The repacking is paid once per 16 rows and call.
- * Activations are in the natural XQ32 layout.
- *
- * K-quants fit the same mould: a 32-element sub-block has one integer
- * scale and min per row, so its float scale is d * sc and its offset
- * multiplier -dmin * m (Q4_K, Q5_K); Q6_K has a scale per 16 elements:
- * two scales and offsets (-32 d sc) per block of 32.
- */
+INLINE int
+is_kq(int type)
+{
+    return type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
+}
+
+
+/* One block of 32 (Q4_0, Q4_1, Q8_0) for one activation row: isum the
+ * block sums of the 16 rows with unsigned weight quants, xsum the block's
+ * activation quant sum (for the offsets of Q4_0 and Q8_0). */
+INLINE __m512
+step_b32(int type, __m512 acc, __m512i isum, int32_t xsum, __m512 dw,
+         __m512 mw, float dx, float s1)
+{
+    if (type == LLM_Q4_0) {
+        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * xsum));
+    } else if (type == LLM_Q8_0) {
+        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * xsum));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                          _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    if (type == LLM_Q4_1) {
+        acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(s1), acc);
+    }
+    return acc;
+}
+
+
+/* One super-block of a K-quant: isb = sum of scale x block sums, msb =
+ * sum of min x activation sums (Q4_K, Q5_K). */
+INLINE __m512
+step_k(int type, __m512 acc, __m512i isb, __m512i msb, __m512 dw,
+       __m512 dminw, float dx)
+{
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isb),
+                          _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    if (type != LLM_Q6_K) {
+        acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msb),
+                               _mm512_mul_ps(dminw, _mm512_set1_ps(dx)), acc);
+    }
+    return acc;
+}
+
+
+/* ------------------------------------------- quantized: repacked rows */
+
 #define TSEG  64                /* blocks of 32 per repacked segment
                                    (a multiple of 8: whole super-blocks) */
 
-
+/* 16 weight rows (lanes) of a segment: scales always, quants for the
+ * tiles kernel. */
 typedef struct t_tile {
-    __m512i  q[TSEG][8];        /* [block][k / 4]: lane j = row j */
-    __m512   d[TSEG][2];        /* scale of each row ([1]: Q6_K's second
-                                   half of the block) */
-    __m512   m[TSEG][2];        /* the offset multiplier of each row */
+    __m512i  q[TSEG][8];        /* [block][k / 4]: quants 4kk .. 4kk+3 */
+    __m512   d[TSEG];           /* blocks of 32: d_w; K-quants: the
+                                   super-block's d_w at its first block */
+    __m512   m[TSEG];           /* Q4_1: min; Q4_K, Q5_K: dmin (likewise) */
+    __m512i  sc[TSEG][2];       /* K-quants: integer scale of the block
+                                   (Q6_K: of each of its two 16s) */
+    __m512i  mn[TSEG];          /* Q4_K, Q5_K: integer min of the block */
 } t_tile;
 
 
-/* Repacks nb blocks of 16 rows starting at base, rows stride bytes
- * apart (the staging buffer of gemm_tiles). */
+/* Blocks of 32: nb blocks of 16 rows from base, rows stride bytes
+ * apart. */
 INLINE void
 t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
          int with_quants, t_tile *t)
@@ -456,15 +471,11 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
     for (b = 0; b < nb; b++, base += bs) {
         /* the first dword of each row's block: d (and Q4_1's m) */
         __m512i sc = _mm512_mask_i32gather_epi32(zero, rm, idx, base, 1);
-        __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc));
 
-        t->d[b][0] = d;
+        t->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc));
         if (type == LLM_Q4_1) {
-            t->m[b][0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+            t->m[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
                 _mm512_srli_epi32(sc, 16)));
-        } else {
-            t->m[b][0] = _mm512_mul_ps(d, _mm512_set1_ps(
-                type == LLM_Q4_0 ? -8.0f : -128.0f));
         }
         if (!with_quants) {
             continue;
@@ -494,12 +505,13 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
 INLINE __m512i
 lane_byte(__m512i v, int i)
 {
-    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(0xff));
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i),
+                            _mm512_set1_epi32(0xff));
 }
 
 
-/* The same for K-quants: nb / 8 super-blocks (nb a multiple of 8) of 16
- * rows, each into 8 blocks of 32. */
+/* K-quants: nb / 8 super-blocks (nb a multiple of 8) of 16 rows, each
+ * into 8 blocks of 32. */
 INLINE void
 t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
            int nb, int with_quants, t_tile *t)
@@ -519,24 +531,21 @@ t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
         int b = 8 * sb;
 
         if (type == LLM_Q6_K) {
-            /* d from the dword that ends with it (bytes 206..209) */
-            __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
-                _mm512_srli_epi32(GATHER(206), 16)));
             __m512i scw[4];
             int     h;
 
+            /* d from the dword that ends with it (bytes 206..209) */
+            t->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                _mm512_srli_epi32(GATHER(206), 16)));
             for (u = 0; u < 4; u++) {
                 scw[u] = GATHER(192 + 4 * u);
             }
             for (s = 0; s < 8; s++) {
-                for (u = 0; u < 2; u++) {
-                    int     gi = 2 * s + u;         /* group of 16 */
+                for (h = 0; h < 2; h++) {
+                    int gi = 2 * s + h;             /* group of 16 */
                     /* sign-extend byte gi % 4 of scale dword gi / 4 */
-                    __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(
+                    t->sc[b + s][h] = _mm512_srai_epi32(_mm512_slli_epi32(
                         scw[gi / 4], 24 - 8 * (gi % 4)), 24);
-                    __m512  ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-                    t->d[b + s][u] = ds;
-                    t->m[b + s][u] = _mm512_mul_ps(ds, _mm512_set1_ps(-32.0f));
                 }
             }
             for (h = 0; h < 2 && with_quants; h++) {
@@ -547,7 +556,7 @@ t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
                 for (u = 0; u < 8; u++) {
                     qh[u] = GATHER(128 + 32 * h + 4 * u);
                 }
-                /* sub-block 4h + v: ql[32 (v & 1) + ...] low nibbles for
+                /* block 4h + v: ql[32 (v & 1) + ...] low nibbles for
                  * v < 2, high for v >= 2; qh bits 2v, 2v + 1 */
                 for (s = 0; s < 4; s++) {
                     for (u = 0; u < 8; u++) {
@@ -564,32 +573,31 @@ t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
             }
         } else {
             __m512i dd = GATHER(0);
-            __m512  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
-            __m512  dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
-                _mm512_srli_epi32(dd, 16)));
             __m512i a = GATHER(4), bb = GATHER(8), c = GATHER(12);
             __m512i qh[8];
             int     qoff = type == LLM_Q4_K ? 16 : 48;
 
+            t->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            t->m[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                _mm512_srli_epi32(dd, 16)));
+            /* the 6-bit scales and mins (see quant_ref.c) */
             for (s = 0; s < 8; s++) {
-                __m512i sc, mn;
                 if (s < 4) {
-                    sc = _mm512_and_si512(lane_byte(a, s), _mm512_set1_epi32(63));
-                    mn = _mm512_and_si512(lane_byte(bb, s), _mm512_set1_epi32(63));
+                    t->sc[b + s][0] = _mm512_and_si512(lane_byte(a, s),
+                                                       _mm512_set1_epi32(63));
+                    t->mn[b + s] = _mm512_and_si512(lane_byte(bb, s),
+                                                    _mm512_set1_epi32(63));
                 } else {
                     __m512i cs = lane_byte(c, s - 4);
-                    sc = _mm512_or_si512(
+                    t->sc[b + s][0] = _mm512_or_si512(
                         _mm512_and_si512(cs, _mm512_set1_epi32(15)),
                         _mm512_slli_epi32(_mm512_srli_epi32(
                             lane_byte(a, s - 4), 6), 4));
-                    mn = _mm512_or_si512(
+                    t->mn[b + s] = _mm512_or_si512(
                         _mm512_srli_epi32(cs, 4),
                         _mm512_slli_epi32(_mm512_srli_epi32(
                             lane_byte(bb, s - 4), 6), 4));
                 }
-                t->d[b + s][0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-                t->m[b + s][0] = _mm512_mul_ps(
-                    dmin, _mm512_cvtepi32_ps(_mm512_sub_epi32(zero, mn)));
             }
             if (!with_quants) {
                 continue;
@@ -623,11 +631,42 @@ t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
 }
 
 
-/* acc[r] (lanes: the 16 weight rows) += blocks b0 .. b0+nb of RB rows. */
-/* Integer sums of quants u0 .. u0+NU-1 (of 4) of block b, for RB rows. */
+/* The activation side of a segment for the rows of a kernel. */
+typedef struct t_act {
+    const int8_t   *q;          /* quants of block b0 */
+    const float    *d;          /* d_x of block b0 (K: of super-block b0/8) */
+    const float    *s1;         /* Q4_1: Q8_1's sums from block b0 */
+    const int32_t  *sum;        /* blocks of 32: quant sums from block b0;
+                                   K: sums of 16 from block b0 */
+} t_act;
+
+
+INLINE t_act
+act_of(const llm_cpu_gemm *g, int type, int64_t r, int64_t b0)
+{
+    const uint8_t *row = x_row(g, r);
+    t_act          a;
+
+    a.q = LLM_XQ_QS(row) + 32 * b0;
+    if (is_kq(type)) {
+        a.d = LLM_XQ_D(row, g->k) + b0 / 8;
+        a.s1 = NULL;
+        a.sum = LLM_XQ_BSUM16(row, g->k) + 2 * b0;
+    } else {
+        a.d = LLM_XQ_D(row, g->k) + b0;
+        a.s1 = LLM_XQ_S1(row, g->k) + b0;
+        a.sum = LLM_XQ_ISUM(row, g->k) + b0;
+    }
+    return a;
+}
+
+
+/* ------------------------------------------------ quantized: tiles */
+
+/* is[r] = sum of quants u0 .. u0+NU-1 (of 4) of block b. */
 INLINE void
-t_dots(const __m512i *w, const int8_t *const *xq, int b, int u0, int NU,
-       int RB, __m512i *is)
+t_dots(const t_tile *t, const t_act *xa, int b, int u0, int NU, int RB,
+       __m512i *is)
 {
     int r, u;
 
@@ -637,76 +676,103 @@ t_dots(const __m512i *w, const int8_t *const *xq, int b, int u0, int NU,
     }
 #pragma GCC unroll 8
     for (u = u0; u < u0 + NU; u++) {
+        __m512i wv = _mm512_load_si512(&t->q[b][u]);
 #pragma GCC unroll 8
         for (r = 0; r < RB; r++) {
             int32_t xv;
-            memcpy(&xv, xq[r] + 32 * b + 4 * u, 4);
-            is[r] = _mm512_dpbusd_epi32(is[r], w[u], _mm512_set1_epi32(xv));
+            memcpy(&xv, xa[r].q + 32 * b + 4 * u, 4);
+            is[r] = _mm512_dpbusd_epi32(is[r], wv, _mm512_set1_epi32(xv));
         }
     }
 }
 
 
+/* acc[r] (lanes: the 16 weight rows) += blocks 0 .. nb of the segment, for
+ * RB activation rows. */
 INLINE void
-t_rows(const t_tile *t, int halves, int s1, int nb, int64_t b0,
-       const llm_cpu_gemm *g, int64_t r0, int RB, __m512 *acc)
+t_rows(const t_tile *t, int type, int nb, const t_act *xa, int RB,
+       __m512 *acc)
 {
-    const int8_t *xq[8];
-    const float  *xd[8], *xs[8];
-    int           b, r, u, hf;
+    __m512i is[8], isb[8];
+    int     b, r, s, h;
 
-#pragma GCC unroll 8
-    for (r = 0; r < RB; r++) {
-        const uint8_t *row = x_row(g, r0 + r);
-        xq[r] = LLM_XQ_QS(row) + 32 * b0;
-        xd[r] = LLM_XQ_D(row, g->k) + b0;
-        /* Q4_1's min goes with Q8_1's sum; the other offsets need the
-         * exact one */
-        xs[r] = halves ? LLM_XQ_S16(row, g->k) + 2 * b0
-                : s1 ? LLM_XQ_S1(row, g->k) + b0 : LLM_XQ_S(row, g->k) + b0;
-    }
-    for (b = 0; b < nb; b++) {
-        __m512i w[8], is[8];
-
-#pragma GCC unroll 8
-        for (u = 0; u < 8; u++) {
-            w[u] = _mm512_load_si512(&t->q[b][u]);
-        }
-        /* Q6_K: each half block has its own scale and offset */
-        for (hf = 0; hf < (halves ? 2 : 1); hf++) {
-            t_dots(w, xq, b, halves ? 4 * hf : 0, halves ? 4 : 8, RB, is);
+    if (!is_kq(type)) {
+        for (b = 0; b < nb; b++) {
+            t_dots(t, xa, b, 0, 8, RB, is);
 #pragma GCC unroll 8
             for (r = 0; r < RB; r++) {
-                acc[r] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(is[r]),
-                    _mm512_mul_ps(t->d[b][hf], _mm512_set1_ps(xd[r][b])),
-                    acc[r]);
-                acc[r] = _mm512_fmadd_ps(
-                    t->m[b][hf],
-                    _mm512_set1_ps(halves ? xs[r][2 * b + hf] : xs[r][b]),
-                    acc[r]);
+                acc[r] = step_b32(type, acc[r], is[r], xa[r].sum[b], t->d[b],
+                                  t->m[b], xa[r].d[b], xa[r].s1[b]);
             }
+        }
+        return;
+    }
+
+    for (b = 0; b < nb; b += 8) {
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++) {
+            isb[r] = _mm512_setzero_si512();
+        }
+        for (s = 0; s < 8; s++) {
+            if (type == LLM_Q6_K) {
+                for (h = 0; h < 2; h++) {
+                    t_dots(t, xa, b + s, 4 * h, 4, RB, is);
+#pragma GCC unroll 8
+                    for (r = 0; r < RB; r++) {
+                        __m512i v = _mm512_sub_epi32(is[r], _mm512_set1_epi32(
+                            32 * xa[r].sum[2 * (b + s) + h]));
+                        isb[r] = _mm512_add_epi32(isb[r], _mm512_mullo_epi32(
+                            v, t->sc[b + s][h]));
+                    }
+                }
+            } else {
+                t_dots(t, xa, b + s, 0, 8, RB, is);
+#pragma GCC unroll 8
+                for (r = 0; r < RB; r++) {
+                    isb[r] = _mm512_add_epi32(isb[r], _mm512_mullo_epi32(
+                        is[r], t->sc[b + s][0]));
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++) {
+            __m512i msb = _mm512_setzero_si512();
+            if (type != LLM_Q6_K) {
+                for (s = 0; s < 8; s++) {
+                    msb = _mm512_add_epi32(msb, _mm512_mullo_epi32(
+                        t->mn[b + s], _mm512_set1_epi32(
+                            xa[r].sum[2 * (b + s)]
+                            + xa[r].sum[2 * (b + s) + 1])));
+                }
+            }
+            acc[r] = step_k(type, acc[r], isb[r], msb, t->d[b], t->m[b],
+                            xa[r].d[b / 8]);
         }
     }
 }
 
 
 INLINE void
-t_rows_out(const t_tile *t, int halves, int s1, int nb, int64_t b0,
+t_rows_out(const t_tile *t, int type, int nb, int64_t b0, int last,
            const llm_cpu_gemm *g, int64_t r0, int RB, int64_t j0,
            __mmask16 rm, __m512 bias)
 {
     __m512 acc[8];
+    t_act  xa[8];
     int    r;
 
 #pragma GCC unroll 8
     for (r = 0; r < RB; r++) {
-        acc[r] = b0 == 0 ? bias
+        xa[r] = act_of(g, type, r0 + r, b0);
+        acc[r] = b0 == 0 ? _mm512_setzero_ps()
                          : _mm512_maskz_loadu_ps(rm, out_row(g, r0 + r) + j0);
     }
-    t_rows(t, halves, s1, nb, b0, g, r0, RB, acc);
+    t_rows(t, type, nb, xa, RB, acc);
 #pragma GCC unroll 8
     for (r = 0; r < RB; r++) {
+        if (last) {
+            acc[r] = _mm512_add_ps(acc[r], bias);
+        }
         _mm512_mask_storeu_ps(out_row(g, r0 + r) + j0, rm, acc[r]);
     }
 }
@@ -715,50 +781,48 @@ t_rows_out(const t_tile *t, int halves, int s1, int nb, int64_t b0,
 INLINE void
 gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 {
-    t_tile    t __attribute__((aligned(64)));
-    uint8_t   stage[16 * TSEG * 34] __attribute__((aligned(64)));
-    int64_t   nb = g->k / 32, j0, s0, r;
-    const int hv = type == LLM_Q6_K;
-    const int kq = type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
-    /* bytes of one block of 32 (K-quants: an eighth of a super-block) */
+    const int kq = is_kq(type);
+    /* bytes of one block of 32 (K-quants: of a super-block) */
     const int bs = kq ? k_size(type) : b32_size(type);
+    t_tile    t __attribute__((aligned(64)));
+    int64_t   nb = g->k / 32, j0, s0, r;
 
     for (j0 = m0; j0 < m1; j0 += 16) {
-        int64_t   rows = m1 - j0 < 16 ? m1 - j0 : 16;
+        int       rows = m1 - j0 < 16 ? (int) (m1 - j0) : 16;
         __mmask16 rm = (__mmask16) ((1u << rows) - 1);
         __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
                                  : _mm512_setzero_ps();
 
         for (s0 = 0; s0 < nb; s0 += TSEG) {
-            int ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
+            int            ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
+            int            last = s0 + ns == nb;
+            const uint8_t *base = g->w + (size_t) j0 * g->w_nb
+                                  + (kq ? (size_t) (s0 / 8) * bs
+                                        : (size_t) s0 * bs);
 
-            /* copy the segment of each row to the stage first: plain
-             * sequential loads stream from memory far better than the
-             * gathers of the repacking would */
-            size_t seg = kq ? (size_t) (ns / 8) * bs : (size_t) ns * bs;
-            size_t off = kq ? (size_t) (s0 / 8) * bs : (size_t) s0 * bs;
-            int    j;
-
-            for (j = 0; j < rows; j++) {
-                memcpy(stage + j * seg, g->w + (size_t) (j0 + j) * g->w_nb + off,
-                       seg);
-            }
             if (kq) {
-                t_repack_k(type, stage, seg, rm, ns, 1, &t);
+                t_repack_k(type, base, g->w_nb, rm, ns, 1, &t);
             } else {
-                t_repack(type, stage, seg, rm, ns, 1, &t);
+                t_repack(type, base, g->w_nb, rm, ns, 1, &t);
             }
             for (r = 0; r + 8 <= g->n; r += 8) {
-                t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 8, j0, rm, bias);
+                t_rows_out(&t, type, ns, s0, last, g, r, 8, j0, rm, bias);
             }
             switch (g->n - r) {
-            case 7: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 7, j0, rm, bias); break;
-            case 6: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 6, j0, rm, bias); break;
-            case 5: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 5, j0, rm, bias); break;
-            case 4: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 4, j0, rm, bias); break;
-            case 3: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 3, j0, rm, bias); break;
-            case 2: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 2, j0, rm, bias); break;
-            case 1: t_rows_out(&t, hv, type == LLM_Q4_1, ns, s0, g, r, 1, j0, rm, bias); break;
+            case 7: t_rows_out(&t, type, ns, s0, last, g, r, 7, j0, rm, bias);
+                    break;
+            case 6: t_rows_out(&t, type, ns, s0, last, g, r, 6, j0, rm, bias);
+                    break;
+            case 5: t_rows_out(&t, type, ns, s0, last, g, r, 5, j0, rm, bias);
+                    break;
+            case 4: t_rows_out(&t, type, ns, s0, last, g, r, 4, j0, rm, bias);
+                    break;
+            case 3: t_rows_out(&t, type, ns, s0, last, g, r, 3, j0, rm, bias);
+                    break;
+            case 2: t_rows_out(&t, type, ns, s0, last, g, r, 2, j0, rm, bias);
+                    break;
+            case 1: t_rows_out(&t, type, ns, s0, last, g, r, 1, j0, rm, bias);
+                    break;
             }
         }
     }
@@ -822,118 +886,130 @@ s_tree(const __m512i *D, int paired, int quarters, __m512i *out)
 }
 
 
-/* The canonical step of one block (or half block) for one activation
- * row: see the comment at the top. */
-INLINE __m512
-s_step(__m512 acc, __m512i sum, __m512 d, __m512 m, float dx, float sx)
+/* D[j] = one chunk of 64 quants of each of the rows (zero beyond rows):
+ * blocks b, b+1 for blocks of 32, chunk b / 2 % 4 of super-block b / 8
+ * for K-quants. */
+INLINE void
+s_chunk(const llm_cpu_gemm *g, int type, const uint8_t *w0, int rows,
+        int64_t b, __m512i xv, int pf, const k_idx *ix, __m512i *D)
 {
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
-                          _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
-    return _mm512_fmadd_ps(m, _mm512_set1_ps(sx), acc);
+    int j;
+
+#pragma GCC unroll 16
+    for (j = 0; j < 16; j++) {
+        if (j < rows) {
+            const uint8_t *row = w0 + (size_t) j * g->w_nb;
+            __m512i        wq;
+
+            if (is_kq(type)) {
+                const uint8_t *blk = row + (b / 8) * k_size(type);
+                if (pf && (b & 7) == 0) {
+                    _mm_prefetch((const char *) blk + 16 * g->w_nb,
+                                 _MM_HINT_T0);
+                    _mm_prefetch((const char *) blk + 64 + 16 * g->w_nb,
+                                 _MM_HINT_T0);
+                    _mm_prefetch((const char *) blk + 128 + 16 * g->w_nb,
+                                 _MM_HINT_T0);
+                }
+                wq = k_chunk_quants(type, blk, (int) (b / 2 % 4), ix);
+            } else {
+                const uint8_t *blk = row + b * b32_size(type);
+                if (pf) {
+                    _mm_prefetch((const char *) blk + 16 * g->w_nb,
+                                 _MM_HINT_T0);
+                }
+                wq = b32_pair_quants(type, blk, blk + b32_size(type));
+            }
+            D[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+        } else {
+            D[j] = _mm512_setzero_si512();
+        }
+    }
 }
 
 
 /*
  * Weight rows j0 .. j0+rows (<= 16) against one activation row, blocks
- * s0 .. s0+ns of the scales in t, into acc.  pf: prefetch the next 16
+ * s0 .. s0+ns with the scales in t, into acc.  pf: prefetch the next 16
  * rows (the first activation row streams W).
  */
 INLINE void
 s_rows(const llm_cpu_gemm *g, int type, const t_tile *t, int64_t j0,
-       int rows, int64_t s0, int ns, const uint8_t *xr, int pf,
+       int rows, int64_t s0, int ns, const t_act *xa, int pf,
        const k_idx *ix, __m512 *acc)
 {
-    const int      kq = type == LLM_Q4_K || type == LLM_Q5_K
-                        || type == LLM_Q6_K;
-    const int8_t  *xq = LLM_XQ_QS(xr);
-    const float   *xd = LLM_XQ_D(xr, g->k);
-    /* Q4_1's min goes with Q8_1's sum; the other offsets need the exact
-     * one */
-    const float   *xs = type == LLM_Q4_1 ? LLM_XQ_S1(xr, g->k)
-                                         : LLM_XQ_S(xr, g->k);
-    const float   *x16 = LLM_XQ_S16(xr, g->k);
     const uint8_t *w0 = g->w + (size_t) j0 * g->w_nb;
+    __m512i        D[16], S[4];
     int            c, j, i;
 
-    /* chunks of 64 elements: a pair of blocks (K-quants: a quarter of a
-     * super-block) */
-    for (c = 0; 2 * c < ns; c++) {
-        int64_t b = s0 + 2 * c;             /* first block of the chunk */
-        __m512i D[16], S[4];
+    if (!is_kq(type)) {
+        for (c = 0; 2 * c < ns; c++) {
+            int64_t b = s0 + 2 * c;
 
-        if (2 * c + 1 == ns) {
-            /* a last odd block (blocks of 32 only): 32 bytes, natural */
+            if (2 * c + 1 == ns) {
+                /* a last odd block: 32 bytes, natural order */
 #pragma GCC unroll 16
-            for (j = 0; j < 16; j++) {
-                if (j < rows) {
-                    const uint8_t *blk = w0 + (size_t) j * g->w_nb
-                                         + b * b32_size(type);
-                    __m256i p = _mm256_dpbusd_epi32(
-                        _mm256_setzero_si256(), b32_one_quants(type, blk),
-                        _mm256_loadu_si256((const __m256i *) (xq + 32 * b)));
-                    D[j] = _mm512_zextsi256_si512(p);
-                } else {
+                for (j = 0; j < 16; j++) {
                     D[j] = _mm512_setzero_si512();
-                }
-            }
-            s_tree(D, 0, 0, S);
-            *acc = s_step(*acc, S[0], t->d[2 * c][0], t->m[2 * c][0],
-                          xd[b], xs[b]);
-            break;
-        }
-
-        {
-            __m512i xv = _mm512_loadu_si512(xq + 32 * b);
-
-#pragma GCC unroll 16
-            for (j = 0; j < 16; j++) {
-                if (j < rows) {
-                    const uint8_t *row = w0 + (size_t) j * g->w_nb;
-                    __m512i        wq;
-
-                    if (kq) {
-                        /* chunk b / 2 % 4 of super-block b / 8 */
-                        const uint8_t *blk = row + (b / 8) * k_size(type);
-                        if (pf && (b & 7) == 0) {
-                            _mm_prefetch((const char *) blk + 16 * g->w_nb,
-                                         _MM_HINT_T0);
-                            _mm_prefetch((const char *) blk + 64
-                                         + 16 * g->w_nb, _MM_HINT_T0);
-                            _mm_prefetch((const char *) blk + 128
-                                         + 16 * g->w_nb, _MM_HINT_T0);
-                        }
-                        wq = k_chunk_quants(type, blk, (int) (b / 2 % 4), ix);
-                    } else {
-                        const uint8_t *blk = row + b * b32_size(type);
-                        if (pf) {
-                            _mm_prefetch((const char *) blk + 16 * g->w_nb,
-                                         _MM_HINT_T0);
-                        }
-                        wq = b32_pair_quants(type, blk,
-                                             blk + b32_size(type));
+                    if (j < rows) {
+                        const uint8_t *blk = w0 + (size_t) j * g->w_nb
+                                             + b * b32_size(type);
+                        D[j] = _mm512_zextsi256_si512(_mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(), b32_one_quants(type, blk),
+                            _mm256_loadu_si256((const __m256i *)
+                                               (xa->q + 64 * c))));
                     }
-                    D[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq,
-                                               xv);
-                } else {
-                    D[j] = _mm512_setzero_si512();
+                }
+                s_tree(D, 0, 0, S);
+                *acc = step_b32(type, *acc, S[0], xa->sum[2 * c],
+                                t->d[2 * c], t->m[2 * c], xa->d[2 * c],
+                                xa->s1[2 * c]);
+                break;
+            }
+            s_chunk(g, type, w0, rows, b,
+                    _mm512_loadu_si512(xa->q + 64 * c), pf, ix, D);
+            s_tree(D, type != LLM_Q8_0, 0, S);
+            for (i = 0; i < 2; i++) {
+                *acc = step_b32(type, *acc, S[i], xa->sum[2 * c + i],
+                                t->d[2 * c + i], t->m[2 * c + i],
+                                xa->d[2 * c + i], xa->s1[2 * c + i]);
+            }
+        }
+        return;
+    }
+
+    for (c = 0; 8 * c < ns; c++) {          /* super-blocks */
+        __m512i isb = _mm512_setzero_si512(), msb = _mm512_setzero_si512();
+        int     b = 8 * c, h;
+
+        for (h = 0; h < 4; h++) {           /* its chunks of 64 */
+            s_chunk(g, type, w0, rows, s0 + b + 2 * h,
+                    _mm512_loadu_si512(xa->q + 32 * b + 64 * h), pf, ix, D);
+            if (type == LLM_Q6_K) {
+                s_tree(D, 0, 1, S);
+                for (i = 0; i < 4; i++) {   /* groups of 16 */
+                    int     bb = b + 2 * h + i / 2;
+                    __m512i v = _mm512_sub_epi32(S[i], _mm512_set1_epi32(
+                        32 * xa->sum[2 * bb + (i & 1)]));
+                    isb = _mm512_add_epi32(isb, _mm512_mullo_epi32(
+                        v, t->sc[bb][i & 1]));
+                }
+            } else {
+                s_tree(D, 0, 0, S);
+                for (i = 0; i < 2; i++) {
+                    isb = _mm512_add_epi32(isb, _mm512_mullo_epi32(
+                        S[i], t->sc[b + 2 * h + i][0]));
                 }
             }
         }
-
-        if (type == LLM_Q6_K) {
-            s_tree(D, 0, 1, S);
-            for (i = 0; i < 4; i++) {
-                int bb = 2 * c + i / 2;     /* block in the segment */
-                *acc = s_step(*acc, S[i], t->d[bb][i & 1], t->m[bb][i & 1],
-                              xd[s0 + bb], x16[2 * (s0 + bb) + (i & 1)]);
+        if (type != LLM_Q6_K) {
+            for (i = 0; i < 8; i++) {
+                msb = _mm512_add_epi32(msb, _mm512_mullo_epi32(
+                    t->mn[b + i], _mm512_set1_epi32(xa->sum[2 * (b + i)]
+                                                    + xa->sum[2 * (b + i) + 1])));
             }
-        } else {
-            s_tree(D, type == LLM_Q4_0 || type == LLM_Q4_1, 0, S);
-            *acc = s_step(*acc, S[0], t->d[2 * c][0], t->m[2 * c][0],
-                          xd[b], xs[b]);
-            *acc = s_step(*acc, S[1], t->d[2 * c + 1][0],
-                          t->m[2 * c + 1][0], xd[b + 1], xs[b + 1]);
         }
+        *acc = step_k(type, *acc, isb, msb, t->d[b], t->m[b], xa->d[c]);
     }
 }
 
@@ -941,11 +1017,11 @@ s_rows(const llm_cpu_gemm *g, int type, const t_tile *t, int64_t j0,
 INLINE void
 gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 {
-    const int kq = type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
+    const int kq = is_kq(type);
+    const int bs = kq ? k_size(type) : b32_size(type);
     t_tile    t __attribute__((aligned(64)));
     k_idx     ix;
     int64_t   nb = g->k / 32, j0, s0, r;
-    int       bs = kq ? k_size(type) : b32_size(type);
 
     if (type == LLM_Q5_K) {
         k_idx_init(type, &ix);
@@ -969,10 +1045,14 @@ gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
                 t_repack(type, base, g->w_nb, rm, ns, 0, &t);
             }
             for (r = 0; r < g->n; r++) {
-                __m512 acc = s0 == 0 ? bias
+                t_act  xa = act_of(g, type, r, s0);
+                __m512 acc = s0 == 0 ? _mm512_setzero_ps()
                              : _mm512_maskz_loadu_ps(rm, out_row(g, r) + j0);
-                s_rows(g, type, &t, j0, rows, s0, ns, x_row(g, r), r == 0,
-                       &ix, &acc);
+                s_rows(g, type, &t, j0, rows, s0, ns, &xa, r == 0, &ix,
+                       &acc);
+                if (s0 + ns == nb) {
+                    acc = _mm512_add_ps(acc, bias);
+                }
                 _mm512_mask_storeu_ps(out_row(g, r) + j0, rm, acc);
             }
         }

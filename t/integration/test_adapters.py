@@ -30,6 +30,7 @@ from nginx_proc import start_nginx
 
 ADMIN_KEY = "test-admin-key"
 PROMPT = "Write one sentence about the sea."
+COUNTING = "1, 2, 3, 4, 5,"
 MAX_TOKENS = 20
 
 # name -> make_lora.py arguments (ranks and target sets differ)
@@ -338,10 +339,16 @@ def test_dynamic_load_and_unload_while_streaming(stack, alone, lora_dirs):
     adapter is loaded, used, replaced and unloaded."""
     import openai
     c = stack.nginx.openai()
-    long_tokens = 96
 
     def long_stream(model):
-        return complete(c, model, max_tokens=long_tokens)
+        # counting goes on without an end-of-text (a few seconds here)
+        out = []
+        for ch in c.completions.create(model=model, prompt=COUNTING,
+                                       max_tokens=300, temperature=0,
+                                       stream=True):
+            if ch.choices and ch.choices[0].text:
+                out.append(ch.choices[0].text)
+        return "".join(out)
 
     with futures.ThreadPoolExecutor(4) as ex:
         runs = [ex.submit(long_stream, "smollm2"), ex.submit(long_stream,
@@ -385,7 +392,7 @@ def test_dynamic_load_and_unload_while_streaming(stack, alone, lora_dirs):
     # the streams were not disturbed: the same as each alone
     assert base_long == long_stream("smollm2")
     assert a8_long == long_stream("a8")
-    assert base_long.startswith(alone["smollm2"])
+    assert base_long != a8_long
 
 
 def test_corrupted_adapter_refused(stack, alone, lora_dirs):
@@ -417,15 +424,21 @@ def test_corrupted_adapter_refused(stack, alone, lora_dirs):
 
 # ---- memory budgets ----------------------------------------------------------
 
+# Sizes: host copies are f32 (a8 3.7 MB, c4 1.9 MB, b16 12.2 MB), device
+# copies f16 on the CPU backend (a8 1.8 MB, c4 1.0 MB, b16 6.1 MB).
+HOST_BUDGET = 4 << 20       # a8 or c4, not both; never b16
+DEVICE_BUDGET = 2 << 20     # likewise
+
+
 @pytest.fixture
 def small_stack(nginx_module, engine_bin, model_path, lora_dirs,  # noqa
                 tmp_path_factory):
-    """An engine whose device pool holds a8 (3.7 MB) or c4 (1.9 MB) but
-    not both, and whose host cache holds the same."""
+    """An engine whose device pool and host cache each hold a8 or c4 but
+    not both."""
     st = start_stack(engine_bin, model_path, tmp_path_factory,
                      ["--adapters", lora_dirs["root"],
-                      "--adapter-host-memory", "4M",
-                      "--adapter-device-memory", "4M"])
+                      "--adapter-host-memory", str(HOST_BUDGET),
+                      "--adapter-device-memory", str(DEVICE_BUDGET)])
     try:
         yield st
     finally:
@@ -439,8 +452,8 @@ def test_eviction_and_reload_under_small_budgets(small_stack, alone):
     for m in ("a8", "c4", "a8", "c4"):
         assert complete(c, m) == alone[m], m
         s = st.stats()
-        assert s["adapter_device_bytes"] <= 4 << 20
-        assert s["adapter_host_bytes"] <= 4 << 20
+        assert s["adapter_device_bytes"] <= DEVICE_BUDGET
+        assert s["adapter_host_bytes"] <= HOST_BUDGET
         assert s["adapters_resident"] <= 1
     s = st.stats()
     assert s["adapter_uploads"] - s0["adapter_uploads"] == 4
@@ -466,7 +479,7 @@ def device_stack(nginx_module, engine_bin, model_path, lora_dirs,  # noqa
     """Room on the device for one of a8 / c4 at a time; host plenty."""
     st = start_stack(engine_bin, model_path, tmp_path_factory,
                      ["--adapters", lora_dirs["root"],
-                      "--adapter-device-memory", "4M"])
+                      "--adapter-device-memory", str(DEVICE_BUDGET)])
     try:
         yield st
     finally:
@@ -486,4 +499,4 @@ def test_sequence_waits_for_its_adapter(device_stack, alone):
         assert text == alone[m], m
     s = st.stats()
     assert s["adapter_device_evictions"] >= 1
-    assert s["adapter_device_bytes"] <= 4 << 20
+    assert s["adapter_device_bytes"] <= DEVICE_BUDGET

@@ -536,6 +536,47 @@ kt_invariance(llm_backend *be, int type, int64_t k, int64_t m)
 }
 
 
+/* The scalar and the AVX-512 kernels compute quantized products in the
+ * same canonical way (cpu.h): bit-identical results. */
+static int
+kt_cross_isa(llm_backend *a, llm_backend *b, int type, int64_t n, int64_t k,
+             int64_t m)
+{
+    size_t     rb = llm_row_bytes(type, k);
+    uint8_t   *w = malloc(rb * m);
+    float     *wf = malloc((size_t) m * k * 4);
+    float     *x = malloc((size_t) n * k * 4);
+    float     *oa = malloc((size_t) n * m * 4);
+    float     *ob = malloc((size_t) n * m * 4);
+    float     *bias = malloc((size_t) m * 4);
+    llm_tensor tx, tw, to, tb;
+    int        ok;
+
+    kt_weights(type, m, k, w, wf);
+    kt_fill(x, n * k, 1.0f);
+    kt_fill(bias, m, 1.0f);
+    tx = kt_tensor(x, LLM_F32, k, n);
+    tw = kt_tensor(w, type, k, m);
+    tb = kt_tensor(bias, LLM_F32, m, 1);
+    to = kt_tensor(oa, LLM_F32, m, n);
+    ok = a->ops->matmul(a, &to, &tx, &tw, &tb) == 0;
+    to = kt_tensor(ob, LLM_F32, m, n);
+    ok &= b->ops->matmul(b, &to, &tx, &tw, &tb) == 0;
+    if (ok && memcmp(oa, ob, (size_t) n * m * 4) != 0) {
+        printf("       %s n=%lld: scalar and avx512 differ\n",
+               llm_dtype_get(type)->name, (long long) n);
+        ok = 0;
+    }
+    free(w);
+    free(wf);
+    free(x);
+    free(oa);
+    free(ob);
+    free(bias);
+    return ok;
+}
+
+
 TEST_SUITE(kernels_matmul)
 {
     static const int types[] = { LLM_F32, LLM_F16, LLM_BF16, LLM_Q4_0,
@@ -547,6 +588,29 @@ TEST_SUITE(kernels_matmul)
     static const int64_t k_32[] = { 32, 96, 576 };
     static const int64_t k_256[] = { 256, 768 };
     int          isa, ti, ni, mi, ki, ok, threads;
+
+    test("quantized matmul: scalar and AVX-512 paths bit-identical");
+    {
+        llm_backend *bs = kt_open(LLM_ISA_SCALAR, 2);
+        llm_backend *bv = kt_open(LLM_ISA_AVX512, 2);
+        if (bv == NULL) {
+            test_skip("this CPU lacks AVX-512");
+        } else {
+            int ok = bs != NULL;
+            for (ti = 3; ti < (int) (sizeof(types) / sizeof(types[0])); ti++) {
+                int64_t k = llm_dtype_get(types[ti])->block == 256 ? 768 : 160;
+                ok &= kt_cross_isa(bs, bv, types[ti], 1, k, 37)
+                      && kt_cross_isa(bs, bv, types[ti], 5, k, 37);
+            }
+            test_cond(ok);
+        }
+        if (bs != NULL) {
+            bs->ops->free(bs);
+        }
+        if (bv != NULL) {
+            bv->ops->free(bv);
+        }
+    }
 
     for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AVX512; isa++) {
         threads = isa == LLM_ISA_AVX2 ? 3 : 2;      /* odd splits too */

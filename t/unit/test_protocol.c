@@ -436,12 +436,50 @@ TEST_SUITE(protocol_roundtrip)
         m.requests_total = 14;
         m.requests_rejected = 15;
         m.uptime_ms = 16;
+        m.has_adapters = 1;
+        m.adapters_registered = 17;
+        m.adapters_loaded = 18;
+        m.adapters_resident = 19;
+        m.adapter_host_bytes = 20ULL << 32;
+        m.adapter_device_bytes = 21;
+        m.adapter_loads = 22;
+        m.adapter_uploads = 23;
+        m.adapter_host_evictions = 24;
+        m.adapter_device_evictions = 25;
         b.len = 0;
         test_cond(llm_proto_encode_stats(&b, 77, &m) == 0);
         test_cond(frame_of(&b, &f) == 0 && f.req_id == 77);
         test_cond(llm_proto_decode_stats(&f, &d, &err) == 0);
         test_cond(memcmp(&m, &d, sizeof(m)) == 0);
-        test_cond(all_cuts_rejected(&b, dec_stats, &d));
+
+        /* every cut is refused but the one at the end of the first part
+         * (an engine from before adapters): adapter fields read as 0 */
+        ok = 1;
+        for (i = 0; i < (int) f.length; i++) {
+            int rc = decode_cut(&b, (size_t) i, dec_stats, &d);
+
+            if (i == 10 * 4 + 7 * 8) {
+                ok &= rc == 0 && d.has_adapters == 0 && d.uptime_ms == 16
+                      && d.adapters_registered == 0;
+            } else {
+                ok &= rc == LLM_EFORMAT;
+            }
+        }
+        test_cond(ok);
+        {
+            uint8_t *tmp = malloc(f.length + 1);
+            llm_proto_buf x;
+
+            memcpy(tmp, f.payload, f.length);
+            tmp[f.length] = 0;
+            llm_proto_buf_init(&x);
+            llm_proto_encode_raw(&x, 0, LLM_MSG_STATS, 77, tmp,
+                                 f.length + 1);
+            test_cond(decode_cut(&x, f.length + 1, dec_stats, &d)
+                      == LLM_EFORMAT);
+            llm_proto_buf_free(&x);
+            free(tmp);
+        }
     }
 
     test("empty messages: CANCEL, STATS_REQ, PING, PONG");
@@ -883,4 +921,259 @@ TEST_SUITE(protocol_parser)
     }
 
     llm_proto_buf_free(&s);
+}
+
+
+/* ---- adapter messages ------------------------------------------------ */
+
+static int
+dec_adapter_load(const llm_proto_frame *f, void *o, llm_err *e)
+{
+    return llm_proto_decode_adapter_load(f, o, e);
+}
+
+
+static int
+dec_adapter_unload(const llm_proto_frame *f, void *o, llm_err *e)
+{
+    return llm_proto_decode_adapter_unload(f, o, e);
+}
+
+
+static int
+dec_adapter_ok(const llm_proto_frame *f, void *o, llm_err *e)
+{
+    return llm_proto_decode_adapter_ok(f, o, e);
+}
+
+
+static int
+dec_adapters(const llm_proto_frame *f, void *o, llm_err *e)
+{
+    return llm_proto_decode_adapters(f, o, e);
+}
+
+
+TEST_SUITE(protocol_adapters)
+{
+    llm_proto_buf    b;
+    llm_proto_frame  f;
+    llm_err          err;
+    int              ok, i, sent;
+
+    llm_proto_buf_init(&b);
+
+    test("ADAPTER_LOAD round-trips name and path");
+    {
+        llm_proto_adapter_load m, d;
+
+        memset(&m, 0, sizeof(m));
+        strcpy(m.name, "acme-support");
+        strcpy(m.path, "/var/lib/ngx_llm/adapters/acme-support");
+        test_cond(llm_proto_encode_adapter_load(&b, 5, &m) == 0);
+        test_cond(frame_of(&b, &f) == 0 && f.type == LLM_MSG_ADAPTER_LOAD
+                  && f.req_id == 5);
+        test_cond(llm_proto_decode_adapter_load(&f, &d, &err) == 0);
+        test_cond(strcmp(d.name, m.name) == 0
+                  && strcmp(d.path, m.path) == 0);
+        test_cond(all_cuts_rejected(&b, dec_adapter_load, &d));
+    }
+
+    test("ADAPTER_LOAD with an empty path (reload) round-trips");
+    {
+        llm_proto_adapter_load m, d;
+
+        memset(&m, 0, sizeof(m));
+        strcpy(m.name, "x");
+        b.len = 0;
+        test_cond(llm_proto_encode_adapter_load(&b, 6, &m) == 0);
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapter_load(&f, &d, &err) == 0
+                  && d.path[0] == '\0' && strcmp(d.name, "x") == 0);
+    }
+
+    test("ADAPTER_LOAD: over-long name or path refused by the encoder, "
+         "and by the decoder");
+    {
+        llm_proto_adapter_load  d;
+        static char             big[LLM_PROTO_MAX_PATH + 8];
+        uint8_t                 raw[2 + sizeof(big) + 4];
+        size_t                  n;
+
+        memset(big, 'p', sizeof(big) - 1);
+        big[sizeof(big) - 1] = '\0';
+        /* the struct cannot hold it: build a payload by hand */
+        n = strlen(big);
+        raw[0] = 1;
+        raw[1] = 0;
+        raw[2] = 'a';
+        raw[3] = (uint8_t) n;
+        raw[4] = (uint8_t) (n >> 8);
+        memcpy(raw + 5, big, n);
+        b.len = 0;
+        test_cond(llm_proto_encode_raw(&b, 0, LLM_MSG_ADAPTER_LOAD, 1, raw,
+                                       5 + n) == 0);
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapter_load(&f, &d, &err)
+                  == LLM_EFORMAT);
+        test_cond(strstr(err.msg, "path") != NULL);
+        {
+            /* a NUL inside the name */
+            uint8_t bad[] = { 3, 0, 'a', 0, 'b', 0, 0 };
+
+            b.len = 0;
+            llm_proto_encode_raw(&b, 0, LLM_MSG_ADAPTER_LOAD, 1, bad,
+                                 sizeof(bad));
+            frame_of(&b, &f);
+            test_cond(llm_proto_decode_adapter_load(&f, &d, &err)
+                      == LLM_EFORMAT && strstr(err.msg, "name") != NULL);
+        }
+    }
+
+    test("ADAPTER_UNLOAD round-trips; encoder refuses a long name");
+    {
+        char name[LLM_PROTO_MAX_ADAPTER + 1];
+        char big[LLM_PROTO_MAX_ADAPTER + 2];
+
+        b.len = 0;
+        test_cond(llm_proto_encode_adapter_unload(&b, 9, "tenant:a") == 0);
+        frame_of(&b, &f);
+        test_cond(f.type == LLM_MSG_ADAPTER_UNLOAD);
+        test_cond(llm_proto_decode_adapter_unload(&f, name, &err) == 0
+                  && strcmp(name, "tenant:a") == 0);
+        test_cond(all_cuts_rejected(&b, dec_adapter_unload, name));
+        memset(big, 'n', sizeof(big) - 1);
+        big[sizeof(big) - 1] = '\0';
+        b.len = 0;
+        test_cond(llm_proto_encode_adapter_unload(&b, 9, big) == LLM_EINVAL
+                  && b.len == 0);
+    }
+
+    test("ADAPTER_OK round-trips");
+    {
+        llm_proto_adapter_ok m, d;
+
+        memset(&m, 0, sizeof(m));
+        strcpy(m.name, "a1");
+        strcpy(m.version, "0123456789abcdef");
+        m.max_rank = 16;
+        m.bytes = (5ULL << 32) + 7;
+        b.len = 0;
+        test_cond(llm_proto_encode_adapter_ok(&b, 12, &m) == 0);
+        frame_of(&b, &f);
+        test_cond(f.type == LLM_MSG_ADAPTER_OK && f.req_id == 12);
+        test_cond(llm_proto_decode_adapter_ok(&f, &d, &err) == 0);
+        test_cond(memcmp(&m, &d, sizeof(m)) == 0);
+        test_cond(all_cuts_rejected(&b, dec_adapter_ok, &d));
+    }
+
+    test("ADAPTERS round-trips a list; the iterator gives every entry");
+    {
+        llm_proto_adapter_info  e[3], got;
+        llm_proto_adapters      d;
+
+        memset(e, 0, sizeof(e));
+        strcpy(e[0].name, "alpha");
+        strcpy(e[0].version, "00112233aabbccdd");
+        e[0].flags = LLM_ADAPTER_LOADED | LLM_ADAPTER_RESIDENT;
+        e[0].max_rank = 8;
+        e[0].bytes = 123456;
+        strcpy(e[1].name, "beta");
+        e[1].max_rank = 256;
+        e[1].bytes = 1ULL << 33;
+        strcpy(e[2].name, "gamma");
+        strcpy(e[2].version, "ffff");
+        e[2].flags = LLM_ADAPTER_LOADED;
+        b.len = 0;
+        test_cond(llm_proto_encode_adapters(&b, 3, 3, e, 3, &sent) == 0
+                  && sent == 3);
+        frame_of(&b, &f);
+        test_cond(f.type == LLM_MSG_ADAPTERS);
+        test_cond(llm_proto_decode_adapters(&f, &d, &err) == 0
+                  && d.n == 3 && d.n_total == 3);
+        ok = 1;
+        for (i = 0; llm_proto_adapters_next(&d, &got); i++) {
+            ok &= i < 3 && memcmp(&got, &e[i], sizeof(got)) == 0;
+        }
+        test_cond(ok && i == 3);
+        test_cond(all_cuts_rejected(&b, dec_adapters, &d));
+    }
+
+    test("ADAPTERS: empty list; n > n_total and bad strings rejected");
+    {
+        llm_proto_adapters      d;
+        llm_proto_adapter_info  got;
+        uint8_t                 bad[8] = { 1, 0, 0, 0, 2, 0, 0, 0 };
+
+        b.len = 0;
+        test_cond(llm_proto_encode_adapters(&b, 1, 0, NULL, 0, &sent) == 0
+                  && sent == 0);
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapters(&f, &d, &err) == 0
+                  && d.n == 0 && !llm_proto_adapters_next(&d, &got));
+        b.len = 0;
+        llm_proto_encode_raw(&b, 0, LLM_MSG_ADAPTERS, 1, bad, sizeof(bad));
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapters(&f, &d, &err) == LLM_EFORMAT);
+        /* n (3) larger than n_total (1) is refused by the encoder */
+        {
+            llm_proto_adapter_info e[3];
+
+            memset(e, 0, sizeof(e));
+            b.len = 0;
+            test_cond(llm_proto_encode_adapters(&b, 1, 1, e, 3, NULL)
+                      == LLM_EINVAL && b.len == 0);
+        }
+    }
+
+    test("ADAPTERS: a list larger than one payload is cut, n_total says "
+         "so");
+    {
+        int                     n = 30000;
+        llm_proto_adapter_info *e = calloc((size_t) n, sizeof(*e));
+        llm_proto_adapters      d;
+        llm_proto_adapter_info  got;
+
+        for (i = 0; i < n; i++) {
+            snprintf(e[i].name, sizeof(e[i].name), "adapter-%06d-%0100d",
+                     i, 0);
+            strcpy(e[i].version, "0123456789abcdef");
+        }
+        b.len = 0;
+        test_cond(llm_proto_encode_adapters(&b, 1, (uint32_t) n, e, n,
+                                            &sent) == 0);
+        test_cond(sent > 1000 && sent < n);
+        test_cond(b.len <= LLM_PROTO_HEADER_SIZE + LLM_PROTO_MAX_PAYLOAD);
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapters(&f, &d, &err) == 0
+                  && d.n == (uint32_t) sent && d.n_total == (uint32_t) n);
+        ok = 1;
+        for (i = 0; llm_proto_adapters_next(&d, &got); i++) {
+            ok &= strcmp(got.name, e[i].name) == 0;
+        }
+        test_cond(ok && i == sent);
+        free(e);
+    }
+
+    test("ADAPTER_LIST is an empty message; type names known");
+    b.len = 0;
+    test_cond(llm_proto_encode_empty(&b, LLM_MSG_ADAPTER_LIST, 4) == 0);
+    frame_of(&b, &f);
+    test_cond(llm_proto_decode_empty(&f, &err) == 0);
+    test_cond(strcmp(llm_proto_type_name(LLM_MSG_ADAPTERS), "ADAPTERS") == 0
+              && strcmp(llm_proto_type_name(LLM_MSG_ADAPTER_OK),
+                        "ADAPTER_OK") == 0);
+
+    test("adapter decoders refuse frames of another type");
+    {
+        llm_proto_adapter_ok d;
+
+        b.len = 0;
+        llm_proto_encode_empty(&b, LLM_MSG_PING, 1);
+        frame_of(&b, &f);
+        test_cond(llm_proto_decode_adapter_ok(&f, &d, &err) == LLM_EFORMAT);
+        test_cond(strstr(err.msg, "ADAPTER_OK") != NULL);
+    }
+
+    llm_proto_buf_free(&b);
 }

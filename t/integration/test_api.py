@@ -9,7 +9,7 @@ import subprocess
 import openai
 import pytest
 
-from conftest import build_dir
+from conftest import build_dir, wait_until
 from nginx_proc import nginx, nginx_module  # noqa: F401 (fixtures)
 
 MODEL = "smollm2"
@@ -236,10 +236,19 @@ def test_echo(client):
 
 def test_access_log_variables(nginx, client):
     r = chat(client, max_tokens=5)
-    lines = [l for l in nginx.access_log_lines()
-             if l.startswith("/v1/chat/completions 200")]
-    assert lines
-    last = lines[-1]
+    want = "completion=%d " % r.usage.completion_tokens
+    found = []
+
+    def logged():
+        # the log phase runs after the client has the response
+        found[:] = [l for l in nginx.access_log_lines()
+                    if l.startswith("/v1/chat/completions 200")
+                    and "prompt=%d " % r.usage.prompt_tokens in l
+                    and want in l]
+        return bool(found)
+
+    wait_until(logged, 5, "access log line")
+    last = found[-1]
     assert "model=smollm2" in last
     assert "prompt=%d " % r.usage.prompt_tokens in last
     assert "completion=%d " % r.usage.completion_tokens in last

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import _tail
+from conftest import _tail, wait_until
 from nginx_proc import BAD_LOG, nginx_module, start_nginx  # noqa: F401
 from tenants_util import (chat, metric, metrics_text, nginx_with, parallel,
                           tenant, wait_new_workers, write_tenants)
@@ -74,6 +74,14 @@ def test_format_and_counters(ng):
     completion = sum(r[2]["usage"]["completion_tokens"] for r in res)
     prompt = sum(r[2]["usage"]["prompt_tokens"] for r in res)
 
+    # counters are recorded in each worker's log phase, which can run a
+    # moment after the client has its response
+    def counted():
+        _, t = metrics_text(ng)
+        return metric(t, "llm_requests_total", tenant="met",
+                      code="200") == req0 + 8
+
+    wait_until(counted, 5, "request counters")
     _, text = metrics_text(ng)
     check_format(text)
     assert metric(text, "llm_requests_total", tenant="met",

@@ -4,6 +4,7 @@
  * to general.alignment (default 32), then the tensor data.
  */
 #include "gguf.h"
+#include "mapped_file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -350,43 +351,23 @@ gguf_parse(llm_gguf *g, llm_err *err)
 llm_gguf *
 llm_gguf_open(const char *path, llm_err *err)
 {
-    llm_gguf    *g;
-    struct stat  st;
-    int          fd;
-    void        *map;
+    llm_gguf *g;
+    const void  *map;
+    size_t       size;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        llm_err_set(err, LLM_EIO, "%s: %s", path, strerror(errno));
+    map = llm_map_file(path, 24, &size, err);
+    if (map == NULL) {
         return NULL;
     }
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        llm_err_set(err, LLM_EIO, "%s: not a regular file", path);
-        close(fd);
-        return NULL;
-    }
-    if (st.st_size < 24) {
-        llm_err_set(err, LLM_EFORMAT, "%s: truncated file (%lld bytes)",
-                    path, (long long) st.st_size);
-        close(fd);
-        return NULL;
-    }
-    map = mmap(NULL, (size_t) st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) {
-        llm_err_set(err, LLM_EIO, "%s: mmap: %s", path, strerror(errno));
-        return NULL;
-    }
-
     g = llm_calloc(1, sizeof(llm_gguf));
     if (g == NULL || (g->path = llm_strdup(path)) == NULL) {
         llm_free(g);
-        munmap(map, (size_t) st.st_size);
+        llm_unmap_file(map, size);
         llm_err_set(err, LLM_ENOMEM, "%s: out of memory", path);
         return NULL;
     }
     g->map = map;
-    g->size = (size_t) st.st_size;
+    g->size = size;
 
     if (gguf_parse(g, err) != 0) {
         llm_gguf_close(g);
@@ -411,9 +392,7 @@ llm_gguf_close(llm_gguf *g)
     }
     llm_free(g->kv);
     llm_free(g->tensors);
-    if (g->map != NULL) {
-        munmap((void *) g->map, g->size);
-    }
+    llm_unmap_file(g->map, g->size);
     llm_free(g->path);
     llm_free(g);
 }

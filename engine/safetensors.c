@@ -2,6 +2,7 @@
  * safetensors reader (see safetensors.h).
  */
 #include "safetensors.h"
+#include "mapped_file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -219,42 +220,22 @@ llm_safetensors *
 llm_safetensors_open(const char *path, llm_err *err)
 {
     llm_safetensors *st;
-    struct stat      sb;
-    int              fd;
-    void            *map;
+    const void  *map;
+    size_t       size;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        llm_err_set(err, LLM_EIO, "%s: %s", path, strerror(errno));
+    map = llm_map_file(path, 8, &size, err);
+    if (map == NULL) {
         return NULL;
     }
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        llm_err_set(err, LLM_EIO, "%s: not a regular file", path);
-        close(fd);
-        return NULL;
-    }
-    if (sb.st_size < 8) {
-        llm_err_set(err, LLM_EFORMAT, "%s: truncated file (%lld bytes)",
-                    path, (long long) sb.st_size);
-        close(fd);
-        return NULL;
-    }
-    map = mmap(NULL, (size_t) sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) {
-        llm_err_set(err, LLM_EIO, "%s: mmap: %s", path, strerror(errno));
-        return NULL;
-    }
-
     st = llm_calloc(1, sizeof(llm_safetensors));
     if (st == NULL || (st->path = llm_strdup(path)) == NULL) {
         llm_free(st);
-        munmap(map, (size_t) sb.st_size);
+        llm_unmap_file(map, size);
         llm_err_set(err, LLM_ENOMEM, "%s: out of memory", path);
         return NULL;
     }
     st->map = map;
-    st->size = (size_t) sb.st_size;
+    st->size = size;
 
     if (st_parse(st, err) != 0) {
         llm_safetensors_close(st);
@@ -278,9 +259,7 @@ llm_safetensors_close(llm_safetensors *st)
         }
     }
     llm_free(st->tensors);
-    if (st->map != NULL) {
-        munmap((void *) st->map, st->size);
-    }
+    llm_unmap_file(st->map, st->size);
     llm_free(st->path);
     llm_free(st);
 }

@@ -4,6 +4,8 @@
  */
 #include "backend.h"
 
+#include <stdio.h>
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -105,4 +107,81 @@ llm_backend_open(const char *spec, int n_threads, llm_err *err)
                 "unknown backend \"%s\" (expected \"cpu\" or \"cuda:N\")",
                 spec);
     return NULL;
+}
+
+
+/* ---- argument checks shared by the backends' KV ops ------------------ */
+
+int
+llm_kv_check_pool(const llm_kv_pool *kv, int layer, char *msg, size_t size)
+{
+    size_t blk_bytes;
+
+    if (kv == NULL || kv->k == NULL || kv->v == NULL
+        || (kv->type != LLM_F16 && kv->type != LLM_F32)
+        || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
+        || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+    {
+        snprintf(msg, size, "bad KV pool");
+        return LLM_EINVAL;
+    }
+    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
+                * (kv->type == LLM_F16 ? 2 : 4);
+    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
+        snprintf(msg, size, "KV pool layer_bytes %zu < %d blocks of %zu",
+                 kv->layer_bytes, kv->n_blocks, blk_bytes);
+        return LLM_EINVAL;
+    }
+    if (layer < 0 || layer >= kv->n_layers) {
+        snprintf(msg, size, "layer %d of %d", layer, kv->n_layers);
+        return LLM_EINVAL;
+    }
+    return 0;
+}
+
+
+int
+llm_kv_check_batch(const llm_kv_pool *kv, const llm_batch *b, char *msg,
+                   size_t size)
+{
+    int64_t t;
+
+    if (b->n_tokens > 0 && (b->block_table == NULL || b->max_blocks <= 0)) {
+        snprintf(msg, size, "batch has no block table");
+        return LLM_EINVAL;
+    }
+    for (t = 0; t < b->n_tokens; t++) {
+        int32_t s = b->tok_seq[t], p = b->pos[t];
+        int32_t bi, blk;
+
+        if (s < 0 || s >= b->n_seqs || p < 0) {
+            snprintf(msg, size, "token %lld: seq %d / pos %d out of range",
+                     (long long) t, (int) s, (int) p);
+            return LLM_EINVAL;
+        }
+        if (p / kv->block_size >= b->max_blocks) {
+            snprintf(msg, size, "token %lld: pos %d beyond %d blocks",
+                     (long long) t, (int) p, b->max_blocks);
+            return LLM_EINVAL;
+        }
+        /* every block of positions 0 .. p lies in (attention reads them) */
+        for (bi = 0; bi <= p / kv->block_size; bi++) {
+            blk = b->block_table[(size_t) s * b->max_blocks + bi];
+            if (blk < 0 || blk >= kv->n_blocks) {
+                snprintf(msg, size, "seq %d block %d is %d, pool has %d",
+                         (int) s, (int) bi, (int) blk, kv->n_blocks);
+                return LLM_EINVAL;
+            }
+        }
+        /* tokens of a sequence are in position order: the last one's
+         * check covers the earlier ones' blocks */
+        while (t + 1 < b->n_tokens && b->tok_seq[t + 1] == s
+               && b->pos[t + 1] >= p && b->pos[t + 1] / kv->block_size
+                                        == p / kv->block_size)
+        {
+            t++;
+            p = b->pos[t];
+        }
+    }
+    return 0;
 }

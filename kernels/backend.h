@@ -263,6 +263,15 @@ struct llm_err;
 llm_backend *llm_backend_cpu_new(int n_threads, struct llm_err *err);
 llm_backend *llm_backend_cuda_new(int device, struct llm_err *err);
 
+/* Shared argument checks of the KV ops (every backend runs the same ones):
+ * the pool's geometry and the layer; then that every token's sequence,
+ * position and the block-table entries of positions 0 .. pos lie inside
+ * the batch and the pool.  0, or LLM_EINVAL with msg filled. */
+int llm_kv_check_pool(const llm_kv_pool *kv, int layer, char *msg,
+                      size_t size);
+int llm_kv_check_batch(const llm_kv_pool *kv, const llm_batch *b, char *msg,
+                       size_t size);
+
 /* "cpu" or "cuda:N". */
 llm_backend *llm_backend_open(const char *spec, int n_threads,
                               struct llm_err *err);

@@ -346,64 +346,12 @@ int
 llm_cpu_check_kv(llm_cpu_ctx *c, const llm_kv_pool *kv, int layer,
                  const char *op)
 {
-    const llm_batch *b = &c->batch;
-    size_t           blk_bytes;
-    int64_t          t;
+    char msg[160];
 
-    if (kv == NULL || kv->k == NULL || kv->v == NULL
-        || (kv->type != LLM_F16 && kv->type != LLM_F32)
-        || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
-        || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+    if (llm_kv_check_pool(kv, layer, msg, sizeof(msg)) != 0
+        || llm_kv_check_batch(kv, &c->batch, msg, sizeof(msg)) != 0)
     {
-        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: bad KV pool", op);
-    }
-    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
-                * kv_elem_size(kv);
-    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
-        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: KV pool layer_bytes %zu"
-                            " < %d blocks of %zu", op, kv->layer_bytes,
-                            kv->n_blocks, blk_bytes);
-    }
-    if (layer < 0 || layer >= kv->n_layers) {
-        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: layer %d of %d", op,
-                            layer, kv->n_layers);
-    }
-    if (b->n_tokens > 0 && (b->block_table == NULL || b->max_blocks <= 0)) {
-        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: batch has no block"
-                            " table", op);
-    }
-    for (t = 0; t < b->n_tokens; t++) {
-        int32_t s = b->tok_seq[t], p = b->pos[t];
-        int32_t bi, blk;
-
-        if (s < 0 || s >= b->n_seqs || p < 0) {
-            return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: token %lld: seq %d"
-                                " / pos %d out of range", op, (long long) t,
-                                (int) s, (int) p);
-        }
-        if (p / kv->block_size >= b->max_blocks) {
-            return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: token %lld: pos %d"
-                                " beyond %d blocks", op, (long long) t,
-                                (int) p, b->max_blocks);
-        }
-        /* every block position 0 .. p lies in (attention reads them) */
-        for (bi = 0; bi <= p / kv->block_size; bi++) {
-            blk = b->block_table[(size_t) s * b->max_blocks + bi];
-            if (blk < 0 || blk >= kv->n_blocks) {
-                return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: seq %d block"
-                                    " %d is %d, pool has %d", op, (int) s,
-                                    (int) bi, (int) blk, kv->n_blocks);
-            }
-        }
-        /* tokens of a sequence are in position order: the last one's
-         * check covers the earlier ones' blocks */
-        while (t + 1 < b->n_tokens && b->tok_seq[t + 1] == s
-               && b->pos[t + 1] >= p && b->pos[t + 1] / kv->block_size
-                                        == p / kv->block_size)
-        {
-            t++;
-            p = b->pos[t];
-        }
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: %s: %s", op, msg);
     }
     return 0;
 }

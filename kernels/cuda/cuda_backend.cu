@@ -209,40 +209,16 @@ llm_cuda_need_batch(llm_cuda_ctx *c, const char *op)
 }
 
 
-static size_t
-kv_esize(const llm_kv_pool *kv)
-{
-    return kv->type == LLM_F16 ? 2 : 4;
-}
-
-
-/* The same rules as llm_cpu_check_kv, on the host copy of the batch; the
- * token walk is done once per step and pool geometry. */
+/* The shared KV checks (backend.c) on the host copy of the batch, plus
+ * this backend's alignment rule. */
 int
 llm_cuda_check_kv(llm_cuda_ctx *c, const llm_kv_pool *kv, int layer,
                   const char *op)
 {
-    const llm_batch *b = &c->batch;
-    size_t           blk_bytes;
-    int64_t          t;
+    char msg[160];
 
-    if (kv == NULL || kv->k == NULL || kv->v == NULL
-        || (kv->type != LLM_F16 && kv->type != LLM_F32)
-        || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
-        || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
-    {
-        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: bad KV pool", op);
-    }
-    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
-                * kv_esize(kv);
-    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
-        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: KV pool layer_bytes"
-                             " %zu < %d blocks of %zu", op, kv->layer_bytes,
-                             kv->n_blocks, blk_bytes);
-    }
-    if (layer < 0 || layer >= kv->n_layers) {
-        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: layer %d of %d", op,
-                             layer, kv->n_layers);
+    if (llm_kv_check_pool(kv, layer, msg, sizeof(msg)) != 0) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op, msg);
     }
     if ((uintptr_t) kv->k % 16 != 0 || (uintptr_t) kv->v % 16 != 0
         || kv->layer_bytes % 16 != 0)
@@ -250,48 +226,18 @@ llm_cuda_check_kv(llm_cuda_ctx *c, const llm_kv_pool *kv, int layer,
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: KV pool is not 16-byte"
                              " aligned", op);
     }
+    /* the token walk once per step and pool geometry */
     if (c->kv_ok_step == c->step && c->kv_ok_block_size == kv->block_size
         && c->kv_ok_n_blocks == kv->n_blocks)
     {
         return 0;
     }
-    if (b->n_tokens > 0 && (b->block_table == NULL || b->max_blocks <= 0
-                            || c->d_block_table == NULL))
-    {
+    if (c->batch.n_tokens > 0 && c->d_block_table == NULL) {
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: batch has no block"
                              " table", op);
     }
-    for (t = 0; t < b->n_tokens; t++) {
-        int32_t s = b->tok_seq[t], p = b->pos[t];
-        int32_t bi, blk;
-
-        if (s < 0 || s >= b->n_seqs || p < 0) {
-            return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: token %lld: seq"
-                                 " %d / pos %d out of range", op,
-                                 (long long) t, (int) s, (int) p);
-        }
-        if (p / kv->block_size >= b->max_blocks) {
-            return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: token %lld: pos %d"
-                                 " beyond %d blocks", op, (long long) t,
-                                 (int) p, b->max_blocks);
-        }
-        /* every block of positions 0 .. p (attention reads them) */
-        for (bi = 0; bi <= p / kv->block_size; bi++) {
-            blk = b->block_table[(size_t) s * b->max_blocks + bi];
-            if (blk < 0 || blk >= kv->n_blocks) {
-                return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: seq %d block"
-                                     " %d is %d, pool has %d", op, (int) s,
-                                     (int) bi, (int) blk, kv->n_blocks);
-            }
-        }
-        /* later tokens of the sequence in the same block: covered */
-        while (t + 1 < b->n_tokens && b->tok_seq[t + 1] == s
-               && b->pos[t + 1] >= p && b->pos[t + 1] / kv->block_size
-                                        == p / kv->block_size)
-        {
-            t++;
-            p = b->pos[t];
-        }
+    if (llm_kv_check_batch(kv, &c->batch, msg, sizeof(msg)) != 0) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op, msg);
     }
     c->kv_ok_step = c->step;
     c->kv_ok_block_size = kv->block_size;

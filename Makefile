@@ -17,7 +17,7 @@ CFLAGS  += $(OPT) -g -fPIC -std=gnu11 -pthread -Wall -Wextra \
            -Wno-unused-parameter -Wno-sign-compare -Wno-format-truncation \
            -D_GNU_SOURCE
 CPPFLAGS += -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread
-LDLIBS  += -lopenblas -ljansson -lm -lpthread
+LDLIBS  += -lopenblas -ljansson -lhiredis -lm -lpthread
 
 # Kernels built per instruction set; chosen at run time (cpu_features.c).
 AVX2_FLAGS   := -mavx2 -mfma -mf16c

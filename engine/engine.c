@@ -5,12 +5,15 @@
  */
 #include "engine.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #include "forward.h"
 #include "kv_cache.h"
+#include "kv_tier.h"
+#include "prefix_cache.h"
 #include "../adapters/device_pool.h"
 #include "../adapters/lora.h"
 #include "../adapters/registry.h"
@@ -49,6 +52,20 @@ struct llm_engine {
     int32_t            *out_pos;        /* [cap_out] position of the row */
     float              *logits;         /* [cap_out, n_vocab] */
 
+    /* prefix cache: blocks named by hash chains over this fingerprint;
+     * the Redis tier (may be NULL) and a host block for its writes */
+    int                 cache_on;
+    uint8_t             cache_fp[32];
+    llm_kv_tier        *tier;
+    size_t              tier_payload;
+    uint8_t            *tier_block;     /* [tier_payload] */
+    uint64_t            tier_wait_ns;   /* longest wait for a lookup */
+    int                 stalled;
+    pthread_mutex_t     wake_mu;        /* guards wake, called from the
+                                           tier thread */
+    void              (*wake)(void *ud);
+    void               *wake_ud;
+
     llm_engine_stats    stats;
 };
 
@@ -68,6 +85,9 @@ seq_free(llm_engine *e, llm_seq *s)
         llm_lora_registry_release(e->reg, &s->lora);
     }
     llm_block_table_destroy(&s->bt);
+    llm_free(s->cache_ns);
+    llm_free(s->cache_shared_ns);
+    llm_free(s->hashes);
     llm_sampler_free(s->sampler);
     llm_free(s->tokens);
     llm_free(s->stop_ids);
@@ -92,6 +112,214 @@ seq_is_stop(const llm_engine *e, const llm_seq *s, int32_t tok)
 }
 
 
+/* ---- prefix cache ------------------------------------------------- */
+
+/* The chain hash of block j of s (its tokens must exist). */
+static const uint8_t *
+seq_hash(llm_engine *e, llm_seq *s, int j)
+{
+    const int B = LLM_KV_BLOCK_SIZE;
+
+    while (s->n_hashes <= j) {
+        int         k = s->n_hashes;
+        const char *ns = (k + 1) * B <= s->cache_shared_tokens
+                         ? s->cache_shared_ns : s->cache_ns;
+
+        llm_prefix_block_hash(e->cache_fp,
+                              s->lora.lora != NULL ? s->lora.lora->version
+                                                   : NULL,
+                              ns, k > 0 ? s->hashes[k - 1] : NULL,
+                              s->tokens + (size_t) k * B, B, s->hashes[k]);
+        s->n_hashes++;
+    }
+    return s->hashes[j];
+}
+
+
+/* Blocks of s that may come from the cache: full ones, leaving at least
+ * the last token to compute (its logits are needed). */
+static int
+seq_cacheable_blocks(const llm_seq *s)
+{
+    return (s->n_tokens - 1) / LLM_KV_BLOCK_SIZE;
+}
+
+
+/* Scheduler hook at admission: the longest cached chain of s's tokens
+ * becomes the start of its block table. */
+static void
+engine_attach(void *ud, llm_seq *s)
+{
+    llm_engine *e = ud;
+    int         j, n_max;
+    int32_t     id;
+
+    s->n_registered = 0;
+    if (!s->cache) {
+        return;
+    }
+    n_max = seq_cacheable_blocks(s);
+    for (j = 0; j < n_max; j++) {
+        id = llm_kv_cache_get(e->kv, seq_hash(e, s, j));
+        if (id < 0) {
+            break;
+        }
+        if (llm_block_table_push(&s->bt, id) != 0) {
+            llm_kv_unref(e->kv, id);
+            break;
+        }
+    }
+    s->n_computed = j * LLM_KV_BLOCK_SIZE;
+    s->n_registered = j;
+}
+
+
+/* After a step: tags the blocks s has filled, and sends new prompt
+ * blocks to the Redis tier. */
+static void
+engine_register_blocks(llm_engine *e, llm_seq *s)
+{
+    const int B = LLM_KV_BLOCK_SIZE;
+    int       j, full = s->n_computed / B;
+
+    if (!s->cache) {
+        return;
+    }
+    for (j = s->n_registered; j < full && j < s->bt.n; j++) {
+        const uint8_t *h = seq_hash(e, s, j);
+
+        if (llm_kv_cache_put(e->kv, s->bt.ids[j], h) && e->tier != NULL
+            && (j + 1) * B <= s->n_prompt
+            && e->be->ops->kv_block_to_host(e->be, &e->fw.kv, s->bt.ids[j],
+                                            e->tier_block) == 0)
+        {
+            /* a full queue drops it (counted by the tier) */
+            (void) llm_kv_tier_put(e->tier, h, e->tier_block);
+        }
+    }
+    s->n_registered = full;
+}
+
+
+/* Waiting sequences not asked yet: if their chain goes beyond what is
+ * cached here, ask Redis for the rest; they wait (the rest runs) until
+ * the answer or a deadline. */
+static void
+engine_tier_lookups(llm_engine *e)
+{
+    llm_seq *s;
+    int      k, n, n_max;
+
+    for (s = e->sched.waiting.head; s != NULL; s = s->next) {
+        if (!s->cache || s->tier_asked || s->n_computed > 0 || s->bt.n > 0) {
+            continue;
+        }
+        s->tier_asked = 1;
+        n_max = seq_cacheable_blocks(s);
+        for (k = 0; k < n_max && llm_kv_cache_has(e->kv, seq_hash(e, s, k));
+             k++)
+        {
+            /* the local part */
+        }
+        if (k == n_max) {
+            continue;
+        }
+        n = n_max - k;
+        if (n > LLM_KV_TIER_MAX_LOOKUP) {
+            n = LLM_KV_TIER_MAX_LOOKUP;
+        }
+        (void) seq_hash(e, s, k + n - 1);
+        if (llm_kv_tier_lookup(e->tier, s->id,
+                               (const uint8_t (*)[32]) s->hashes + k, n)
+            == 0)
+        {
+            s->tier_pending = 1;
+            s->tier_first = k;
+            s->tier_deadline_ns = llm_now_ns() + e->tier_wait_ns;
+        }
+    }
+}
+
+
+/* Finished lookups: valid blocks go into free (or evicted) blocks of the
+ * pool, tagged and reusable, so that admission finds them locally. */
+static void
+engine_tier_results(llm_engine *e)
+{
+    llm_kv_tier_result r;
+    llm_seq           *s;
+    uint64_t           now;
+    int                i;
+    int32_t            id;
+
+    while (llm_kv_tier_poll(e->tier, &r) == 1) {
+        for (s = e->sched.waiting.head; s != NULL; s = s->next) {
+            if (s->id == r.tag) {
+                break;
+            }
+        }
+        for (i = 0; s != NULL && s->tier_pending && i < r.n_found; i++) {
+            const uint8_t *h = s->hashes[s->tier_first + i];
+
+            if (llm_kv_cache_has(e->kv, h)) {
+                continue;
+            }
+            id = llm_kv_alloc(e->kv);
+            if (id < 0) {
+                break;
+            }
+            if (e->be->ops->kv_block_from_host(e->be, &e->fw.kv, id,
+                                               r.payloads
+                                               + (size_t) i
+                                                 * e->tier_payload) != 0)
+            {
+                llm_kv_unref(e->kv, id);
+                break;
+            }
+            (void) llm_kv_cache_put(e->kv, id, h);
+            llm_kv_unref(e->kv, id);        /* reusable until admitted */
+            e->stats.prefix_tier_hit_tokens += LLM_KV_BLOCK_SIZE;
+        }
+        if (s != NULL) {
+            s->tier_pending = 0;
+        }
+        llm_kv_tier_result_free(&r);
+    }
+
+    /* an answer that is late is not waited for: compute instead */
+    now = llm_now_ns();
+    for (s = e->sched.waiting.head; s != NULL; s = s->next) {
+        if (s->tier_pending && now > s->tier_deadline_ns) {
+            s->tier_pending = 0;
+        }
+    }
+}
+
+
+/* From the tier thread: a lookup finished. */
+static void
+engine_tier_wake(void *ud)
+{
+    llm_engine *e = ud;
+
+    pthread_mutex_lock(&e->wake_mu);
+    if (e->wake != NULL) {
+        e->wake(e->wake_ud);
+    }
+    pthread_mutex_unlock(&e->wake_mu);
+}
+
+
+void
+llm_engine_set_wake(llm_engine *e, void (*wake)(void *ud), void *ud)
+{
+    pthread_mutex_lock(&e->wake_mu);
+    e->wake = wake;
+    e->wake_ud = ud;
+    pthread_mutex_unlock(&e->wake_mu);
+}
+
+
 /* ---- life cycle --------------------------------------------------- */
 
 llm_engine *
@@ -108,6 +336,9 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         return NULL;
     }
     e->p = *p;
+    pthread_mutex_init(&e->wake_mu, NULL);
+    e->wake = p->wake;
+    e->wake_ud = p->wake_ud;
     if (e->p.kv_memory == 0) {
         e->p.kv_memory = (size_t) 256 << 20;
     }
@@ -221,6 +452,57 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         goto failed;
     }
 
+    /* Prefix cache and its Redis tier. */
+    e->cache_on = !e->p.prefix_cache_off;
+    llm_prefix_fingerprint(e->model->fingerprint, e->p.kv_type,
+                           LLM_KV_BLOCK_SIZE, e->cache_fp);
+    if (e->cache_on && e->p.kv_tier_addr != NULL
+        && e->p.kv_tier_addr[0] != '\0')
+    {
+        llm_kv_tier_params tp;
+
+        if (e->be->ops->kv_block_to_host == NULL
+            || e->be->ops->kv_block_from_host == NULL)
+        {
+            llm_err_set(err, LLM_EUNSUP, "the %s backend cannot copy KV "
+                        "blocks to host memory: no Redis tier",
+                        e->be->ops->name);
+            goto failed;
+        }
+        memset(&tp, 0, sizeof(tp));
+        tp.addr = e->p.kv_tier_addr;
+        tp.key_prefix = e->p.kv_tier_prefix;
+        tp.ttl_s = e->p.kv_tier_ttl_s;
+        tp.budget_bytes = e->p.kv_tier_budget;
+        tp.timeout_ms = e->p.kv_tier_timeout_ms;
+        memcpy(tp.fingerprint, e->cache_fp, 32);
+        tp.dtype = e->p.kv_type;
+        tp.block_size = LLM_KV_BLOCK_SIZE;
+        tp.n_layers = e->fw.kv.n_layers;
+        tp.n_kv_heads = e->fw.kv.n_kv_heads;
+        tp.head_dim = e->fw.kv.head_dim;
+        tp.wake = engine_tier_wake;
+        tp.wake_ud = e;
+        e->tier_payload = llm_kv_tier_payload_bytes(&tp);
+        e->tier_block = llm_malloc(e->tier_payload);
+        if (e->tier_block == NULL) {
+            llm_err_set(err, LLM_ENOMEM, "out of memory");
+            goto failed;
+        }
+        e->tier = llm_kv_tier_new(&tp, err);
+        if (e->tier == NULL) {
+            llm_err_wrap(err, "prefix cache tier at %s", e->p.kv_tier_addr);
+            goto failed;
+        }
+        /* a lookup that takes longer than a few Redis round trips is
+         * slower than computing */
+        e->tier_wait_ns = (uint64_t) (e->p.kv_tier_timeout_ms
+                                      ? e->p.kv_tier_timeout_ms : 200)
+                          * 2000000ull;
+    }
+    e->sched.attach = engine_attach;
+    e->sched.attach_ud = e;
+
     e->sched.kv = e->kv;
     e->sched.max_seqs = e->p.max_seqs;
     e->sched.max_step_tokens = e->p.max_step_tokens;
@@ -258,6 +540,8 @@ llm_engine_free(llm_engine *e)
         }
     }
     llm_scheduler_free(&e->sched);
+    llm_kv_tier_free(e->tier);
+    llm_free(e->tier_block);
     llm_lora_pool_free(e->pool);
     llm_lora_registry_free(e->reg);
     llm_free(e->spans);
@@ -279,6 +563,7 @@ llm_engine_free(llm_engine *e)
     llm_free(e->out_seq);
     llm_free(e->out_pos);
     llm_free(e->logits);
+    pthread_mutex_destroy(&e->wake_mu);
     llm_free(e);
 }
 
@@ -362,6 +647,23 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
         return llm_err_set(err, LLM_ENOMEM, "out of memory");
     }
     s->cap = total;
+    s->cache = e->cache_on && !req->no_cache && !req->prompt_logits;
+    if (s->cache) {
+        s->cache_ns = llm_strdup(req->cache_namespace != NULL
+                                 ? req->cache_namespace : "");
+        s->cache_shared_ns = llm_strdup(req->cache_shared_namespace != NULL
+                                        ? req->cache_shared_namespace : "");
+        s->cache_shared_tokens = req->cache_shared_tokens > 0
+                                 ? req->cache_shared_tokens : 0;
+        s->hashes = llm_malloc(((size_t) total / LLM_KV_BLOCK_SIZE + 1)
+                               * sizeof(*s->hashes));
+        if (s->cache_ns == NULL || s->cache_shared_ns == NULL
+            || s->hashes == NULL)
+        {
+            seq_free(e, s);
+            return llm_err_set(err, LLM_ENOMEM, "out of memory");
+        }
+    }
     s->tokens = llm_malloc((size_t) total * sizeof(int32_t));
     s->sampler = llm_sampler_new(&req->sampling, e->model->cfg.n_vocab,
                                  err);
@@ -474,6 +776,13 @@ llm_engine_cancel(llm_engine *e, uint64_t seq_id)
 
 
 int
+llm_engine_stalled(const llm_engine *e)
+{
+    return e->stalled && e->cancelled.n == 0;
+}
+
+
+int
 llm_engine_idle(const llm_engine *e)
 {
     return e->sched.waiting.n == 0 && e->sched.running.n == 0
@@ -504,6 +813,29 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->adapter_uploads = ps.uploads;
         st->adapter_host_evictions = rs.evictions;
         st->adapter_device_evictions = ps.evictions;
+    }
+    {
+        llm_kv_cache_stats cs;
+
+        llm_kv_cache_get_stats(e->kv, &cs);
+        st->prefix_blocks_cached = cs.tagged;
+        st->prefix_blocks_reusable = cs.reusable;
+        st->prefix_evictions = cs.evictions;
+    }
+    if (e->tier != NULL) {
+        llm_kv_tier_stats ts;
+
+        llm_kv_tier_get_stats(e->tier, &ts);
+        st->tier_enabled = 1;
+        st->tier_connected = ts.connected;
+        st->tier_puts = ts.puts;
+        st->tier_put_bytes = ts.put_bytes;
+        st->tier_puts_dropped = ts.puts_dropped;
+        st->tier_lookups = ts.lookups;
+        st->tier_blocks_hit = ts.blocks_hit;
+        st->tier_blocks_missed = ts.blocks_missed;
+        st->tier_corrupt = ts.corrupt;
+        st->tier_errors = ts.errors;
     }
 }
 
@@ -693,6 +1025,7 @@ emit_done(llm_engine *e, llm_seq *s, int finish, const char *error,
     ev.finish = finish;
     ev.n_prompt = s->n_prompt;
     ev.n_generated = s->n_tokens - s->n_prompt;
+    ev.n_cached = s->n_cached;
     ev.error = error;
     cb(ud, &ev);
 }
@@ -810,9 +1143,27 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
     }
 
     engine_make_resident(e);
+    if (e->tier != NULL) {
+        engine_tier_results(e);
+        engine_tier_lookups(e);
+    }
     n_seqs = llm_scheduler_plan(&e->sched, e->plan);
+    e->stalled = n_seqs == 0 && e->sched.waiting.n > 0;
     if (n_seqs == 0) {
         return 0;
+    }
+    for (i = 0; i < n_seqs; i++) {
+        s = e->plan[i];
+        if (!s->admitted) {
+            /* what the first admission found is what usage reports */
+            s->admitted = 1;
+            if (s->cache) {
+                s->n_cached = s->n_computed < s->n_prompt ? s->n_computed
+                                                          : s->n_prompt;
+                e->stats.prefix_lookups++;
+                e->stats.prefix_hit_tokens += (uint64_t) s->n_cached;
+            }
+        }
     }
     sort_plan_by_adapter(e->plan, n_seqs);
     build_batch(e, n_seqs, &b);
@@ -846,6 +1197,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
         }
         s->n_computed += s->chunk;
         llm_scheduler_charge(&e->sched, s, s->chunk);
+        engine_register_blocks(e, s);
     }
 
     /* Teacher-forced logits, then one sampled token per finished chunk. */

@@ -43,6 +43,23 @@ typedef struct llm_engine_params {
     void      (*adapter_refused)(void *ud, const char *name,
                                  const llm_err *err);
     void       *adapter_refused_ud;
+
+    /* Prefix cache (on unless prefix_cache_off): full KV blocks are
+     * named by a hash chain (prefix_cache.h) and reused by later
+     * sequences with the same prefix, adapter and cache namespace. */
+    int         prefix_cache_off;
+    /* Its Redis tier (kv_tier.h), when kv_tier_addr is set
+     * ("host:port" or "unix:/path"); zero values: the tier's defaults. */
+    const char *kv_tier_addr;
+    const char *kv_tier_prefix;
+    uint32_t    kv_tier_ttl_s;
+    uint64_t    kv_tier_budget;
+    uint32_t    kv_tier_timeout_ms;
+    /* Called from another thread when the engine has new work that does
+     * not come through the owner (a Redis lookup finished); may be NULL:
+     * the owner then polls while llm_engine_stalled(). */
+    void      (*wake)(void *ud);
+    void       *wake_ud;
 } llm_engine_params;
 
 enum {
@@ -83,6 +100,15 @@ typedef struct llm_request {
     const char     *tenant;         /* fair-share account (copied) */
     int             weight;         /* fair-share weight, >= 1 */
     uint32_t        queue_timeout_ms;   /* 0: wait as long as it takes */
+
+    /* Prefix cache namespaces (copied; NULL = ""): the first
+     * cache_shared_tokens prompt tokens are cached under
+     * cache_shared_namespace, the rest under cache_namespace.  Set by
+     * the server (per tenant), never by a client. */
+    const char     *cache_namespace;
+    const char     *cache_shared_namespace;
+    int             cache_shared_tokens;
+    int             no_cache;       /* 1: neither reuse nor register */
 } llm_request;
 
 enum { LLM_EV_TOKEN = 1, LLM_EV_DONE = 2, LLM_EV_LOGITS = 3 };
@@ -130,6 +156,24 @@ typedef struct llm_engine_stats {
     uint64_t    adapter_device_evictions;
     int         last_batch_tokens;
     int         last_batch_seqs;
+
+    /* prefix cache */
+    int         prefix_blocks_cached;   /* blocks holding a hash */
+    int         prefix_blocks_reusable; /* ... of which unused */
+    uint64_t    prefix_lookups;         /* first admissions with cache */
+    uint64_t    prefix_hit_tokens;      /* prompt tokens reused */
+    uint64_t    prefix_tier_hit_tokens; /* tokens loaded from Redis */
+    uint64_t    prefix_evictions;
+    int         tier_enabled;
+    int         tier_connected;
+    uint64_t    tier_puts;
+    uint64_t    tier_put_bytes;
+    uint64_t    tier_puts_dropped;
+    uint64_t    tier_lookups;
+    uint64_t    tier_blocks_hit;
+    uint64_t    tier_blocks_missed;
+    uint64_t    tier_corrupt;
+    uint64_t    tier_errors;
 } llm_engine_stats;
 
 llm_engine *llm_engine_new(const llm_engine_params *p, llm_err *err);
@@ -194,6 +238,14 @@ int llm_engine_adapter_load(llm_engine *e, const char *name,
 
 /* 1 when nothing is queued or running (step() would do nothing). */
 int  llm_engine_idle(const llm_engine *e);
+/* 1 when the last step ran nothing although sequences wait: all are
+ * blocked on something outside the loop (a Redis lookup, room for an
+ * adapter).  The owner may sleep until the wake callback or a short
+ * timeout instead of spinning. */
+int  llm_engine_stalled(const llm_engine *e);
+/* Replaces the wake callback (NULL: none); once it returns, the old one
+ * is not running and will not be called again. */
+void llm_engine_set_wake(llm_engine *e, void (*wake)(void *ud), void *ud);
 void llm_engine_get_stats(const llm_engine *e, llm_engine_stats *s);
 
 #endif /* LLM_ENGINE_H */

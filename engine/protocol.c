@@ -459,9 +459,11 @@ field_ok(const char *s, size_t cap, size_t max)
 #define FIELD_SIZE(f)       (2 + strnlen(f, sizeof(f)))
 
 
-/* STATS: the first part, then the adapter part (protocol.h). */
+/* STATS: the first part, then the adapter and prefix cache parts
+ * (protocol.h). */
 #define STATS_BASE_SIZE     (10 * 4 + 7 * 8)
 #define STATS_ADAPTER_SIZE  (4 * 4 + 6 * 8)
+#define STATS_PREFIX_SIZE   (2 * 4 + 4 * 8 + 2 * 4 + 8 * 8)
 
 
 /* ---- encoders ------------------------------------------------------ */
@@ -582,6 +584,7 @@ llm_proto_encode_submit(llm_proto_buf *b, uint32_t req_id,
     if (!str_ok(m->tenant, LLM_PROTO_MAX_TENANT)
         || !str_ok(m->adapter, LLM_PROTO_MAX_ADAPTER)
         || !str_ok(m->cache_namespace, LLM_PROTO_MAX_NAMESPACE)
+        || !str_ok(m->cache_shared_namespace, LLM_PROTO_MAX_NAMESPACE)
         || m->n_stop < 0 || m->n_stop > LLM_PROTO_MAX_STOP_IDS
         || m->n_prompt < 0 || m->n_prompt > LLM_PROTO_MAX_PROMPT
         || (m->n_stop > 0 && stop == NULL)
@@ -592,7 +595,8 @@ llm_proto_encode_submit(llm_proto_buf *b, uint32_t req_id,
     n = 4 + 7 * 4 + 8 + 2 + 1 + 1 + 2 + 2 + 4
         + str_size(m->tenant) + str_size(m->adapter)
         + str_size(m->cache_namespace)
-        + 2 + 4 * (size_t) m->n_stop + 4 + 4 * (size_t) m->n_prompt;
+        + 2 + 4 * (size_t) m->n_stop + 4 + 4 * (size_t) m->n_prompt
+        + str_size(m->cache_shared_namespace) + 4;
     rc = frame_begin(b, 0, LLM_MSG_SUBMIT, req_id, n, &w);
     if (rc != 0) {
         return rc;
@@ -623,6 +627,8 @@ llm_proto_encode_submit(llm_proto_buf *b, uint32_t req_id,
     for (i = 0; i < m->n_prompt; i++) {
         w_i32(&w, prompt[i]);
     }
+    w_str(&w, m->cache_shared_namespace);
+    w_u32(&w, m->cache_shared_tokens);
     frame_end(b, &w);
     return 0;
 }
@@ -743,7 +749,8 @@ llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
     int rc;
 
     rc = frame_begin(b, 0, LLM_MSG_STATS, req_id,
-                     STATS_BASE_SIZE + STATS_ADAPTER_SIZE, &w);
+                     STATS_BASE_SIZE + STATS_ADAPTER_SIZE + STATS_PREFIX_SIZE,
+                     &w);
     if (rc != 0) {
         return rc;
     }
@@ -774,6 +781,22 @@ llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
     w_u64(&w, m->adapter_uploads);
     w_u64(&w, m->adapter_host_evictions);
     w_u64(&w, m->adapter_device_evictions);
+    w_u32(&w, m->prefix_blocks_cached);
+    w_u32(&w, m->prefix_blocks_reusable);
+    w_u64(&w, m->prefix_lookups);
+    w_u64(&w, m->prefix_hit_tokens);
+    w_u64(&w, m->prefix_tier_hit_tokens);
+    w_u64(&w, m->prefix_evictions);
+    w_u32(&w, m->tier_connected);
+    w_u32(&w, m->tier_enabled);
+    w_u64(&w, m->tier_puts);
+    w_u64(&w, m->tier_put_bytes);
+    w_u64(&w, m->tier_puts_dropped);
+    w_u64(&w, m->tier_lookups);
+    w_u64(&w, m->tier_blocks_hit);
+    w_u64(&w, m->tier_blocks_missed);
+    w_u64(&w, m->tier_corrupt);
+    w_u64(&w, m->tier_errors);
     frame_end(b, &w);
     return 0;
 }
@@ -1072,6 +1095,11 @@ llm_proto_decode_submit(const llm_proto_frame *f, llm_proto_submit *m,
     }
     m->prompt = r.bad ? NULL : r_bytes(&r, 4 * (size_t) n, "prompt");
     m->n_prompt = r.bad ? 0 : (int) n;
+    if (!r.bad && r.left > 0) {
+        r_str(&r, m->cache_shared_namespace, LLM_PROTO_MAX_NAMESPACE,
+              "cache_shared_namespace");
+        m->cache_shared_tokens = r_u32(&r, "cache_shared_tokens");
+    }
 
     rc = dec_end(f, &r, err);
     if (rc != 0) {
@@ -1271,6 +1299,25 @@ llm_proto_decode_stats(const llm_proto_frame *f, llm_proto_stats *m,
         m->adapter_uploads = r_u64(&r, "adapter_uploads");
         m->adapter_host_evictions = r_u64(&r, "adapter_host_evictions");
         m->adapter_device_evictions = r_u64(&r, "adapter_device_evictions");
+    }
+    if (!r.bad && r.left > 0) {
+        m->has_prefix_cache = 1;
+        m->prefix_blocks_cached = r_u32(&r, "prefix_blocks_cached");
+        m->prefix_blocks_reusable = r_u32(&r, "prefix_blocks_reusable");
+        m->prefix_lookups = r_u64(&r, "prefix_lookups");
+        m->prefix_hit_tokens = r_u64(&r, "prefix_hit_tokens");
+        m->prefix_tier_hit_tokens = r_u64(&r, "prefix_tier_hit_tokens");
+        m->prefix_evictions = r_u64(&r, "prefix_evictions");
+        m->tier_connected = r_u32(&r, "tier_connected");
+        m->tier_enabled = r_u32(&r, "tier_enabled");
+        m->tier_puts = r_u64(&r, "tier_puts");
+        m->tier_put_bytes = r_u64(&r, "tier_put_bytes");
+        m->tier_puts_dropped = r_u64(&r, "tier_puts_dropped");
+        m->tier_lookups = r_u64(&r, "tier_lookups");
+        m->tier_blocks_hit = r_u64(&r, "tier_blocks_hit");
+        m->tier_blocks_missed = r_u64(&r, "tier_blocks_missed");
+        m->tier_corrupt = r_u64(&r, "tier_corrupt");
+        m->tier_errors = r_u64(&r, "tier_errors");
     }
     return dec_end(f, &r, err);
 }

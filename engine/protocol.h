@@ -219,7 +219,14 @@ typedef struct llm_proto_hello_ok {
  *   u16 reserved (0), u32 queue_timeout_ms (0 = none),
  *   str tenant, str adapter, str cache_namespace (empty = none/default),
  *   u16 n_stop, i32[n_stop] stop_ids,
- *   u32 n_prompt, i32[n_prompt] prompt
+ *   u32 n_prompt, i32[n_prompt] prompt,
+ * then (added with the prefix cache; a decoder takes a payload without
+ * this part as "" and 0):
+ *   str cache_shared_namespace, u32 cache_shared_tokens
+ *     the first cache_shared_tokens prompt tokens (a public prefix such
+ *     as a common system prompt) are cached under the shared namespace,
+ *     the rest under cache_namespace; both are set by the server, never
+ *     by the client.
  */
 /* Priority classes of SUBMIT (strict priority between classes). */
 enum {
@@ -247,6 +254,8 @@ typedef struct llm_proto_submit {
     char        tenant[LLM_PROTO_MAX_TENANT + 1];
     char        adapter[LLM_PROTO_MAX_ADAPTER + 1];
     char        cache_namespace[LLM_PROTO_MAX_NAMESPACE + 1];
+    char        cache_shared_namespace[LLM_PROTO_MAX_NAMESPACE + 1];
+    uint32_t    cache_shared_tokens;
     /* Encoding: n_* int32 arrays.  Decoding: raw pointers into the
      * payload (unaligned little-endian i32); read with
      * llm_proto_id_at(), llm_proto_copy_ids(). */
@@ -327,6 +336,20 @@ typedef struct llm_proto_error {
  *   u64 adapter_loads (host loads from disk), u64 adapter_uploads
  *   (device uploads), u64 adapter_host_evictions,
  *   u64 adapter_device_evictions
+ * then (added with the prefix cache; absent: has_prefix_cache = 0):
+ *   u32 prefix_blocks_cached (local blocks holding a hash, in use or
+ *   not), u32 prefix_blocks_reusable (cached and unused: evictable),
+ *   u64 prefix_lookups (sequences admitted with caching on),
+ *   u64 prefix_hit_tokens (prompt tokens taken from the local cache),
+ *   u64 prefix_tier_hit_tokens (of those, loaded from Redis first),
+ *   u64 prefix_evictions,
+ *   u32 tier_connected (0/1; 0 also when there is no Redis tier),
+ *   u32 tier_enabled (0/1),
+ *   u64 tier_puts (blocks written), u64 tier_put_bytes,
+ *   u64 tier_puts_dropped (queue over budget),
+ *   u64 tier_lookups, u64 tier_blocks_hit, u64 tier_blocks_missed,
+ *   u64 tier_corrupt (records refused: bad checksum, other model or
+ *   format, truncated), u64 tier_errors (Redis errors and timeouts)
  */
 typedef struct llm_proto_stats {
     uint32_t    waiting;
@@ -356,6 +379,23 @@ typedef struct llm_proto_stats {
     uint64_t    adapter_uploads;
     uint64_t    adapter_host_evictions;
     uint64_t    adapter_device_evictions;
+    int         has_prefix_cache;   /* decoding: that part was there */
+    uint32_t    prefix_blocks_cached;
+    uint32_t    prefix_blocks_reusable;
+    uint64_t    prefix_lookups;
+    uint64_t    prefix_hit_tokens;
+    uint64_t    prefix_tier_hit_tokens;
+    uint64_t    prefix_evictions;
+    uint32_t    tier_connected;
+    uint32_t    tier_enabled;
+    uint64_t    tier_puts;
+    uint64_t    tier_put_bytes;
+    uint64_t    tier_puts_dropped;
+    uint64_t    tier_lookups;
+    uint64_t    tier_blocks_hit;
+    uint64_t    tier_blocks_missed;
+    uint64_t    tier_corrupt;
+    uint64_t    tier_errors;
 } llm_proto_stats;
 
 

@@ -227,7 +227,7 @@ sched_next_waiting(llm_scheduler *s, int cls)
     for (seq = s->waiting.head; seq != NULL; seq = seq->next) {
         double v, bv;
 
-        if (seq->cls != cls || seq->blocked) {
+        if (seq->cls != cls || seq->blocked || seq->tier_pending) {
             continue;
         }
         if (best == NULL) {
@@ -305,8 +305,13 @@ llm_scheduler_plan(llm_scheduler *s, llm_seq **out)
 
         /* Then admissions of this class, least served tenant first. */
         while (budget > 0 && (seq = sched_next_waiting(s, cls)) != NULL) {
-            int take = chunk_of(seq, budget);
-            int ok = 1;
+            int take, ok = 1;
+
+            if (seq->n_computed == 0 && seq->bt.n == 0 && s->attach != NULL)
+            {
+                s->attach(s->attach_ud, seq);
+            }
+            take = chunk_of(seq, budget);
 
             while (s->running.n >= s->max_seqs
                    || llm_block_table_ensure(s->kv, &seq->bt,
@@ -321,6 +326,9 @@ llm_scheduler_plan(llm_scheduler *s, llm_seq **out)
                 sched_preempt(s, victim);
             }
             if (!ok) {
+                /* cached blocks go back (reusable) while it waits */
+                llm_block_table_clear(s->kv, &seq->bt);
+                seq->n_computed = 0;
                 break;
             }
             llm_seq_list_remove(&s->waiting, seq);

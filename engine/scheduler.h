@@ -22,7 +22,8 @@
  *    preempted: its blocks are freed and it waits to be recomputed (its
  *    tokens and sampler are kept, so its output does not change).
  * Waiting sequences that never started and passed their queue deadline
- * are taken out (llm_scheduler_expire).
+ * are taken out (llm_scheduler_expire).  Blocked sequences (adapter not
+ * resident, prefix lookup in Redis under way) are not admitted.
  */
 #ifndef LLM_SCHEDULER_H
 #define LLM_SCHEDULER_H
@@ -76,6 +77,24 @@ struct llm_seq {
     const uint8_t      *lora_dev;
     int                 blocked;
 
+    /* prefix cache (engine.c): the chain hashes of its full blocks
+     * (prefix_cache.h), computed as needed; tokens only grow, so a hash
+     * once computed stays valid */
+    int                 cache;          /* 1: reuse and register blocks */
+    char               *cache_ns;       /* private namespace */
+    char               *cache_shared_ns;/* public prefix namespace */
+    int                 cache_shared_tokens;
+    uint8_t           (*hashes)[32];    /* [cap / block_size] */
+    int                 n_hashes;
+    int                 n_registered;   /* blocks [0, n) tagged or tried */
+    int                 n_cached;       /* prompt tokens reused at the
+                                           first admission (reported) */
+    int                 admitted;       /* admitted at least once */
+    int                 tier_pending;   /* waiting for a Redis lookup */
+    int                 tier_asked;
+    int                 tier_first;     /* first block asked for */
+    uint64_t            tier_deadline_ns;
+
     /* set by the scheduler for the current step */
     int                 chunk;          /* tokens computed this step */
     int                 planned;
@@ -99,6 +118,12 @@ typedef struct llm_scheduler {
     int                 max_seqs;
     int                 max_step_tokens;
     uint64_t            preemptions;
+
+    /* called when a sequence with nothing computed is about to be
+     * admitted: may give it cached blocks (bt, n_computed); taken back
+     * if the admission then fails */
+    void              (*attach)(void *ud, llm_seq *seq);
+    void               *attach_ud;
 
     llm_tenant_acct   **tenants;        /* accounts, grown on demand */
     int                 n_tenants;

@@ -192,6 +192,7 @@ struct llm_server {
     llm_server_params   p;
     int                 ep;
     srv_watch           wake;       /* eventfd */
+    int                 wake_set;   /* the engine calls server_wake */
     int                 spare_fd;   /* for accept() under EMFILE */
     srv_listener        ls[LLM_SERVER_MAX_LISTEN];
     int                 n_ls;
@@ -367,6 +368,7 @@ conn_set_out(llm_server *s, srv_conn *c, int want)
 
 
 static void conn_close(llm_server *s, srv_conn *c, const char *why);
+static void server_wake(void *ud);
 
 
 /* Writes what the socket takes.  0, or -1 if the connection was closed. */
@@ -857,6 +859,10 @@ on_submit(llm_server *s, srv_conn *c, const llm_proto_frame *f)
     rq.weight = m.weight > 0 ? m.weight : 1;
     rq.queue_timeout_ms = m.queue_timeout_ms;
     rq.adapter = m.adapter[0] != '\0' ? m.adapter : NULL;
+    rq.cache_namespace = m.cache_namespace;
+    rq.cache_shared_namespace = m.cache_shared_namespace;
+    rq.cache_shared_tokens = m.cache_shared_tokens > (uint32_t) m.n_prompt
+                             ? m.n_prompt : (int) m.cache_shared_tokens;
 
     rc = llm_engine_submit(s->e, &rq, &r->seq_id, &err);
     if (rc != 0) {
@@ -943,6 +949,22 @@ fill_stats(llm_server *s, llm_proto_stats *m)
     m->adapter_uploads = st.adapter_uploads;
     m->adapter_host_evictions = st.adapter_host_evictions;
     m->adapter_device_evictions = st.adapter_device_evictions;
+    m->prefix_blocks_cached = (uint32_t) st.prefix_blocks_cached;
+    m->prefix_blocks_reusable = (uint32_t) st.prefix_blocks_reusable;
+    m->prefix_lookups = st.prefix_lookups;
+    m->prefix_hit_tokens = st.prefix_hit_tokens;
+    m->prefix_tier_hit_tokens = st.prefix_tier_hit_tokens;
+    m->prefix_evictions = st.prefix_evictions;
+    m->tier_enabled = (uint32_t) st.tier_enabled;
+    m->tier_connected = (uint32_t) st.tier_connected;
+    m->tier_puts = st.tier_puts;
+    m->tier_put_bytes = st.tier_put_bytes;
+    m->tier_puts_dropped = st.tier_puts_dropped;
+    m->tier_lookups = st.tier_lookups;
+    m->tier_blocks_hit = st.tier_blocks_hit;
+    m->tier_blocks_missed = st.tier_blocks_missed;
+    m->tier_corrupt = st.tier_corrupt;
+    m->tier_errors = st.tier_errors;
 }
 
 
@@ -1705,6 +1727,8 @@ llm_server_new(llm_engine *e, const llm_server_params *p, llm_err *err)
         }
     }
     build_hello_ok(s);
+    llm_engine_set_wake(e, server_wake, s);
+    s->wake_set = 1;
     return s;
 
 failed:
@@ -1723,6 +1747,9 @@ llm_server_free(llm_server *s)
 
     if (s == NULL) {
         return;
+    }
+    if (s->wake_set) {
+        llm_engine_set_wake(s->e, NULL, NULL);  /* before the fd closes */
     }
     while ((c = s->conns) != NULL) {
         conn_close(s, c, "server exit");
@@ -1767,6 +1794,19 @@ llm_server_free(llm_server *s)
         close(s->spare_fd);
     }
     llm_free(s);
+}
+
+
+/* The engine's wake callback (another thread): the loop turns. */
+static void
+server_wake(void *ud)
+{
+    llm_server *s = ud;
+    uint64_t    one = 1;
+
+    if (write(s->wake.fd, &one, sizeof(one)) < 0) {
+        /* the counter is already non-zero */
+    }
 }
 
 
@@ -1906,7 +1946,9 @@ llm_server_run(llm_server *s, llm_err *err)
         }
 
         if (busy) {
-            timeout = 0;
+            /* sequences that only wait for Redis: the wake callback
+             * ends the sleep; the timeout covers adapter waits */
+            timeout = llm_engine_stalled(s->e) ? 5 : 0;
         } else if (s->draining && s->drain_deadline_ns != 0) {
             now = llm_now_ns();
             timeout = now >= s->drain_deadline_ns ? 0

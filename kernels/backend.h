@@ -193,6 +193,15 @@ typedef struct llm_backend_ops {
                           const int32_t *src_blocks,
                           const int32_t *dst_blocks, int n);
 
+    /* One KV block of every layer to host memory and back, for the
+     * Redis tier of the prefix cache.  host: [n_layers, 2 (K then V),
+     * block_size, n_kv_heads, head_dim] of kv->type.  Complete when they
+     * return (host may be reused at once).  Optional (NULL: no tier). */
+    int (*kv_block_to_host)(llm_backend *be, const llm_kv_pool *kv,
+                            int32_t block, void *host);
+    int (*kv_block_from_host)(llm_backend *be, const llm_kv_pool *kv,
+                              int32_t block, const void *host);
+
     /* Optional hooks below: NULL where a backend has none; call them
      * through the llm_backend_* helpers, which fall back. */
 

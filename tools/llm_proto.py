@@ -74,6 +74,13 @@ STATS_ADAPTER_FIELDS = (
     "adapter_loads", "adapter_uploads", "adapter_host_evictions",
     "adapter_device_evictions",
 )
+STATS_PREFIX_FIELDS = (
+    "prefix_blocks_cached", "prefix_blocks_reusable", "prefix_lookups",
+    "prefix_hit_tokens", "prefix_tier_hit_tokens", "prefix_evictions",
+    "tier_connected", "tier_enabled", "tier_puts", "tier_put_bytes",
+    "tier_puts_dropped", "tier_lookups", "tier_blocks_hit",
+    "tier_blocks_missed", "tier_corrupt", "tier_errors",
+)
 
 
 class ProtocolError(Exception):
@@ -118,7 +125,8 @@ def encode_submit(req_id, prompt, max_tokens=16, temperature=0.0, top_k=0,
                   frequency_penalty=0.0, presence_penalty=0.0, seed=None,
                   ignore_eos=False, logprobs=False, top_logprobs=0,
                   priority=0, weight=0, queue_timeout_ms=0, tenant="",
-                  adapter="", cache_namespace="", stop_ids=()):
+                  adapter="", cache_namespace="", stop_ids=(),
+                  cache_shared_namespace="", cache_shared_tokens=0):
     flags = 0
     if seed is not None:
         flags |= F_HAS_SEED
@@ -132,6 +140,8 @@ def encode_submit(req_id, prompt, max_tokens=16, temperature=0.0, top_k=0,
                     priority, weight, 0, queue_timeout_ms)
     p += _str(tenant) + _str(adapter) + _str(cache_namespace)
     p += _ids(stop_ids, "H") + _ids(prompt, "I")
+    p += _str(cache_shared_namespace)
+    p += struct.pack("<I", cache_shared_tokens)
     return frame(SUBMIT, req_id, p)
 
 
@@ -223,6 +233,8 @@ def decode_stats(p):
     if r.o < len(r.d):
         d.update(zip(STATS_ADAPTER_FIELDS, r.unpack("4I6Q")))
         del d["_reserved"]
+    if r.o < len(r.d):
+        d.update(zip(STATS_PREFIX_FIELDS, r.unpack("2I4Q2I8Q")))
     r.end()
     return d
 

@@ -68,6 +68,17 @@ usage(FILE *f)
         "f16\n"
         "                         where the backend takes it: half the "
         "bytes)\n"
+        "  --prefix-cache on|off  reuse the KV blocks of known prefixes "
+        "(default on)\n"
+        "  --kv-redis ADDR        Redis tier of the prefix cache: "
+        "HOST:PORT or\n"
+        "                         unix:PATH (default: none)\n"
+        "  --kv-redis-prefix S    its key prefix (default llm:kv:)\n"
+        "  --kv-redis-ttl SEC     lifetime of a block in Redis "
+        "(default 3600)\n"
+        "  --kv-redis-budget SIZE bytes of blocks kept in Redis "
+        "(default 1G)\n"
+        "  --kv-redis-timeout MS  connect/command timeout (default 200)\n"
         "  --log-level LEVEL      error, warn, info (default), debug\n");
 }
 
@@ -281,6 +292,35 @@ main(int argc, char **argv)
             }
         } else if (strcmp(a, "--adapters") == 0) {
             ep.adapter_dir = v;
+        } else if (strcmp(a, "--prefix-cache") == 0) {
+            if (strcmp(v, "on") != 0 && strcmp(v, "off") != 0) {
+                fprintf(stderr, "llm-engine: --prefix-cache: on or off\n");
+                return 2;
+            }
+            ep.prefix_cache_off = strcmp(v, "off") == 0;
+        } else if (strcmp(a, "--kv-redis") == 0) {
+            ep.kv_tier_addr = v;
+        } else if (strcmp(a, "--kv-redis-prefix") == 0) {
+            ep.kv_tier_prefix = v;
+        } else if (strcmp(a, "--kv-redis-ttl") == 0) {
+            if (parse_int(a, v, 1, 365L * 86400, &n) != 0) {
+                return 2;
+            }
+            ep.kv_tier_ttl_s = (uint32_t) n;
+        } else if (strcmp(a, "--kv-redis-timeout") == 0) {
+            if (parse_int(a, v, 1, 60000, &n) != 0) {
+                return 2;
+            }
+            ep.kv_tier_timeout_ms = (uint32_t) n;
+        } else if (strcmp(a, "--kv-redis-budget") == 0) {
+            size_t size = parse_size(v);
+
+            if (size == 0) {
+                fprintf(stderr, "llm-engine: %s: expected a size like "
+                        "256M or 2G, got \"%s\"\n", a, v);
+                return 2;
+            }
+            ep.kv_tier_budget = size;
         } else if (strcmp(a, "--adapter-host-memory") == 0
                    || strcmp(a, "--adapter-device-memory") == 0)
         {
@@ -367,6 +407,12 @@ main(int argc, char **argv)
             llm_log(LLM_LOG_INFO, "%d adapters registered from %s",
                     st.adapters_registered, ep.adapter_dir);
         }
+        llm_log(LLM_LOG_INFO, "prefix cache %s%s%s",
+                ep.prefix_cache_off ? "off" : "on",
+                !ep.prefix_cache_off && ep.kv_tier_addr != NULL
+                ? ", Redis tier at " : "",
+                !ep.prefix_cache_off && ep.kv_tier_addr != NULL
+                ? ep.kv_tier_addr : "");
     }
     for (i = 0; i < llm_server_n_listen(s); i++) {
         llm_log(LLM_LOG_INFO, "listening on %s", llm_server_listen_addr(s, i));

@@ -273,6 +273,8 @@ int llm_cpu_gather_out_rows(llm_cpu_ctx *c, llm_tensor *out,
                             const llm_tensor *x);
 int llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
                            const int32_t *src, const int32_t *dst, int n);
+int llm_cpu_kv_block_host(llm_cpu_ctx *c, const llm_kv_pool *kv,
+                          int32_t block, void *host, int to_host);
 
 /* Checks the batch's tokens against the pool: sequence ids, positions and
  * the block table entries they reach.  0 or LLM_EINVAL with the error. */

@@ -286,6 +286,22 @@ cpu_kv_copy_blocks(llm_backend *be, const llm_kv_pool *kv,
 }
 
 
+static int
+cpu_kv_block_to_host(llm_backend *be, const llm_kv_pool *kv, int32_t block,
+                     void *host)
+{
+    return llm_cpu_kv_block_host(ctx_of(be), kv, block, host, 1);
+}
+
+
+static int
+cpu_kv_block_from_host(llm_backend *be, const llm_kv_pool *kv,
+                       int32_t block, const void *host)
+{
+    return llm_cpu_kv_block_host(ctx_of(be), kv, block, (void *) host, 0);
+}
+
+
 static const llm_backend_ops cpu_ops = {
     .name = "cpu",
     .free = cpu_free,
@@ -309,6 +325,8 @@ static const llm_backend_ops cpu_ops = {
     .lora = cpu_lora,
     .lora_f16 = 1,
     .kv_copy_blocks = cpu_kv_copy_blocks,
+    .kv_block_to_host = cpu_kv_block_to_host,
+    .kv_block_from_host = cpu_kv_block_from_host,
 };
 
 

@@ -484,6 +484,45 @@ llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
 }
 
 
+/* One block of every layer <-> host [n_layers, 2, block]: to_host 1
+ * copies out of the pool, 0 into it. */
+int
+llm_cpu_kv_block_host(llm_cpu_ctx *c, const llm_kv_pool *kv, int32_t block,
+                      void *host, int to_host)
+{
+    char     msg[128];
+    size_t   blk_bytes;
+    uint8_t *h = host;
+    int      l;
+
+    if (llm_kv_check_pool(kv, 0, msg, sizeof(msg)) != 0) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_block_host: %s", msg);
+    }
+    if (host == NULL || block < 0 || block >= kv->n_blocks) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_block_host: block %d "
+                            "outside the pool of %d", (int) block,
+                            kv->n_blocks);
+    }
+    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
+                * kv_elem_size(kv);
+    for (l = 0; l < kv->n_layers; l++, h += 2 * blk_bytes) {
+        uint8_t *kb = (uint8_t *) kv->k + (size_t) l * kv->layer_bytes
+                      + (size_t) block * blk_bytes;
+        uint8_t *vb = (uint8_t *) kv->v + (size_t) l * kv->layer_bytes
+                      + (size_t) block * blk_bytes;
+
+        if (to_host) {
+            memcpy(h, kb, blk_bytes);
+            memcpy(h + blk_bytes, vb, blk_bytes);
+        } else {
+            memcpy(kb, h, blk_bytes);
+            memcpy(vb, h + blk_bytes, blk_bytes);
+        }
+    }
+    return 0;
+}
+
+
 /* ------------------------------------------------- silu_mul, add, gather */
 
 typedef struct ew_job {

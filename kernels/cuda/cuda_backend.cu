@@ -972,6 +972,24 @@ cuda_kv_copy_blocks(llm_backend *be, const llm_kv_pool *kv,
 }
 
 
+static int
+cuda_kv_block_to_host(llm_backend *be, const llm_kv_pool *kv, int32_t block,
+                      void *host)
+{
+    OP_ENTER(be, "kv_block_to_host");
+    return llm_cuda_kv_block_host(c, kv, block, host, 1);
+}
+
+
+static int
+cuda_kv_block_from_host(llm_backend *be, const llm_kv_pool *kv,
+                        int32_t block, const void *host)
+{
+    OP_ENTER(be, "kv_block_from_host");
+    return llm_cuda_kv_block_host(c, kv, block, (void *) host, 0);
+}
+
+
 /* Filled by name at load time: robust to fields added to the table. */
 static llm_backend_ops
 make_ops(void)
@@ -1000,6 +1018,8 @@ make_ops(void)
     o.gather_out_rows = cuda_gather_out_rows;
     o.lora = cuda_lora;
     o.kv_copy_blocks = cuda_kv_copy_blocks;
+    o.kv_block_to_host = cuda_kv_block_to_host;
+    o.kv_block_from_host = cuda_kv_block_from_host;
     o.adopt_tensor = cuda_adopt_tensor;
     o.mem_info = cuda_mem_info;
     return o;

@@ -213,6 +213,8 @@ int llm_cuda_kv_store(llm_cuda_ctx *c, const llm_kv_pool *kv, int layer,
                       const llm_tensor *k, const llm_tensor *v);
 int llm_cuda_kv_copy_blocks(llm_cuda_ctx *c, const llm_kv_pool *kv,
                             const int32_t *src, const int32_t *dst, int n);
+int llm_cuda_kv_block_host(llm_cuda_ctx *c, const llm_kv_pool *kv,
+                           int32_t block, void *host, int to_host);
 int llm_cuda_attention(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *q,
                        const llm_kv_pool *kv, int layer, int n_heads,
                        float scale);

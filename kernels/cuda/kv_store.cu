@@ -218,3 +218,73 @@ llm_cuda_kv_copy_blocks(llm_cuda_ctx *c, const llm_kv_pool *kv,
                               c->stream),
                           "kv_copy_blocks", "launch");
 }
+
+
+/* ------------------------------------------------------ kv_block_host */
+
+/* One block of every layer <-> host [n_layers, 2, block]: K of all
+ * layers is one strided 2D copy (source pitch layer_bytes, host pitch two
+ * blocks), V another; synchronous, so the host buffer is free on return.
+ * Pageable host memory: these run once per cached block, off the hot
+ * path of a step. */
+int
+llm_cuda_kv_block_host(llm_cuda_ctx *c, const llm_kv_pool *kv, int32_t block,
+                       void *host, int to_host)
+{
+    const char *op = to_host ? "kv_block_to_host" : "kv_block_from_host";
+    size_t      blk_bytes;
+    uint8_t    *h = (uint8_t *) host;
+    uint8_t    *kb, *vb;
+    cudaMemcpyKind kind = to_host ? cudaMemcpyDeviceToHost
+                                  : cudaMemcpyHostToDevice;
+    char        msg[160];
+    int         rc;
+
+    /* the pool only: no batch is involved */
+    if (llm_kv_check_pool(kv, 0, msg, sizeof(msg)) != 0) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op, msg);
+    }
+    if (host == NULL || block < 0 || block >= kv->n_blocks) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: block %d outside "
+                             "the pool of %d", op, (int) block,
+                             kv->n_blocks);
+    }
+    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
+                * (kv->type == LLM_F16 ? 2 : 4);
+    kb = (uint8_t *) kv->k + (size_t) block * blk_bytes;
+    vb = (uint8_t *) kv->v + (size_t) block * blk_bytes;
+    if (to_host) {
+        rc = llm_cuda_check(c, cudaMemcpy2DAsync(h, 2 * blk_bytes, kb,
+                                                 kv->layer_bytes, blk_bytes,
+                                                 (size_t) kv->n_layers, kind,
+                                                 c->stream), op, "K");
+        if (rc == 0) {
+            rc = llm_cuda_check(c, cudaMemcpy2DAsync(h + blk_bytes,
+                                                     2 * blk_bytes, vb,
+                                                     kv->layer_bytes,
+                                                     blk_bytes,
+                                                     (size_t) kv->n_layers,
+                                                     kind, c->stream),
+                                op, "V");
+        }
+    } else {
+        rc = llm_cuda_check(c, cudaMemcpy2DAsync(kb, kv->layer_bytes, h,
+                                                 2 * blk_bytes, blk_bytes,
+                                                 (size_t) kv->n_layers, kind,
+                                                 c->stream), op, "K");
+        if (rc == 0) {
+            rc = llm_cuda_check(c, cudaMemcpy2DAsync(vb, kv->layer_bytes,
+                                                     h + blk_bytes,
+                                                     2 * blk_bytes,
+                                                     blk_bytes,
+                                                     (size_t) kv->n_layers,
+                                                     kind, c->stream),
+                                op, "V");
+        }
+    }
+    if (rc == 0) {
+        rc = llm_cuda_check(c, cudaStreamSynchronize(c->stream), op,
+                            "synchronize");
+    }
+    return rc;
+}

@@ -171,6 +171,8 @@ build_submit(llm_proto_buf *b, uint32_t req, int n_prompt, int n_stop)
     strcpy(s.tenant, "acme");
     strcpy(s.adapter, "acme-support-v2");
     strcpy(s.cache_namespace, "shared");
+    strcpy(s.cache_shared_namespace, "pub");
+    s.cache_shared_tokens = 32;
     s.n_stop = n_stop;
     s.stop_ids = stop;
     s.n_prompt = n_prompt;
@@ -283,7 +285,22 @@ TEST_SUITE(protocol_roundtrip)
             ok &= ids[i] == 1000 + i * 7;
         }
         test_cond(ok);
-        test_cond(all_cuts_rejected(&b, dec_submit, &d));
+        test_cond(strcmp(d.cache_shared_namespace, "pub") == 0);
+        test_cond(d.cache_shared_tokens == 32);
+        /* every cut is refused but the one at the end of the prompt (a
+         * module from before the prefix cache): no shared part */
+        ok = 1;
+        for (i = 0; i < (int) f.length; i++) {
+            int rc = decode_cut(&b, (size_t) i, dec_submit, &d);
+
+            if (i == (int) f.length - (2 + 3) - 4) {
+                ok &= rc == 0 && d.cache_shared_namespace[0] == '\0'
+                      && d.cache_shared_tokens == 0 && d.n_prompt == 50;
+            } else {
+                ok &= rc == LLM_EFORMAT;
+            }
+        }
+        test_cond(ok);
     }
 
     test("SUBMIT with an empty prompt and no strings round-trips");
@@ -446,6 +463,23 @@ TEST_SUITE(protocol_roundtrip)
         m.adapter_uploads = 23;
         m.adapter_host_evictions = 24;
         m.adapter_device_evictions = 25;
+        m.has_prefix_cache = 1;
+        m.prefix_blocks_cached = 26;
+        m.prefix_blocks_reusable = 27;
+        m.prefix_lookups = 28;
+        m.prefix_hit_tokens = 29ULL << 33;
+        m.prefix_tier_hit_tokens = 30;
+        m.prefix_evictions = 31;
+        m.tier_connected = 1;
+        m.tier_enabled = 1;
+        m.tier_puts = 32;
+        m.tier_put_bytes = 33;
+        m.tier_puts_dropped = 34;
+        m.tier_lookups = 35;
+        m.tier_blocks_hit = 36;
+        m.tier_blocks_missed = 37;
+        m.tier_corrupt = 38;
+        m.tier_errors = 39;
         b.len = 0;
         test_cond(llm_proto_encode_stats(&b, 77, &m) == 0);
         test_cond(frame_of(&b, &f) == 0 && f.req_id == 77);
@@ -461,6 +495,12 @@ TEST_SUITE(protocol_roundtrip)
             if (i == 10 * 4 + 7 * 8) {
                 ok &= rc == 0 && d.has_adapters == 0 && d.uptime_ms == 16
                       && d.adapters_registered == 0;
+            } else if (i == 10 * 4 + 7 * 8 + 4 * 4 + 6 * 8) {
+                /* an engine from before the prefix cache */
+                ok &= rc == 0 && d.has_adapters == 1
+                      && d.has_prefix_cache == 0
+                      && d.adapter_device_evictions == 25
+                      && d.prefix_hit_tokens == 0;
             } else {
                 ok &= rc == LLM_EFORMAT;
             }
@@ -565,8 +605,9 @@ TEST_SUITE(protocol_malformed)
         build_submit(&b, 1, 4, 1);
         frame_of(&b, &f);
         test_cond(llm_proto_decode_submit(&f, &d, &err) == 0);
-        /* n_prompt is the 4 bytes before the 16 prompt bytes. */
-        off = b.len - 16 - 4;
+        /* n_prompt is the 4 bytes before the 16 prompt bytes, then the
+         * shared namespace "pub" (2 + 3) and its token count (4). */
+        off = b.len - 9 - 16 - 4;
         b.data[off] = 5;
         test_cond(llm_proto_decode_submit(&f, &d, &err) == LLM_EFORMAT);
         test_cond(d.prompt == NULL && d.n_prompt == 0);
@@ -575,11 +616,11 @@ TEST_SUITE(protocol_malformed)
         test_cond(llm_proto_decode_submit(&f, &d, &err) == LLM_EFORMAT);
         b.data[off] = 3;
         b.data[off + 3] = 0;
+        /* one prompt id too few: its bytes then fail as the shared part */
         test_cond(llm_proto_decode_submit(&f, &d, &err) == LLM_EFORMAT);
-        test_cond(strstr(err.msg, "trailing") != NULL);
         b.data[off] = 4;
         /* n_stop (u16) is before the 4 stop bytes and n_prompt. */
-        off = b.len - 16 - 4 - 4 - 2;
+        off = b.len - 9 - 16 - 4 - 4 - 2;
         test_cond(b.data[off] == 1);
         b.data[off] = 2;
         test_cond(llm_proto_decode_submit(&f, &d, &err) == LLM_EFORMAT);

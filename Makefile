@@ -3,7 +3,8 @@
 #   make            build the engine library, the programs and the module
 #   make test       install what is missing, build, run every test
 #   make run        install, build, serve on 127.0.0.1:8080 (Ctrl-C stops);
-#                   ADAPTERS=DIR also serves the LoRA adapters in DIR
+#                   ADAPTERS=DIR also serves the LoRA adapters in DIR;
+#                   REDIS=host:port uses that Redis (limits, caches)
 #
 # BUILD=dir puts every output in another folder (parallel work trees).
 
@@ -161,7 +162,7 @@ test: deps
 # ADAPTERS=DIR registers every LoRA adapter folder inside DIR.
 run: deps
 	$(MAKE) all
-	BUILD=$(BUILD) ADAPTERS="$(ADAPTERS)" tools/run.sh
+	BUILD=$(BUILD) ADAPTERS="$(ADAPTERS)" REDIS="$(REDIS)" tools/run.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -15,6 +15,7 @@
 #include "kv_tier.h"
 #include "prefix_cache.h"
 #include "../adapters/device_pool.h"
+#include "../adapters/loader.h"
 #include "../adapters/lora.h"
 #include "../adapters/registry.h"
 #include "scheduler.h"
@@ -37,6 +38,9 @@ struct llm_engine {
 
     /* sequences cancelled since the last step: their DONE is pending */
     llm_seq_list        cancelled;
+    /* sequences that failed while waiting (adapter load): likewise */
+    llm_seq_list        failed;
+    llm_lora_loader    *loader;         /* adapter loads, in background */
 
     /* per-step scratch, host memory */
     llm_seq           **plan;           /* [max_seqs] */
@@ -85,6 +89,8 @@ seq_free(llm_engine *e, llm_seq *s)
         llm_lora_registry_release(e->reg, &s->lora);
     }
     llm_block_table_destroy(&s->bt);
+    llm_free(s->lora_name);
+    llm_free(s->error);
     llm_free(s->cache_ns);
     llm_free(s->cache_shared_ns);
     llm_free(s->hashes);
@@ -211,7 +217,10 @@ engine_tier_lookups(llm_engine *e)
     int      k, n, n_max;
 
     for (s = e->sched.waiting.head; s != NULL; s = s->next) {
-        if (!s->cache || s->tier_asked || s->n_computed > 0 || s->bt.n > 0) {
+        /* (the hashes name the adapter's version: pinned first) */
+        if (!s->cache || s->tier_asked || s->lora_pending
+            || s->n_computed > 0 || s->bt.n > 0)
+        {
             continue;
         }
         s->tier_asked = 1;
@@ -296,9 +305,9 @@ engine_tier_results(llm_engine *e)
 }
 
 
-/* From the tier thread: a lookup finished. */
+/* From the tier or adapter loader thread: work finished. */
 static void
-engine_tier_wake(void *ud)
+engine_wake_cb(void *ud)
 {
     llm_engine *e = ud;
 
@@ -444,6 +453,10 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         }
         goto failed;
     }
+    e->loader = llm_lora_loader_new(&e->model->cfg, engine_wake_cb, e, err);
+    if (e->loader == NULL) {
+        goto failed;
+    }
     if (e->p.adapter_dir != NULL
         && llm_lora_registry_register_dir(e->reg, e->p.adapter_dir,
                                           e->p.adapter_refused,
@@ -481,7 +494,7 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
         tp.n_layers = e->fw.kv.n_layers;
         tp.n_kv_heads = e->fw.kv.n_kv_heads;
         tp.head_dim = e->fw.kv.head_dim;
-        tp.wake = engine_tier_wake;
+        tp.wake = engine_wake_cb;
         tp.wake_ud = e;
         e->tier_payload = llm_kv_tier_payload_bytes(&tp);
         e->tier_block = llm_malloc(e->tier_payload);
@@ -520,17 +533,21 @@ failed:
 void
 llm_engine_free(llm_engine *e)
 {
-    llm_seq_list *lists[3];
+    llm_seq_list *lists[4];
     llm_seq      *s, *next;
     int           i;
 
     if (e == NULL) {
         return;
     }
+    /* its thread first: it calls back into e */
+    llm_lora_loader_free(e->loader);
+    e->loader = NULL;
     lists[0] = &e->sched.waiting;
     lists[1] = &e->sched.running;
     lists[2] = &e->cancelled;
-    for (i = 0; i < 3; i++) {
+    lists[3] = &e->failed;
+    for (i = 0; i < 4; i++) {
         for (s = lists[i]->head; s != NULL; s = next) {
             next = s->next;
             if (e->kv != NULL) {
@@ -540,7 +557,7 @@ llm_engine_free(llm_engine *e)
         }
     }
     llm_scheduler_free(&e->sched);
-    llm_kv_tier_free(e->tier);
+    llm_kv_tier_free(e->tier);      /* its thread calls back into e */
     llm_free(e->tier_block);
     llm_lora_pool_free(e->pool);
     llm_lora_registry_free(e->reg);
@@ -586,6 +603,89 @@ const llm_tokenizer *
 llm_engine_tokenizer(const llm_engine *e)
 {
     return e->tok;
+}
+
+
+/* ---- adapters of sequences ---------------------------------------- */
+
+/* Pins name's current version for s (loading it here if it is not in
+ * the host cache) and checks that it can ever fit the device pool. */
+static int
+seq_pin_adapter(llm_engine *e, llm_seq *s, const char *name, llm_err *err)
+{
+    llm_lora_pool_stats ps;
+    int                 rc;
+
+    rc = llm_lora_registry_acquire(e->reg, name, &s->lora, err);
+    if (rc != 0) {
+        return rc;
+    }
+    llm_lora_pool_get_stats(e->pool, &ps);
+    if (ps.budget != 0
+        && llm_lora_pool_need(e->pool, s->lora.lora) > ps.budget)
+    {
+        return llm_err_set(err, LLM_EUNSUP, "adapter \"%s\" needs %zu "
+                           "bytes on the device, more than the whole "
+                           "adapter pool (%zu bytes)", name,
+                           llm_lora_pool_need(e->pool, s->lora.lora),
+                           ps.budget);
+    }
+    s->blocked = 1;             /* until its weights are on the device */
+    return 0;
+}
+
+
+/* Takes a waiting sequence out with an error; its DONE comes from the
+ * next step. */
+static void
+seq_fail(llm_engine *e, llm_seq *s, const char *msg)
+{
+    llm_scheduler_drop(&e->sched, s);
+    s->error = llm_strdup(msg);
+    llm_seq_list_push_back(&e->failed, s);
+}
+
+
+/* Finished background loads: the weights go into the registry's host
+ * cache, then the sequences waiting for them pin them (or fail with the
+ * loader's message). */
+static void
+engine_adapter_loads(llm_engine *e)
+{
+    llm_lora_loaded r;
+    llm_seq        *s, *next;
+    const char     *dir;
+    llm_err         err;
+
+    while (llm_lora_loader_poll(e->loader, &r) == 1) {
+        dir = NULL;
+        /* still the same registration, still not loaded: adopt (which
+         * takes the weights in every case) */
+        if (r.rc == 0 && llm_lora_registry_find(e->reg, r.name, &dir, NULL)
+            && strcmp(dir, r.dir) == 0
+            && !llm_lora_registry_is_loaded(e->reg, r.name))
+        {
+            memset(&err, 0, sizeof(err));
+            (void) llm_lora_registry_adopt(e->reg, r.name, r.dir, r.lora,
+                                           &err);
+            r.lora = NULL;
+        }
+        for (s = e->sched.waiting.head; s != NULL; s = next) {
+            next = s->next;
+            if (!s->lora_pending || strcmp(s->lora_name, r.name) != 0) {
+                continue;
+            }
+            memset(&err, 0, sizeof(err));
+            if (r.rc != 0) {
+                seq_fail(e, s, r.err.msg);
+            } else if (seq_pin_adapter(e, s, r.name, &err) != 0) {
+                seq_fail(e, s, err.msg);
+            } else {
+                s->lora_pending = 0;
+            }
+        }
+        llm_lora_loaded_free(&r);
+    }
 }
 
 
@@ -671,9 +771,9 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
         s->stop_ids = llm_malloc((size_t) req->n_stop_ids * sizeof(int32_t));
     }
     if (req->adapter != NULL && req->adapter[0] != '\0') {
-        llm_lora_pool_stats     ps;
         llm_lora_registry_stats rs;
         llm_lora_info           li;
+        const char             *dir = NULL;
 
         /* an adapter larger than a whole budget would never run: refuse
          * it rather than queue it forever */
@@ -688,20 +788,22 @@ llm_engine_submit(llm_engine *e, const llm_request *req, uint64_t *seq_id,
                                "whole adapter cache (%zu bytes)",
                                req->adapter, li.bytes, rs.budget);
         }
-        rc = llm_lora_registry_acquire(e->reg, req->adapter, &s->lora, err);
-        if (rc != 0) {
-            seq_free(e, s);
-            return rc;
-        }
-        llm_lora_pool_get_stats(e->pool, &ps);
-        if (ps.budget != 0
-            && llm_lora_pool_need(e->pool, s->lora.lora) > ps.budget)
+        if (llm_lora_registry_find(e->reg, req->adapter, &dir, NULL)
+            && !llm_lora_registry_is_loaded(e->reg, req->adapter))
         {
-            rc = llm_err_set(err, LLM_EUNSUP, "adapter \"%s\" needs %zu "
-                             "bytes on the device, more than the whole "
-                             "adapter pool (%zu bytes)", req->adapter,
-                             llm_lora_pool_need(e->pool, s->lora.lora),
-                             ps.budget);
+            /* not in the host cache: loaded in the background while the
+             * batch runs (engine_adapter_loads pins it) */
+            s->lora_name = llm_strdup(req->adapter);
+            if (s->lora_name == NULL
+                || (!llm_lora_loader_busy(e->loader, req->adapter)
+                    && llm_lora_loader_submit(e->loader, req->adapter, dir)
+                       != 0))
+            {
+                seq_free(e, s);
+                return llm_err_set(err, LLM_ENOMEM, "out of memory");
+            }
+            s->lora_pending = 1;
+        } else if ((rc = seq_pin_adapter(e, s, req->adapter, err)) != 0) {
             seq_free(e, s);
             return rc;
         }
@@ -778,7 +880,7 @@ llm_engine_cancel(llm_engine *e, uint64_t seq_id)
 int
 llm_engine_stalled(const llm_engine *e)
 {
-    return e->stalled && e->cancelled.n == 0;
+    return e->stalled && e->cancelled.n == 0 && e->failed.n == 0;
 }
 
 
@@ -786,7 +888,7 @@ int
 llm_engine_idle(const llm_engine *e)
 {
     return e->sched.waiting.n == 0 && e->sched.running.n == 0
-           && e->cancelled.n == 0;
+           && e->cancelled.n == 0 && e->failed.n == 0;
 }
 
 
@@ -952,7 +1054,8 @@ engine_make_resident(llm_engine *e)
     llm_seq *s;
 
     for (s = e->sched.waiting.head; s != NULL; s = s->next) {
-        if (s->blocked && llm_lora_pool_acquire(e->pool, &s->lora,
+        if (s->blocked && !s->lora_pending
+            && llm_lora_pool_acquire(e->pool, &s->lora,
                                                 &s->lora_dev, NULL) == 0)
         {
             s->blocked = 0;
@@ -1127,6 +1230,14 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
     while ((s = e->cancelled.head) != NULL) {
         llm_seq_list_remove(&e->cancelled, s);
         emit_done(e, s, LLM_FINISH_CANCELLED, NULL, cb, ud);
+        seq_free(e, s);
+    }
+    engine_adapter_loads(e);
+    while ((s = e->failed.head) != NULL) {
+        llm_seq_list_remove(&e->failed, s);
+        emit_done(e, s, LLM_FINISH_ERROR, s->error != NULL ? s->error
+                                                          : "out of memory",
+                  cb, ud);
         seq_free(e, s);
     }
     /* Then requests that waited past their queue deadline. */

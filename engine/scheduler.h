@@ -72,10 +72,15 @@ struct llm_seq {
     llm_tenant_acct    *tenant;
 
     /* adapter (engine.c): the pinned version and its device copy; a
-     * sequence waits (blocked) until its adapter is resident */
+     * sequence waits (blocked) while its adapter loads in the background
+     * (lora_pending: not pinned yet, lora_name says which) and until it
+     * is resident */
     llm_lora_handle     lora;
     const uint8_t      *lora_dev;
     int                 blocked;
+    int                 lora_pending;
+    char               *lora_name;
+    char               *error;          /* why it failed while waiting */
 
     /* prefix cache (engine.c): the chain hashes of its full blocks
      * (prefix_cache.h), computed as needed; tokens only grow, so a hash

@@ -6,6 +6,9 @@
 #   MODEL=path PORT=n REDIS_PORT=n THREADS=n BUILD=dir TENANTS=file \
 #       tools/run.sh
 #
+# REDIS=host:port uses that Redis (limits, the prompt cache and the KV
+# block tier of the prefix cache) instead of a redis-server started here
+# on 127.0.0.1:$REDIS_PORT.  The prefix cache is on, with its Redis tier.
 # TENANTS: the tenant directory (API keys, limits), conf/tenants.json by
 # default; its demo keys are printed at start.
 # ADAPTERS=DIR: every LoRA adapter folder inside DIR (peft layout) is
@@ -17,6 +20,7 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 PORT=${PORT:-8080}
 REDIS_PORT=${REDIS_PORT:-6379}
+REDIS=${REDIS:-}
 THREADS=${THREADS:-0}
 MODEL=${MODEL:-$(tools/default-model.sh)}
 RUN_DIR=${RUN_DIR:-$PWD/$BUILD/run}
@@ -55,8 +59,10 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-# Redis: used by later features (limits, caches); reuse one already there.
-if command -v redis-cli >/dev/null && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+# Redis: limits, prompt cache, KV block tier; reuse one already there.
+if [ -n "$REDIS" ]; then
+    echo "redis: $REDIS"
+elif command -v redis-cli >/dev/null && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
     echo "redis: using the server already on 127.0.0.1:$REDIS_PORT"
 elif command -v redis-server >/dev/null; then
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
@@ -64,9 +70,11 @@ elif command -v redis-server >/dev/null; then
     pids+=($!)
     echo "redis: 127.0.0.1:$REDIS_PORT (pid $!)"
 fi
+REDIS=${REDIS:-127.0.0.1:$REDIS_PORT}
 
 "$BUILD/llm-engine" --model "$MODEL" --listen "unix:$SOCK" \
-    --threads "$THREADS" --socket-mode 0666 "${adapter_args[@]}" &
+    --threads "$THREADS" --socket-mode 0666 "${adapter_args[@]}" \
+    --prefix-cache on --kv-redis "$REDIS" &
 pids+=($!)
 for _ in $(seq 1 600); do
     [ -S "$SOCK" ] && break
@@ -76,7 +84,7 @@ done
 
 sed -e "s|@MODULE@|$MODULE|g" -e "s|@PORT@|$PORT|g" -e "s|@MODEL@|$MODEL|g" \
     -e "s|@ENGINE@|unix:$SOCK|g" -e "s|@RUN_DIR@|$RUN_DIR|g" \
-    -e "s|@TENANTS@|$TENANTS|g" -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
+    -e "s|@TENANTS@|$TENANTS|g" -e "s|@REDIS@|$REDIS|g" \
     conf/nginx.conf > "$RUN_DIR/nginx.conf"
 /usr/sbin/nginx -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" -g "daemon off;" &
 pids+=($!)
@@ -102,6 +110,7 @@ ngx_llm is serving on http://127.0.0.1:$PORT  (Ctrl-C stops)
   model:   $MODEL${ADAPTERS:+
   adapters: the folders in $ADAPTERS (curl http://127.0.0.1:$PORT/admin/adapters)}
   tenants: $TENANTS (demo keys below)
+  prefix cache: on, KV blocks also in Redis at $REDIS
 $(echo "$KEYS" | awk 'NF == 2 { printf "    %-10s %s\n", $1, $2 }')
 
   curl http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from conftest import wait_until
-from nginx_proc import nginx_module  # noqa: F401  (fixture)
+from nginx_proc import nginx_module, nginx_factory  # noqa: F401
 
 BLOCK = 16
 

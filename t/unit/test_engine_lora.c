@@ -764,3 +764,150 @@ TEST_SUITE(engine_lora_admin)
         llm_engine_free(e);
     }
 }
+
+
+/* Events of the background-load test: tokens per sequence, in the order
+ * they came. */
+typedef struct {
+    uint64_t    id[3];
+    int         n_out[3];
+    int32_t     out[3][N_GEN];
+    int         finish[3];
+    char        error[3][256];
+    int         base_before_adapter;    /* base tokens before the
+                                           adapter's first one */
+} bgload;
+
+
+static void
+bgload_event(void *ud, const llm_event *ev)
+{
+    bgload *b = ud;
+    int     i;
+
+    for (i = 0; i < 3; i++) {
+        if (b->id[i] != ev->seq_id) {
+            continue;
+        }
+        if (ev->type == LLM_EV_TOKEN && b->n_out[i] < N_GEN) {
+            b->out[i][b->n_out[i]++] = ev->sample.token;
+            if (i == 0 && b->n_out[1] == 0) {
+                b->base_before_adapter++;
+            }
+        } else if (ev->type == LLM_EV_DONE) {
+            b->finish[i] = ev->finish;
+            snprintf(b->error[i], sizeof(b->error[i]), "%s",
+                     ev->error != NULL ? ev->error : "");
+        }
+    }
+}
+
+
+static int
+bgload_submit(llm_engine *e, const lref_prompt *p, const char *adapter,
+              int max_tokens, uint64_t *id)
+{
+    llm_request req;
+    llm_err     err = { 0, "" };
+
+    memset(&req, 0, sizeof(req));
+    llm_sampling_default(&req.sampling);
+    req.prompt = p->ids;
+    req.n_prompt = p->n;
+    req.max_tokens = max_tokens;
+    req.ignore_eos = 1;
+    req.adapter = adapter;
+    if (llm_engine_submit(e, &req, id, &err) != 0) {
+        printf("       submit: %s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+
+static void
+bgload_run(llm_engine *e, bgload *b)
+{
+    int guard = 0;
+
+    while (!llm_engine_idle(e) && guard++ < 1000000) {
+        (void) llm_engine_step(e, bgload_event, b, NULL);
+    }
+}
+
+
+TEST_SUITE(engine_lora_background_load)
+{
+    static lref   r;
+    static bgload b, ref;
+    char          dir[512], cmd[1400];
+    llm_engine   *e;
+    int           i;
+
+    test("an adapter loads in the background while the batch runs");
+    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
+        test_skip("needs " F32_MODEL " (make models) and "
+                  LREF_DIR " fixtures");
+        return;
+    }
+    /* rank 64 on every projection: tens of MB to read and convert */
+    snprintf(dir, sizeof(dir), "%s/lora-bg", llm_test_tmp_dir());
+    snprintf(cmd, sizeof(cmd), "rm -rf %s && python3 tools/make_lora.py "
+             "--base %s --out %s/big --rank 64 "
+             "--targets q,k,v,o,gate,up,down --seed 9 >/dev/null 2>&1 && "
+             "cp -r %s/big %s/broken", dir, F32_MODEL, dir, dir, dir);
+    if (system(cmd) != 0) {
+        test_skip("tools/make_lora.py failed");
+        return;
+    }
+    e = lora_engine(NULL, 4, 0);
+    test_cond(e != NULL);
+    if (e == NULL) {
+        return;
+    }
+    snprintf(cmd, sizeof(cmd), "%s/big", dir);
+    test_cond(llm_engine_adapter_register(e, "big", cmd, NULL) == 0);
+    snprintf(cmd, sizeof(cmd), "%s/broken", dir);
+    test_cond(llm_engine_adapter_register(e, "broken", cmd, NULL) == 0);
+    /* its weights cut after registration: the load finds out */
+    snprintf(cmd, sizeof(cmd), "truncate -s 200000 "
+             "%s/broken/adapter_model.safetensors", dir);
+    test_cond(system(cmd) == 0);
+
+    /* a base sequence decoding, then the adapter's request arrives */
+    memset(&b, 0, sizeof(b));
+    test_cond(bgload_submit(e, &r.prompts[0], NULL, N_GEN, &b.id[0]) == 0);
+    for (i = 0; i < 3; i++) {
+        llm_engine_step(e, bgload_event, &b, NULL);
+    }
+    test_cond(bgload_submit(e, &r.prompts[1], "big", 8, &b.id[1]) == 0);
+    bgload_run(e, &b);
+    printf("       %d base tokens came while the adapter loaded\n",
+           b.base_before_adapter - 3);
+    test_cond(b.finish[0] == LLM_FINISH_LENGTH
+              && b.finish[1] == LLM_FINISH_LENGTH);
+    /* loading in submit() would give the base no step in between */
+    test_cond(b.base_before_adapter - 3 >= 2);
+
+    test("the same tokens as with the adapter already in the host cache");
+    memset(&ref, 0, sizeof(ref));
+    test_cond(bgload_submit(e, &r.prompts[1], "big", 8, &ref.id[1]) == 0);
+    bgload_run(e, &ref);
+    test_cond(ref.n_out[1] == 8 && b.n_out[1] == 8
+              && memcmp(ref.out[1], b.out[1], 8 * 4) == 0);
+
+    test("weights that fail to load end only their request, with the file "
+         "named");
+    memset(&b, 0, sizeof(b));
+    test_cond(bgload_submit(e, &r.prompts[0], NULL, 6, &b.id[0]) == 0);
+    test_cond(bgload_submit(e, &r.prompts[1], "broken", 6, &b.id[1]) == 0);
+    test_cond(bgload_submit(e, &r.prompts[2 % r.n_prompts], "broken", 6,
+                            &b.id[2]) == 0);
+    bgload_run(e, &b);
+    test_cond(b.finish[0] == LLM_FINISH_LENGTH && b.n_out[0] == 6);
+    test_cond(b.finish[1] == LLM_FINISH_ERROR
+              && b.finish[2] == LLM_FINISH_ERROR);
+    test_cond(strstr(b.error[1], "adapter_model.safetensors") != NULL);
+    printf("       %s\n", b.error[1]);
+    llm_engine_free(e);
+}

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "engine/chat_template.h"
 #include "engine/engine.h"
@@ -351,6 +352,9 @@ main(int argc, char **argv)
             fprintf(stderr, "llm-run: %s\n", err.msg);
             rc = 1;
             break;
+        }
+        if (llm_engine_stalled(e)) {
+            usleep(1000);       /* the adapter is loading */
         }
     }
     t1 = llm_now_ns();

@@ -1013,6 +1013,39 @@ test_attention_cfg(const attn_cfg *c, int quick)
             row("kv_copy_blocks", kt, rc ? -1 : same ? 0.0 : 1.0, 0.0,
                 "%s, 4 pairs + a chain", what);
         }
+
+        /* one block of every layer to host and back (prefix cache tier):
+         * the host copies agree, and a block written from host lands
+         * where the CPU puts it */
+        if (gpu->ops->kv_block_to_host != NULL
+            && gpu->ops->kv_block_from_host != NULL
+            && cpu->ops->kv_block_to_host != NULL)
+        {
+            size_t   hb = (size_t) A.kc.n_layers * 2 * A.kc.block_size
+                          * A.kc.n_kv_heads * A.kc.head_dim
+                          * (A.kc.type == LLM_F16 ? 2 : 4);
+            uint8_t *hc = xmalloc(hb), *hg = xmalloc(hb);
+
+            rc = cpu->ops->kv_block_to_host(cpu, &A.kc, A.table[1], hc)
+                 | gpu->ops->kv_block_to_host(gpu, &A.kg, A.table[1], hg);
+            same = rc == 0 && memcmp(hc, hg, hb) == 0;
+            rc |= cpu->ops->kv_block_from_host(cpu, &A.kc, A.spare[2], hc)
+                  | gpu->ops->kv_block_from_host(gpu, &A.kg, A.spare[2],
+                                                 hc);
+            if (rc != 0) {
+                op_failed(gpu, "kv_block_to_host/from_host");
+            }
+            rc |= cpu->ops->download(cpu, a, A.kc.k, bytes)
+                  | gpu->ops->download(gpu, b, A.kg.k, bytes);
+            same = same && rc == 0 && memcmp(a, b, bytes) == 0;
+            rc |= cpu->ops->download(cpu, a, A.kc.v, bytes)
+                  | gpu->ops->download(gpu, b, A.kg.v, bytes);
+            same = same && rc == 0 && memcmp(a, b, bytes) == 0;
+            row("kv_block_host", kt, rc ? -1 : same ? 0.0 : 1.0, 0.0,
+                "%s, out and back", what);
+            free(hc);
+            free(hg);
+        }
         free(a);
         free(b);
     }

@@ -42,5 +42,5 @@ lib=$(find "$BUILD/obj/engine" "$BUILD/obj/kernels" "$BUILD/obj/adapters" \
       -name '*.o' ! -path '*/cmd/*' ! -path '*/cuda/*' ! -name backend.o \
       2>/dev/null | sort)
 $CXX $SAN -o "$OUT/llm-selftest-emu" "$OUT/llm-selftest.o" "$OUT/backend.o" \
-    $objs "$OUT/emu_runtime.o" $lib -lopenblas -ljansson -lm -lpthread
+    $objs "$OUT/emu_runtime.o" $lib -lopenblas -ljansson -lhiredis -lm -lpthread
 echo "$OUT/llm-selftest-emu"

@@ -75,6 +75,8 @@ typedef struct {
     uint64_t                       bytes;
     ngx_uint_t                     engines;     /* how many have it */
     uint64_t                       mask;        /* which (first 64) */
+    unsigned                       mixed:1;     /* engines differ on the
+                                                   version */
 } ngx_http_llm_adapter_t;
 
 
@@ -125,6 +127,8 @@ typedef struct {
     ngx_http_request_t            *request;
     ngx_uint_t                     endpoint;
     ngx_str_t                      id;
+    /* not NULL: called instead of answering /v1/models */
+    void                         (*ready)(ngx_http_request_t *r);
     unsigned                       waiting:1;
 } ngx_http_llm_models_wait_t;
 
@@ -155,6 +159,8 @@ static ngx_int_t ngx_http_llm_list_merge(ngx_http_llm_adapter_list_t *l,
     ngx_uint_t engine, llm_proto_frame *f, ngx_log_t *log);
 static ngx_http_llm_adapter_t *ngx_http_llm_list_find(
     ngx_http_llm_adapter_list_t *l, ngx_str_t *name);
+static ngx_int_t ngx_http_llm_list_refresh(ngx_http_request_t *r,
+    ngx_http_llm_adapter_cache_t *cache, ngx_http_llm_models_wait_t *w);
 static ngx_int_t ngx_http_llm_list_init(ngx_http_llm_adapter_list_t *l,
     ngx_log_t *log);
 static void ngx_http_llm_cache_answer(ngx_http_llm_fanout_t *fo,
@@ -632,6 +638,12 @@ ngx_http_llm_list_merge(ngx_http_llm_adapter_list_t *l, ngx_uint_t engine,
                         a->version.len + 1);
             a->max_rank = e.max_rank;
             a->bytes = e.bytes;
+
+        } else if (a->version.len != ngx_strlen(e.version)
+                   || ngx_strncmp(a->version.data, e.version,
+                                  a->version.len) != 0)
+        {
+            a->mixed = 1;
         }
 
         a->flags |= e.flags;
@@ -660,8 +672,6 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
     ngx_str_t *id)
 {
     ngx_int_t                           rc;
-    llm_proto_buf                       frame;
-    ngx_pool_cleanup_t                 *cln;
     ngx_http_llm_models_wait_t         *w;
     ngx_http_llm_adapter_cache_t       *cache;
     ngx_http_llm_main_conf_t           *lmcf;
@@ -696,9 +706,43 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
     w->endpoint = endpoint;
     w->id = *id;
 
+    rc = ngx_http_llm_list_refresh(r, cache, w);
+
+    if (rc == NGX_DECLINED) {
+        /* no engine to ask: what was known last, or the base only */
+        return ngx_http_llm_models_send(r, endpoint, id);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    r->main->count++;
+
+    return NGX_DONE;
+}
+
+
+/*
+ * Asks the engines for their adapters (unless that is under way) and
+ * queues w for the answer: NGX_OK; NGX_DECLINED: no engine is ready;
+ * NGX_ERROR.
+ */
+
+static ngx_int_t
+ngx_http_llm_list_refresh(ngx_http_request_t *r,
+    ngx_http_llm_adapter_cache_t *cache, ngx_http_llm_models_wait_t *w)
+{
+    ngx_int_t                  rc;
+    llm_proto_buf              frame;
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
+
     if (!cache->refreshing) {
         if (ngx_http_llm_list_init(&cache->next, cache->log) != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            return NGX_ERROR;
         }
 
         llm_proto_buf_init(&frame);
@@ -706,7 +750,7 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
         if (llm_proto_encode_empty(&frame, LLM_MSG_ADAPTER_LIST, 0) != 0) {
             llm_proto_buf_free(&frame);
             ngx_http_llm_list_free(&cache->next);
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            return NGX_ERROR;
         }
 
         rc = ngx_http_llm_fanout_start(&cache->fanout, ngx_cycle->pool,
@@ -715,9 +759,8 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
         llm_proto_buf_free(&frame);
 
         if (rc != NGX_OK) {
-            /* no engine to ask: what was known last, or the base only */
             ngx_http_llm_list_free(&cache->next);
-            return ngx_http_llm_models_send(r, endpoint, id);
+            return NGX_DECLINED;
         }
 
         cache->refreshing = 1;
@@ -725,7 +768,7 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_ERROR;
     }
 
     cln->handler = ngx_http_llm_models_wait_cleanup;
@@ -734,9 +777,71 @@ ngx_http_llm_adapters_models(ngx_http_request_t *r, ngx_uint_t endpoint,
     ngx_queue_insert_tail(&cache->waiting, &w->queue);
     w->waiting = 1;
 
-    r->main->count++;
+    return NGX_OK;
+}
 
-    return NGX_DONE;
+
+/*
+ * The content version of an adapter as this worker's list of the
+ * engines' adapters has it, for the prompt cache key.  NGX_OK: *version
+ * set; NGX_DECLINED: not known (no engine has it loaded, the engines
+ * disagree, none answers); NGX_AGAIN: the list is older than
+ * llm_adapters_cache_time and being refreshed, ready(r) follows (refresh
+ * 0 takes the list as it is).  NGX_ERROR.
+ */
+
+ngx_int_t
+ngx_http_llm_adapter_version(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_uint_t refresh, void (*ready)(ngx_http_request_t *r),
+    ngx_str_t *version)
+{
+    ngx_int_t                           rc;
+    ngx_http_llm_adapter_t             *a;
+    ngx_http_llm_models_wait_t         *w;
+    ngx_http_llm_adapter_cache_t       *cache;
+    ngx_http_llm_adapters_main_conf_t  *amcf;
+
+    cache = ngx_http_llm_adapter_cache;
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_llm_adapters_module);
+
+    if (cache == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (refresh
+        && !(cache->valid
+             && ngx_current_msec - cache->updated < amcf->cache_time))
+    {
+        w = ngx_pcalloc(r->pool, sizeof(ngx_http_llm_models_wait_t));
+        if (w == NULL) {
+            return NGX_ERROR;
+        }
+
+        w->request = r;
+        w->ready = ready;
+
+        rc = ngx_http_llm_list_refresh(r, cache, w);
+
+        if (rc != NGX_DECLINED) {
+            return (rc == NGX_OK) ? NGX_AGAIN : NGX_ERROR;
+        }
+
+        /* no engine to ask: what was known last */
+    }
+
+    if (!cache->valid) {
+        return NGX_DECLINED;
+    }
+
+    a = ngx_http_llm_list_find(&cache->cur, name);
+
+    if (a == NULL || a->mixed || a->version.len == 0) {
+        return NGX_DECLINED;
+    }
+
+    *version = a->version;
+
+    return NGX_OK;
 }
 
 
@@ -794,6 +899,11 @@ ngx_http_llm_cache_done(ngx_http_llm_fanout_t *fo)
         w->waiting = 0;
 
         r = w->request;
+
+        if (w->ready) {
+            w->ready(r);
+            continue;
+        }
 
         ngx_http_finalize_request(r, ngx_http_llm_models_send(r, w->endpoint,
                                                               &w->id));

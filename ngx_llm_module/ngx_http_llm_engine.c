@@ -76,6 +76,9 @@ struct ngx_http_llm_client_s {
     ngx_queue_t                    waiting;
     ngx_queue_t                    stats_waiting;   /* /metrics scrapes */
     ngx_log_t                     *log;
+    u_char                         model_fp[32];    /* of the last engine
+                                                       that said HELLO_OK */
+    unsigned                       has_fp:1;
 };
 
 
@@ -348,6 +351,29 @@ ngx_http_llm_engine_n_ctx(void)
     }
 
     return 0;
+}
+
+
+/*
+ * The model fingerprint (32 bytes) of the engine that last completed
+ * HELLO in this worker, even if it went away since: NGX_DECLINED if none
+ * did yet.  Part of the prompt cache's key.
+ */
+
+ngx_int_t
+ngx_http_llm_engine_model_fingerprint(u_char *fp)
+{
+    ngx_http_llm_client_t  *client;
+
+    client = ngx_http_llm_client;
+
+    if (client == NULL || !client->has_fp) {
+        return NGX_DECLINED;
+    }
+
+    ngx_memcpy(fp, client->model_fp, 32);
+
+    return NGX_OK;
 }
 
 
@@ -820,6 +846,17 @@ ngx_http_llm_peer_hello_ok(ngx_http_llm_peer_t *peer, llm_proto_frame *f)
           - peer->fp;
     peer->fingerprint.data = peer->fp;
     peer->fingerprint.len = len;
+
+    if (peer->client->has_fp
+        && ngx_memcmp(peer->client->model_fp, ok.fingerprint, 32) != 0)
+    {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "llm: engine %V serves another model fingerprint "
+                      "than the engine before it", &peer->addr->name);
+    }
+
+    ngx_memcpy(peer->client->model_fp, ok.fingerprint, 32);
+    peer->client->has_fp = 1;
 
     peer->state = NGX_HTTP_LLM_PEER_READY;
     peer->backoff = 0;

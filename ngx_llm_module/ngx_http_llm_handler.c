@@ -4,8 +4,9 @@
  *
  *   route and method -> read the body (llm_max_body) -> tenant (API key
  *   or variable; maybe a Redis lookup) -> parse and validate -> chat
- *   template -> tokenize -> context check -> limits (maybe Redis, maybe a
- *   wait for a concurrency slot) -> SUBMIT ->
+ *   template -> tokenize -> context check -> prompt cache (maybe a Redis
+ *   GET) -> limits (maybe Redis, maybe a wait for a concurrency slot) ->
+ *   a prompt cache hit is answered here; else SUBMIT ->
  *   NGX_DONE ... TOKENS: detokenize, stop strings, one SSE chunk per
  *   token (flushed) or accumulate ... DONE: final chunk or JSON, usage ->
  *   finalize.
@@ -41,6 +42,8 @@ static void ngx_http_llm_on_done(ngx_http_llm_stream_t *s,
     const llm_proto_done *d);
 static void ngx_http_llm_on_fail(ngx_http_llm_stream_t *s,
     ngx_http_llm_fail_e reason, const char *message);
+static ngx_int_t ngx_http_llm_cached(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
 static ngx_int_t ngx_http_llm_emit(ngx_http_llm_ctx_t *ctx, ngx_uint_t last);
 static ngx_int_t ngx_http_llm_append(ngx_http_llm_ctx_t *ctx, ngx_str_t *s);
 static ngx_int_t ngx_http_llm_finish(ngx_http_llm_ctx_t *ctx);
@@ -371,6 +374,19 @@ ngx_http_llm_continue(ngx_http_request_t *r)
         ctx->prepared = 1;
     }
 
+    /* a deterministic request may have its answer in Redis */
+
+    rc = ngx_http_llm_pcache_lookup(r, ctx);
+
+    if (rc == NGX_AGAIN) {
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
     rc = ngx_http_llm_limits_acquire(r, ctx, &err);
 
     if (rc == NGX_AGAIN) {
@@ -384,6 +400,14 @@ ngx_http_llm_continue(ngx_http_request_t *r)
 
     if (rc != NGX_OK) {
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    if (ctx->pcache.state == NGX_HTTP_LLM_PCACHE_HIT) {
+        r->read_event_handler = ngx_http_test_reading;
+        r->write_event_handler = ngx_http_llm_write_handler;
+
+        ngx_http_finalize_request(r, ngx_http_llm_cached(r, ctx));
         return;
     }
 
@@ -556,6 +580,7 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_error_t *err)
 {
     ngx_int_t                  rc;
+    ngx_str_t                 *ns;
     ngx_http_llm_params_t     *p;
     ngx_http_llm_stream_t     *s;
     ngx_http_llm_tenant_t     *t;
@@ -596,6 +621,16 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
                     t->cache_namespace.data,
                     ngx_min(t->cache_namespace.len,
                             LLM_PROTO_MAX_NAMESPACE) + 1);
+    }
+
+    /* the public prefix (leading system messages) in the shared one */
+
+    ns = ngx_http_llm_shared_namespace(r, ctx);
+
+    if (ns && ctx->shared_tokens) {
+        ngx_cpystrn((u_char *) s->submit.cache_shared_namespace, ns->data,
+                    ngx_min(ns->len, LLM_PROTO_MAX_NAMESPACE) + 1);
+        s->submit.cache_shared_tokens = (uint32_t) ctx->shared_tokens;
     }
 
     if (p->adapter.len) {
@@ -728,6 +763,10 @@ ngx_http_llm_tokenize(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ctx->stream.prompt = ids;
     ctx->stream.n_prompt = n;
     ctx->prompt_tokens = n;
+
+    if (ngx_http_llm_shared_tokens(r, ctx) != NGX_OK) {
+        goto failed;
+    }
 
     return NGX_OK;
 
@@ -1022,6 +1061,82 @@ ngx_http_llm_on_fail(ngx_http_llm_stream_t *s, ngx_http_llm_fail_e reason,
 
 /* ---- output --------------------------------------------------------- */
 
+/*
+ * A prompt cache hit: the stored answer as the live one would have been
+ * sent (the JSON response, or the role, content, finish and usage
+ * chunks), with a new id and time.
+ */
+
+static ngx_int_t
+ngx_http_llm_cached(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx)
+{
+    json_t                 *rec, *v, *lp;
+    ngx_str_t               text, fp;
+    ngx_http_llm_params_t  *p;
+
+    p = &ctx->params;
+    rec = ctx->pcache.record;
+
+    v = json_object_get(rec, "text");
+    text.data = (u_char *) json_string_value(v);
+    text.len = json_string_length(v);
+
+    v = json_object_get(rec, "finish_reason");
+    ctx->finish = (ngx_strcmp(json_string_value(v), "length") == 0)
+                  ? "length" : "stop";
+
+    /* the fingerprint of the engine that computed it */
+
+    v = json_object_get(rec, "system_fingerprint");
+    fp.len = json_string_length(v);
+    fp.data = ngx_pnalloc(r->pool, fp.len + 1);
+    if (fp.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_memcpy(fp.data, json_string_value(v), fp.len);
+    fp.data[fp.len] = '\0';
+    ctx->stream.fingerprint = fp;
+
+    ngx_http_llm_make_id(r, ctx);
+    ctx->created = ngx_time();
+
+    lp = json_object_get(rec, "logprobs");
+    lp = json_is_object(lp) ? json_deep_copy(lp) : NULL;
+
+    if (!p->stream) {
+        if ((p->echo && !p->prompt_ids
+             && ngx_http_llm_append(ctx, &p->prompt) != NGX_OK)
+            || (text.len && ngx_http_llm_append(ctx, &text) != NGX_OK))
+        {
+            json_decref(lp);
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->logprobs = lp;
+
+        return ngx_http_llm_finish(ctx);
+    }
+
+    if (ngx_http_llm_send_sse_header(ctx) != NGX_OK) {
+        json_decref(lp);
+        return NGX_ERROR;
+    }
+
+    if (text.len || lp) {
+        if (ngx_http_llm_send_chunk(ctx,
+                                    ngx_http_llm_chunk_json(ctx, &text, 0, lp,
+                                                            NULL))
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_llm_finish(ctx);
+}
+
+
 /* Sends (or accumulates) what the stop-string matcher releases. */
 
 static ngx_int_t
@@ -1033,6 +1148,12 @@ ngx_http_llm_emit(ngx_http_llm_ctx_t *ctx, ngx_uint_t last)
     ngx_http_llm_token_t  *toks;
 
     ngx_http_llm_text_release(&ctx->text, last, &out, &toks, &ntoks);
+
+    /* a prompt cache miss keeps what the client gets, to store it */
+
+    if (ngx_http_llm_pcache_collect(ctx, &out, toks, ntoks) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     if (!ctx->params.stream) {
         if (out.len && ngx_http_llm_append(ctx, &out) != NGX_OK) {
@@ -1119,6 +1240,8 @@ ngx_http_llm_finish(ngx_http_llm_ctx_t *ctx)
 
     r = ctx->request;
     ctx->finished = 1;
+
+    ngx_http_llm_pcache_store(ctx);
 
     if (!ctx->params.stream) {
         return ngx_http_llm_send_json(r, NGX_HTTP_OK,
@@ -1414,6 +1537,16 @@ ngx_http_llm_send_json(ngx_http_request_t *r, ngx_uint_t status,
 ngx_int_t
 ngx_http_llm_send_error(ngx_http_request_t *r, ngx_http_llm_error_t *err)
 {
+    ngx_http_llm_ctx_t  *ctx;
+
+    /* no answer, from the prompt cache or not: no X-LLM-Cache */
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llm_module);
+
+    if (ctx && ctx->pcache.header) {
+        ctx->pcache.header->hash = 0;
+    }
+
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "llm: %ui %s: %V", err->status,
                   err->code ? err->code : err->type, &err->message);
@@ -1501,6 +1634,7 @@ ngx_http_llm_cleanup(void *data)
 
     ngx_http_llm_tenant_cleanup(ctx);
     ngx_http_llm_limits_release(ctx);
+    ngx_http_llm_pcache_cleanup(ctx);
 
     if (ctx->finish == NULL && ctx->submitted) {
         ctx->finish = "cancelled";

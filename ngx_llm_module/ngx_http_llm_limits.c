@@ -1254,9 +1254,14 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
     lcf = ngx_http_llm_limits_conf();
     lctx = lcf->shm_zone->data;
 
-    /* a request the engine never took gives back its prompt too */
+    /*
+     * A request the engine never took gives back its prompt too; a
+     * prompt cache hit with llm_prompt_cache_charge on keeps what the
+     * live answer took (its reservation was exactly that).
+     */
 
-    used = ctx->submitted ? ctx->prompt_tokens + ctx->completion_tokens : 0;
+    used = (ctx->submitted || ctx->pcache.charged)
+           ? ctx->prompt_tokens + ctx->completion_tokens : 0;
     refund = ctx->admit.reserved > used ? ctx->admit.reserved - used : 0;
 
     now = ngx_current_msec;

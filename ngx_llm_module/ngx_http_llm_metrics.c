@@ -16,6 +16,13 @@
  *   llm_time_to_first_token_seconds{tenant}     histogram
  *   llm_inter_token_latency_seconds{tenant}     histogram
  *   llm_request_duration_seconds{tenant}        histogram
+ *   llm_prompt_cache_hits_total{tenant}         answered from the prompt
+ *                                               cache
+ *   llm_prompt_cache_misses_total{tenant}       looked up, not there (or
+ *                                               Redis failed): run live
+ *   llm_prompt_cache_stores_total{tenant}       answers written to Redis
+ *   llm_prompt_cache_errors_total{tenant}       Redis unreachable, errors,
+ *                                               timeouts, bad entries
  *
  * and per engine, asked with a STATS message when /metrics is scraped
  * (up to 1 s; an engine that does not answer in time is shown down):
@@ -23,7 +30,26 @@
  *   llm_engine_up, llm_engine_queue_depth, llm_engine_running_requests,
  *   llm_engine_batch_size, llm_engine_batch_tokens,
  *   llm_engine_kv_pages_in_use, llm_engine_kv_pages_total, and the
- *   engine's own counters (steps, tokens, preemptions, requests).
+ *   engine's own counters (steps, tokens, preemptions, requests);
+ *
+ * and, from engines with a prefix cache (STATS' prefix part), per engine:
+ *
+ *   llm_prefix_cache_blocks_cached              KV blocks holding a hash
+ *   llm_prefix_cache_blocks_reusable            ... of those unused
+ *   llm_prefix_cache_lookups_total              sequences looked up
+ *   llm_prefix_cache_hit_tokens_total           prompt tokens reused
+ *   llm_prefix_cache_tier_hit_tokens_total      ... of those from Redis
+ *   llm_prefix_cache_evictions_total
+ *   llm_prefix_cache_tier_enabled, llm_prefix_cache_tier_connected
+ *   llm_prefix_cache_tier_puts_total, ..._tier_put_bytes_total,
+ *   ..._tier_puts_dropped_total, ..._tier_lookups_total,
+ *   ..._tier_blocks_hit_total, ..._tier_blocks_missed_total,
+ *   ..._tier_corrupt_total, ..._tier_errors_total (the Redis tier)
+ *
+ * Hit rates are for Prometheus to derive, e.g.
+ * rate(llm_prefix_cache_hit_tokens_total[5m]) /
+ * rate(llm_engine_prefill_tokens_total[5m] + ...hit_tokens_total[5m]),
+ * or hits / (hits + misses) of the prompt cache.
  *
  * The zone keeps tenants in LRU order; when it is full the least recent
  * tenant's counters are dropped (Prometheus sees a counter reset).
@@ -37,6 +63,9 @@
 #define NGX_HTTP_LLM_CODES_N          12
 #define NGX_HTTP_LLM_STATS_TIMEOUT    1000      /* ms */
 #define NGX_HTTP_LLM_MAX_ENGINES      64
+
+#define ngx_http_llm_pcache_offset(ev)                                        \
+    (offsetof(ngx_http_llm_counters_t, pcache) + (ev) * sizeof(uint64_t))
 
 
 typedef struct {
@@ -58,6 +87,7 @@ typedef struct {
     uint64_t                       itl[NGX_HTTP_LLM_ITL_BUCKETS];
     uint64_t                       itl_sum;
     uint64_t                       itl_count;
+    uint64_t                       pcache[NGX_HTTP_LLM_PCACHE_EV_N];
 } ngx_http_llm_counters_t;
 
 
@@ -132,6 +162,18 @@ static ngx_msec_t  ngx_http_llm_itl_bounds[NGX_HTTP_LLM_ITL_BUCKETS - 1] = {
 
 static ngx_uint_t  ngx_http_llm_codes[NGX_HTTP_LLM_CODES_N - 1] = {
     200, 400, 401, 403, 404, 413, 429, 499, 500, 503, 504
+};
+
+static const char  *ngx_http_llm_pcache_names[NGX_HTTP_LLM_PCACHE_EV_N] = {
+    "llm_prompt_cache_hits_total", "llm_prompt_cache_misses_total",
+    "llm_prompt_cache_stores_total", "llm_prompt_cache_errors_total"
+};
+
+static const char  *ngx_http_llm_pcache_help[NGX_HTTP_LLM_PCACHE_EV_N] = {
+    "Requests answered from the prompt cache.",
+    "Prompt cache lookups that found no answer (run live).",
+    "Answers written to the prompt cache.",
+    "Prompt cache Redis failures, timeouts and bad entries."
 };
 
 static const char  *ngx_http_llm_reasons[NGX_HTTP_LLM_REJECT_N] = {
@@ -266,6 +308,40 @@ ngx_http_llm_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
 
 /* ---- recording ---------------------------------------------------------- */
+
+/* A prompt cache event (hit, miss, store, error) of a tenant, at once. */
+
+void
+ngx_http_llm_metrics_pcache(ngx_str_t *tenant, ngx_uint_t event)
+{
+    ngx_http_llm_main_conf_t     *lmcf;
+    ngx_http_llm_metrics_ctx_t   *mctx;
+    ngx_http_llm_metrics_node_t  *node;
+
+    if (event >= NGX_HTTP_LLM_PCACHE_EV_N) {
+        return;
+    }
+
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                               ngx_http_llm_module);
+
+    if (lmcf == NULL || lmcf->metrics_zone == NULL) {
+        return;
+    }
+
+    mctx = lmcf->metrics_zone->data;
+
+    ngx_shmtx_lock(&mctx->shpool->mutex);
+
+    node = ngx_http_llm_metrics_lookup(mctx, tenant);
+
+    if (node) {
+        node->c.pcache[event]++;
+    }
+
+    ngx_shmtx_unlock(&mctx->shpool->mutex);
+}
+
 
 /* n tokens arrived in one frame: n inter-token gaps of equal share. */
 
@@ -689,11 +765,13 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
 
     /* lines per tenant: 4 histograms of up to 18, counters */
 
-    size = 8192 + n * (4 * 18 + NGX_HTTP_LLM_CODES_N
-                       + NGX_HTTP_LLM_REJECT_N + 8) * 256;
+    size = 16384 + n * (4 * 18 + NGX_HTTP_LLM_CODES_N
+                        + NGX_HTTP_LLM_REJECT_N + 16) * 256;
+
+    /* engine lines: 12 plain, 16 of the prefix cache */
 
     for (i = 0; i < ne; i++) {
-        size += 16 * (128 + 2 * es[i].name.len);
+        size += 32 * (128 + 2 * es[i].name.len);
     }
 
     b = ngx_create_temp_buf(r->pool, size);
@@ -770,6 +848,12 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
                                     "cache.", snap, n,
                                     offsetof(ngx_http_llm_counters_t,
                                              cached_tokens));
+
+    for (i = 0; i < NGX_HTTP_LLM_PCACHE_EV_N; i++) {
+        p = ngx_http_llm_render_counter(p, ngx_http_llm_pcache_names[i],
+                                        ngx_http_llm_pcache_help[i], snap, n,
+                                        ngx_http_llm_pcache_offset(i));
+    }
 
     p = ngx_http_llm_render_hist(p, "llm_queue_time_seconds", snap, n,
                                  offsetof(ngx_http_llm_counters_t, queue));
@@ -886,6 +970,84 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
                                es[i].stats.requests_rejected)
 
 #undef ngx_http_llm_engine_metric
+
+    /* the prefix cache, from engines whose STATS has that part */
+
+    for (i = 0; i < ne; i++) {
+        if (es[i].up && es[i].stats.has_prefix_cache) {
+            break;
+        }
+    }
+
+    if (i < ne) {
+
+#define ngx_http_llm_prefix_metric(metric, type, help, field)                 \
+    p = ngx_sprintf(p, "# HELP " metric " " help "\n# TYPE " metric " "       \
+                    type "\n");                                               \
+    for (i = 0; i < ne; i++) {                                                \
+        if (!es[i].up || !es[i].stats.has_prefix_cache) {                     \
+            continue;                                                         \
+        }                                                                     \
+        p = ngx_cpymem(p, metric "{engine=\"",                               \
+                       sizeof(metric "{engine=\"") - 1);                      \
+        p = ngx_http_llm_label(p, es[i].name.data, es[i].name.len);           \
+        p = ngx_sprintf(p, "\"} %uL\n", (uint64_t) es[i].stats.field);        \
+    }
+
+        ngx_http_llm_prefix_metric("llm_prefix_cache_blocks_cached", "gauge",
+                                   "KV blocks in the prefix cache (in use "
+                                   "or not).", prefix_blocks_cached)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_blocks_reusable",
+                                   "gauge", "Cached KV blocks no sequence "
+                                   "uses (evictable).",
+                                   prefix_blocks_reusable)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_lookups_total",
+                                   "counter", "Sequences admitted with the "
+                                   "prefix cache on.", prefix_lookups)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_hit_tokens_total",
+                                   "counter", "Prompt tokens taken from the "
+                                   "prefix cache.", prefix_hit_tokens)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_hit_tokens_total",
+                                   "counter", "Of those, tokens loaded from "
+                                   "the Redis tier.", prefix_tier_hit_tokens)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_evictions_total",
+                                   "counter", "Cached KV blocks evicted.",
+                                   prefix_evictions)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_enabled", "gauge",
+                                   "Whether the engine has a Redis tier.",
+                                   tier_enabled)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_connected", "gauge",
+                                   "Whether the Redis tier is connected.",
+                                   tier_connected)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_puts_total",
+                                   "counter", "KV blocks written to Redis.",
+                                   tier_puts)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_put_bytes_total",
+                                   "counter", "Bytes of KV blocks written "
+                                   "to Redis.", tier_put_bytes)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_puts_dropped_total",
+                                   "counter", "KV block writes dropped "
+                                   "(queue over its budget).",
+                                   tier_puts_dropped)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_lookups_total",
+                                   "counter", "Lookups in the Redis tier.",
+                                   tier_lookups)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_blocks_hit_total",
+                                   "counter", "KV blocks found in Redis.",
+                                   tier_blocks_hit)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_blocks_missed_total",
+                                   "counter", "KV blocks not found in "
+                                   "Redis.", tier_blocks_missed)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_corrupt_total",
+                                   "counter", "Redis entries refused (bad "
+                                   "checksum, other model or format, "
+                                   "truncated).", tier_corrupt)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_errors_total",
+                                   "counter", "Redis tier errors and "
+                                   "timeouts.", tier_errors)
+
+#undef ngx_http_llm_prefix_metric
+    }
 
     b->last = p;
     b->last_buf = 1;

@@ -10,11 +10,14 @@
  *
  *       llm_tenants conf/tenants.json;        # optional: API keys
  *       llm_redis   127.0.0.1:6379;           # optional: limits across
- *       llm_limits  redis;                    # hosts, run-time tenants
+ *       llm_limits  redis;                    # hosts, run-time tenants,
+ *                                             # the prompt cache
  *
  *       server {
  *           location /v1/ {
  *               llm_api openai;
+ *               llm_prompt_cache on;          # optional
+ *               llm_cache_shared_namespace public;
  *           }
  *
  *           location = /metrics {
@@ -75,6 +78,11 @@ static ngx_conf_enum_t  ngx_http_llm_limits_fails[] = {
 
 static ngx_conf_num_bounds_t  ngx_http_llm_hosts_bounds = {
     ngx_conf_check_num_bounds, 1, 10000
+};
+
+
+static ngx_conf_post_t  ngx_http_llm_prompt_cache_ttl_post = {
+    ngx_http_llm_prompt_cache_ttl_check
 };
 
 
@@ -347,6 +355,64 @@ static ngx_command_t  ngx_http_llm_commands[] = {
       NULL },
 
     /*
+     * llm_prompt_cache on | off;           default off
+     *
+     * Exact-match answers of deterministic requests (temperature 0 or a
+     * fixed seed) kept in Redis (llm_redis): a repeated request is
+     * answered from there, marked "X-LLM-Cache: HIT" (a looked-up one
+     * that was not there: MISS).  A tenant's "prompt_cache" overrides
+     * this.  See ngx_http_llm_cache.c.
+     */
+    { ngx_string("llm_prompt_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, prompt_cache),
+      NULL },
+
+    /*
+     * llm_prompt_cache_ttl TIME;           default 10m
+     *
+     * How long an answer stays in the prompt cache (Redis EX), 1s to
+     * 365d.
+     */
+    { ngx_string("llm_prompt_cache_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, prompt_cache_ttl),
+      &ngx_http_llm_prompt_cache_ttl_post },
+
+    /*
+     * llm_prompt_cache_charge on | off;    default on
+     *
+     * on: a hit counts against the tenant's tokens per minute as the
+     * live answer did (prompt + completion tokens); off: only the
+     * request counts.
+     */
+    { ngx_string("llm_prompt_cache_charge"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, prompt_cache_charge),
+      NULL },
+
+    /*
+     * llm_cache_shared_namespace NAME | off;   default off
+     *
+     * The engine's prefix cache keeps the leading system (and developer)
+     * messages of chat requests under this namespace, shared by all
+     * tenants; the rest of each prompt stays in the tenant's own
+     * namespace.  A tenant's "shared_cache_namespace" wins over this.
+     */
+    { ngx_string("llm_cache_shared_namespace"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llm_shared_namespace_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_llm_loc_conf_t, shared_namespace),
+      NULL },
+
+    /*
      * llm_metrics;
      *
      * Serves Prometheus metrics in this location (GET).
@@ -531,6 +597,8 @@ ngx_http_llm_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_http_llm_main_conf_t  *lmcf = conf;
 
+    ngx_http_llm_tenant_t  *t;
+
     ngx_conf_init_msec_value(lmcf->connect_timeout, 3000);
     ngx_conf_init_msec_value(lmcf->engine_timeout, 60000);
 
@@ -547,6 +615,15 @@ ngx_http_llm_init_main_conf(ngx_conf_t *cf, void *conf)
     if (lmcf->tenants_redis && lmcf->redis == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"llm_tenants_redis\" requires \"llm_redis\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (lmcf->redis == NULL
+        && (t = ngx_http_llm_tenants_prompt_cache(lmcf)) != NULL)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "tenant \"%V\" has \"prompt_cache\": true, "
+                           "which requires \"llm_redis\"", &t->name);
         return NGX_CONF_ERROR;
     }
 
@@ -585,11 +662,15 @@ ngx_http_llm_create_loc_conf(ngx_conf_t *cf)
      *
      *     llcf->api = NGX_HTTP_LLM_API_OFF;
      *     llcf->clcf = NULL;
+     *     llcf->shared_namespace = { 0, NULL };
      */
 
     llcf->max_body = NGX_CONF_UNSET_SIZE;
     llcf->max_tokens_default = NGX_CONF_UNSET_UINT;
     llcf->tenant_var = NGX_CONF_UNSET_PTR;
+    llcf->prompt_cache = NGX_CONF_UNSET;
+    llcf->prompt_cache_ttl = NGX_CONF_UNSET;
+    llcf->prompt_cache_charge = NGX_CONF_UNSET;
 
     return llcf;
 }
@@ -601,10 +682,30 @@ ngx_http_llm_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_llm_loc_conf_t *prev = parent;
     ngx_http_llm_loc_conf_t *conf = child;
 
+    ngx_http_llm_main_conf_t  *lmcf;
+
     ngx_conf_merge_size_value(conf->max_body, prev->max_body, 1024 * 1024);
     ngx_conf_merge_uint_value(conf->max_tokens_default,
                               prev->max_tokens_default, 0);
     ngx_conf_merge_ptr_value(conf->tenant_var, prev->tenant_var, NULL);
+    ngx_conf_merge_value(conf->prompt_cache, prev->prompt_cache, 0);
+    ngx_conf_merge_sec_value(conf->prompt_cache_ttl, prev->prompt_cache_ttl,
+                             600);
+    ngx_conf_merge_value(conf->prompt_cache_charge, prev->prompt_cache_charge,
+                         1);
+    ngx_conf_merge_str_value(conf->shared_namespace, prev->shared_namespace,
+                             "");
+
+    if (conf->prompt_cache && conf->api != NGX_HTTP_LLM_API_OFF) {
+        lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_llm_module);
+
+        if (lmcf->redis == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"llm_prompt_cache\" requires "
+                               "\"llm_redis\"");
+            return NGX_CONF_ERROR;
+        }
+    }
 
     /*
      * The core module's configuration of this location is merged by

@@ -15,6 +15,8 @@
  *   ngx_http_llm_limits.c     per-tenant limits: shared zone and Redis
  *   ngx_http_llm_redis.c      hiredis async adapter for the event loop
  *   ngx_http_llm_metrics.c    counters zone and the /metrics handler
+ *   ngx_http_llm_adapters.c   adapter names, /v1/models, the admin API
+ *   ngx_http_llm_cache.c      prompt cache (Redis), shared prefix namespace
  *
  * The workers do all text work (chat template, tokenization, incremental
  * detokenization, stop strings); the engine sees token ids only.
@@ -35,6 +37,7 @@
 #include "engine/protocol.h"
 #include "engine/tokenizer.h"
 #include "engine/chat_template.h"
+#include "engine/sha256.h"
 
 
 #define NGX_HTTP_LLM_MAX_STOP        4       /* stop strings, as OpenAI */
@@ -65,10 +68,21 @@ typedef struct {
     ngx_uint_t                     n_adapters;
     ngx_str_t                      default_adapter;     /* "" none */
     ngx_str_t                      cache_namespace;
+    ngx_str_t                      shared_cache_namespace;  /* "": none */
+    ngx_uint_t                     prompt_cache;    /* NGX_HTTP_LLM_TPC_* */
     ngx_uint_t                     max_tokens;  /* ceiling; 0: none */
     ngx_http_llm_limits_t          limits;
     unsigned                       disabled:1;
+    unsigned                       shared_set:1;    /* the field was given:
+                                                       it wins over the
+                                                       location */
 } ngx_http_llm_tenant_t;
+
+
+/* A tenant's "prompt_cache" (zeroed: the location decides). */
+#define NGX_HTTP_LLM_TPC_LOCATION    0
+#define NGX_HTTP_LLM_TPC_OFF         1
+#define NGX_HTTP_LLM_TPC_ON          2
 
 
 typedef struct ngx_http_llm_directory_s  ngx_http_llm_directory_t;
@@ -193,6 +207,11 @@ typedef struct {
     ngx_uint_t                     max_tokens_default;
     ngx_http_core_loc_conf_t      *clcf;
     ngx_http_complex_value_t      *tenant_var;  /* llm_tenant_variable */
+
+    ngx_flag_t                     prompt_cache;
+    time_t                         prompt_cache_ttl;
+    ngx_flag_t                     prompt_cache_charge;
+    ngx_str_t                      shared_namespace;    /* "": off */
 } ngx_http_llm_loc_conf_t;
 
 
@@ -276,6 +295,7 @@ ngx_int_t ngx_http_llm_engine_submit(ngx_http_llm_stream_t *s);
 void ngx_http_llm_engine_cancel(ngx_http_llm_stream_t *s);
 void ngx_http_llm_engine_stop(ngx_http_llm_stream_t *s);
 ngx_uint_t ngx_http_llm_engine_n_ctx(void);
+ngx_int_t ngx_http_llm_engine_model_fingerprint(u_char *fp);
 
 
 /* ---- request parameters --------------------------------------------- */
@@ -308,6 +328,10 @@ typedef struct {
     ngx_uint_t                     top_logprobs;
     ngx_str_t                      user;
     ngx_str_t                      adapter;     /* of "model"; "" none */
+
+    size_t                         shared_len;  /* bytes of prompt that
+                                                   render the leading
+                                                   system messages */
 
     unsigned                       has_seed:1;
     unsigned                       stream:1;
@@ -358,6 +382,35 @@ void ngx_http_llm_text_release(ngx_http_llm_text_t *t, ngx_uint_t last,
     ngx_str_t *out, ngx_http_llm_token_t **toks, ngx_uint_t *ntoks);
 
 
+/* ---- the prompt cache of one request --------------------------------- */
+
+#define NGX_HTTP_LLM_PCACHE_UNKNOWN  0      /* not decided yet */
+#define NGX_HTTP_LLM_PCACHE_OFF      1      /* does not apply: no header */
+#define NGX_HTTP_LLM_PCACHE_LOOKUP   2      /* GET or adapter list awaited */
+#define NGX_HTTP_LLM_PCACHE_MISS     3      /* answer live, then store */
+#define NGX_HTTP_LLM_PCACHE_HIT      4      /* answer from the record */
+
+typedef struct {
+    ngx_uint_t                     state;       /* NGX_HTTP_LLM_PCACHE_* */
+    void                          *op;          /* pending GET */
+    u_char                         norm[LLM_SHA256_LEN];    /* of the
+                                                   normalized request */
+    u_char                         key[LLM_SHA256_LEN];     /* the entry */
+    json_t                        *record;      /* a hit's stored answer */
+    ngx_table_elt_t               *header;      /* X-LLM-Cache */
+
+    u_char                        *text;        /* a miss: the answer's */
+    size_t                         len;         /* text, to store */
+    size_t                         size;
+    json_t                        *logprobs;
+
+    unsigned                       wanted:1;    /* on, deterministic */
+    unsigned                       asked:1;     /* adapter list awaited */
+    unsigned                       charged:1;   /* a hit counts tokens */
+    unsigned                       stored:1;    /* a miss was SET */
+} ngx_http_llm_pcache_t;
+
+
 /* ---- the request context -------------------------------------------- */
 
 typedef struct {
@@ -398,6 +451,10 @@ typedef struct {
     ngx_msec_t                     last_token;
     ngx_http_llm_itl_t             itl;
 
+    ngx_uint_t                     shared_tokens;   /* SUBMIT's
+                                                       cache_shared_tokens */
+    ngx_http_llm_pcache_t          pcache;
+
     unsigned                       header_sent:1;
     unsigned                       first_token:1;
     unsigned                       submitted:1;
@@ -430,6 +487,7 @@ json_t *ngx_http_llm_usage_chunk_json(ngx_http_llm_ctx_t *ctx);
 json_t *ngx_http_llm_response_json(ngx_http_llm_ctx_t *ctx);
 json_t *ngx_http_llm_logprobs_json(ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_token_t *toks, ngx_uint_t n, json_t *into);
+json_t *ngx_http_llm_json_text(u_char *p, size_t len);
 ngx_buf_t *ngx_http_llm_json_buf(ngx_pool_t *pool, ngx_chain_t **free,
     json_t *json, ngx_uint_t sse);
 
@@ -456,6 +514,8 @@ void ngx_http_llm_tenant_cleanup(ngx_http_llm_ctx_t *ctx);
 ngx_int_t ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
     ngx_http_llm_tenant_t *defaults, ngx_http_llm_tenant_t *t,
     u_char *errbuf, size_t errlen);
+ngx_http_llm_tenant_t *ngx_http_llm_tenants_prompt_cache(
+    ngx_http_llm_main_conf_t *lmcf);
 
 
 /* ---- limits: ngx_http_llm_limits.c ---------------------------------- */
@@ -497,6 +557,15 @@ char *ngx_http_llm_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 ngx_int_t ngx_http_llm_metrics_postconfiguration(ngx_conf_t *cf,
     ngx_http_llm_main_conf_t *lmcf);
 void ngx_http_llm_metrics_token(ngx_http_llm_ctx_t *ctx, ngx_uint_t n);
+
+/* prompt cache events, counted per tenant ("-": none) at once */
+#define NGX_HTTP_LLM_PCACHE_EV_HIT     0
+#define NGX_HTTP_LLM_PCACHE_EV_MISS    1
+#define NGX_HTTP_LLM_PCACHE_EV_STORE   2
+#define NGX_HTTP_LLM_PCACHE_EV_ERROR   3
+#define NGX_HTTP_LLM_PCACHE_EV_N       4
+
+void ngx_http_llm_metrics_pcache(ngx_str_t *tenant, ngx_uint_t event);
 
 
 /* ---- engine statistics (ngx_http_llm_engine.c) for /metrics ---------- */
@@ -568,6 +637,32 @@ void ngx_http_llm_adapter_not_found(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, const char *message, ngx_http_llm_error_t *err);
 ngx_int_t ngx_http_llm_adapters_models(ngx_http_request_t *r,
     ngx_uint_t endpoint, ngx_str_t *id);
+ngx_int_t ngx_http_llm_adapter_version(ngx_http_request_t *r,
+    ngx_str_t *name, ngx_uint_t refresh, void (*ready)(ngx_http_request_t *r),
+    ngx_str_t *version);
+
+
+/* ---- prompt cache, shared prefix: ngx_http_llm_cache.c --------------- */
+
+char *ngx_http_llm_shared_namespace_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_llm_prompt_cache_ttl_check(ngx_conf_t *cf, void *post,
+    void *data);
+ngx_int_t ngx_http_llm_namespace_valid(u_char *p, size_t len);
+ngx_str_t *ngx_http_llm_shared_namespace(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
+ngx_int_t ngx_http_llm_shared_tokens(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
+ngx_uint_t ngx_http_llm_pcache_enabled(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
+ngx_int_t ngx_http_llm_pcache_normalize(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx, json_t *root);
+ngx_int_t ngx_http_llm_pcache_lookup(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
+ngx_int_t ngx_http_llm_pcache_collect(ngx_http_llm_ctx_t *ctx,
+    ngx_str_t *text, ngx_http_llm_token_t *toks, ngx_uint_t n);
+void ngx_http_llm_pcache_store(ngx_http_llm_ctx_t *ctx);
+void ngx_http_llm_pcache_cleanup(ngx_http_llm_ctx_t *ctx);
 
 
 extern ngx_module_t  ngx_http_llm_module;

@@ -44,7 +44,6 @@ static void ngx_http_llm_type_error(ngx_http_request_t *r,
     ngx_http_llm_error_t *err, const char *name, const char *expected,
     json_t *v);
 static const char *ngx_http_llm_type_name(json_t *v);
-static json_t *ngx_http_llm_json_text(u_char *p, size_t len);
 static json_t *ngx_http_llm_json_bytes(u_char *p, size_t len);
 static json_t *ngx_http_llm_json_logprob(float lp);
 static json_t *ngx_http_llm_object_head(ngx_http_llm_ctx_t *ctx,
@@ -62,9 +61,10 @@ ngx_http_llm_parse_request(ngx_http_request_t *r,
     u_char *body, size_t len, ngx_http_llm_params_t *p,
     ngx_http_llm_error_t *err)
 {
-    json_t        *root, *v;
-    ngx_int_t      rc;
-    json_error_t   je;
+    json_t              *root, *v;
+    ngx_int_t            rc;
+    json_error_t         je;
+    ngx_http_llm_ctx_t  *ctx;
 
     root = json_loadb((const char *) body, len, 0, &je);
 
@@ -132,6 +132,16 @@ ngx_http_llm_parse_request(ngx_http_request_t *r,
         if (ngx_http_llm_parse_prompt(r, lmcf, root, p, err) != NGX_OK) {
             goto done;
         }
+    }
+
+    /* the prompt cache's view of the request (the body changes) */
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_llm_module);
+
+    if (ctx && p == &ctx->params
+        && ngx_http_llm_pcache_normalize(r, ctx, root) != NGX_OK)
+    {
+        goto nomem;
     }
 
     rc = NGX_OK;
@@ -500,11 +510,12 @@ ngx_http_llm_parse_chat(ngx_http_request_t *r,
     ngx_http_llm_error_t *err)
 {
     int            rc;
-    char          *out;
-    size_t         len, out_len;
+    char          *out, *sys;
+    size_t         len, out_len, sys_len;
     json_t        *msgs, *m, *v;
     llm_err        lerr;
-    ngx_uint_t     i, n;
+    ngx_str_t     *ns;
+    ngx_uint_t     i, n, k;
     const char    *role, *tmpl;
     llm_chat_msg  *cm;
 
@@ -639,6 +650,41 @@ ngx_http_llm_parse_chat(ngx_http_request_t *r,
     p->parse_special = 1;
 
     llm_free(out);
+
+    /*
+     * With a shared prefix namespace: the leading system messages
+     * rendered alone, without the generation prompt; if that text
+     * begins the prompt, it is the public part (its tokens are counted
+     * after tokenization).
+     */
+
+    p->shared_len = 0;
+
+    ns = ngx_http_llm_shared_namespace(r, ngx_http_get_module_ctx(r,
+                                                       ngx_http_llm_module));
+
+    for (k = 0; k < n && ngx_strcmp(cm[k].role, "system") == 0; k++) {
+        /* void */
+    }
+
+    if (ns == NULL || k == 0) {
+        return NGX_OK;
+    }
+
+    sys = NULL;
+    sys_len = 0;
+
+    rc = llm_chat_render(lmcf->chat_kind, tmpl, cm, (int) k, 0,
+                         (const char *) lmcf->bos_text.data, &sys, &sys_len,
+                         &lerr);
+
+    if (rc == 0 && sys_len > 0 && sys_len <= p->prompt.len
+        && ngx_memcmp(sys, p->prompt.data, sys_len) == 0)
+    {
+        p->shared_len = sys_len;
+    }
+
+    llm_free(sys);
 
     return NGX_OK;
 }
@@ -1389,7 +1435,7 @@ ngx_http_llm_usage_json(ngx_http_llm_ctx_t *ctx)
 /* A JSON string of text that should be UTF-8; invalid bytes become
  * U+FFFD rather than failing the response. */
 
-static json_t *
+json_t *
 ngx_http_llm_json_text(u_char *p, size_t len)
 {
     u_char    *s, *q, *d, *copy, *last;

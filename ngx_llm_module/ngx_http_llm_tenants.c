@@ -29,6 +29,16 @@
  *                                          base model; one of "adapters"
  *         "max_tokens": 1024,              ceiling of max_tokens; 0: none
  *         "cache_namespace": "acme",       prefix cache; default: name
+ *         "shared_cache_namespace": "public",  the leading system messages
+ *                                          of chat requests go to this
+ *                                          prefix cache namespace, shared
+ *                                          by the tenants that name it;
+ *                                          "" none; wins over the
+ *                                          location's
+ *                                          llm_cache_shared_namespace
+ *         "prompt_cache": true,            exact answers of deterministic
+ *                                          requests from Redis; wins over
+ *                                          the location's llm_prompt_cache
  *         "disabled": false,               true: 403
  *         "limits": {
  *           "requests_per_minute": 60,     0 or absent: no limit
@@ -536,7 +546,8 @@ ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
 
     static const char  *known[] = {
         "name", "keys", "priority", "weight", "adapters", "default_adapter",
-        "max_tokens", "cache_namespace", "disabled", "limits", NULL
+        "max_tokens", "cache_namespace", "shared_cache_namespace",
+        "prompt_cache", "disabled", "limits", NULL
     };
 
 #define ngx_http_llm_fail(...)                                                \
@@ -734,6 +745,43 @@ ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
     } else if (t->cache_namespace.data == NULL) {
         /* one tenant's prompts are never another's cache hits */
         t->cache_namespace = t->name;
+    }
+
+    v = json_object_get(o, "shared_cache_namespace");
+
+    if (v && !json_is_null(v)) {
+        if (!json_is_string(v)
+            || ngx_http_llm_namespace_valid((u_char *) json_string_value(v),
+                                            json_string_length(v))
+               != NGX_OK)
+        {
+            ngx_http_llm_fail("\"shared_cache_namespace\" is a string of at "
+                              "most %d bytes without control characters",
+                              LLM_PROTO_MAX_NAMESPACE);
+        }
+
+        s.data = (u_char *) json_string_value(v);
+        s.len = json_string_length(v);
+
+        t->shared_cache_namespace.data = ngx_pnalloc(pool, s.len + 1);
+        if (t->shared_cache_namespace.data == NULL) {
+            ngx_http_llm_fail("out of memory");
+        }
+
+        ngx_memcpy(t->shared_cache_namespace.data, s.data, s.len);
+        t->shared_cache_namespace.len = s.len;
+        t->shared_set = 1;
+    }
+
+    v = json_object_get(o, "prompt_cache");
+
+    if (v && !json_is_null(v)) {
+        if (!json_is_boolean(v)) {
+            ngx_http_llm_fail("\"prompt_cache\" is true or false");
+        }
+
+        t->prompt_cache = json_is_true(v) ? NGX_HTTP_LLM_TPC_ON
+                                          : NGX_HTTP_LLM_TPC_OFF;
     }
 
     v = json_object_get(o, "limits");
@@ -1636,9 +1684,13 @@ ngx_http_llm_tenant_copy(ngx_pool_t *pool, ngx_http_llm_tenant_t *src)
 
     t->name.data = ngx_pstrdup(pool, &src->name);
     t->cache_namespace.data = ngx_pstrdup(pool, &src->cache_namespace);
+    t->shared_cache_namespace.data = ngx_pstrdup(pool,
+                                                 &src->shared_cache_namespace);
 
     if (t->name.data == NULL
-        || (t->cache_namespace.data == NULL && src->cache_namespace.len))
+        || (t->cache_namespace.data == NULL && src->cache_namespace.len)
+        || (t->shared_cache_namespace.data == NULL
+            && src->shared_cache_namespace.len))
     {
         return NULL;
     }
@@ -1665,6 +1717,33 @@ ngx_http_llm_tenant_copy(ngx_pool_t *pool, ngx_http_llm_tenant_t *src)
     }
 
     return t;
+}
+
+
+/*
+ * A tenant of the file whose "prompt_cache" is true, or NULL: nginx -t
+ * refuses that without llm_redis.
+ */
+
+ngx_http_llm_tenant_t *
+ngx_http_llm_tenants_prompt_cache(ngx_http_llm_main_conf_t *lmcf)
+{
+    ngx_uint_t                 i;
+    ngx_http_llm_directory_t  *dir;
+
+    dir = lmcf->directory;
+
+    if (dir == NULL) {
+        return NULL;
+    }
+
+    for (i = 0; i < dir->n_tenants; i++) {
+        if (dir->tenants[i]->prompt_cache == NGX_HTTP_LLM_TPC_ON) {
+            return dir->tenants[i];
+        }
+    }
+
+    return NULL;
 }
 
 

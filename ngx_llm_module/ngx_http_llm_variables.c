@@ -13,9 +13,14 @@
  *   $llm_reject             why it was refused before the engine:
  *                           invalid_api_key, forbidden, model_not_found,
  *                           requests, tokens, concurrency, unavailable
+ *   $llm_cache              the prompt cache: HIT, MISS, or empty when it
+ *                           does not apply
+ *   $llm_cache_shared_tokens  prompt tokens sent as the shared prefix
+ *                           (cache_shared_tokens of SUBMIT; 0: none)
  *
  * Requests that did not reach the engine leave them not found ("-"),
- * but for $llm_model once the body named one.
+ * but for $llm_model once the body named one, and for the usage of a
+ * prompt cache hit (as stored).
  */
 
 
@@ -31,6 +36,8 @@
 #define NGX_HTTP_LLM_VAR_TENANT       6
 #define NGX_HTTP_LLM_VAR_ADAPTER      7
 #define NGX_HTTP_LLM_VAR_REJECT       8
+#define NGX_HTTP_LLM_VAR_CACHE        9
+#define NGX_HTTP_LLM_VAR_SHARED       10
 
 
 static ngx_int_t ngx_http_llm_variable(ngx_http_request_t *r,
@@ -65,6 +72,12 @@ static ngx_http_variable_t  ngx_http_llm_vars[] = {
 
     { ngx_string("llm_reject"), NULL, ngx_http_llm_variable,
       NGX_HTTP_LLM_VAR_REJECT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llm_cache"), NULL, ngx_http_llm_variable,
+      NGX_HTTP_LLM_VAR_CACHE, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("llm_cache_shared_tokens"), NULL, ngx_http_llm_variable,
+      NGX_HTTP_LLM_VAR_SHARED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -142,10 +155,43 @@ ngx_http_llm_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         v->data = (u_char *) rejects[ctx->reject];
         v->len = ngx_strlen(rejects[ctx->reject]);
         goto found;
+
+    case NGX_HTTP_LLM_VAR_CACHE:
+        switch (ctx->pcache.state) {
+
+        case NGX_HTTP_LLM_PCACHE_HIT:
+            ngx_str_set(v, "HIT");
+            break;
+
+        case NGX_HTTP_LLM_PCACHE_MISS:
+            ngx_str_set(v, "MISS");
+            break;
+
+        default:
+            ngx_str_set(v, "");
+        }
+
+        goto found;
+
+    case NGX_HTTP_LLM_VAR_SHARED:
+        if (!ctx->prepared) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%ui", ctx->shared_tokens) - p;
+        goto found;
     }
 
-    if (data == NGX_HTTP_LLM_VAR_MODEL ? ctx->params.model.len == 0
-                                       : !ctx->submitted)
+    if (data == NGX_HTTP_LLM_VAR_MODEL
+        ? ctx->params.model.len == 0
+        : !ctx->submitted && ctx->pcache.state != NGX_HTTP_LLM_PCACHE_HIT)
     {
         v->not_found = 1;
         return NGX_OK;

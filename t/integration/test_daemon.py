@@ -343,7 +343,9 @@ def test_garbage_closes_only_that_connection(engine):
         with engine.client() as liar:
             lr = liar.submit([1, 2, 3], max_tokens=500, ignore_eos=True)
             p = llm_proto.encode_submit(5, [1, 2, 3])[16:]
-            p = p[:-16] + struct.pack("<I", 1000) + p[-12:]
+            # n_prompt: before the 3 ids (12 bytes) and the shared
+            # namespace part ("" = 2 bytes, u32 tokens)
+            p = p[:-22] + struct.pack("<I", 1000) + p[-18:]
             liar.send(llm_proto.frame(llm_proto.SUBMIT, 5, p))
             errs = []
             while True:

@@ -24,6 +24,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "byteorder.h"
 #include "sha256.h"
 #include "kernels/dtype.h"
 
@@ -172,63 +173,7 @@ struct llm_kv_tier {
 };
 
 
-/* ---- little-endian helpers, checksum ------------------------------- */
-
-static void
-wr16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t) v;
-    p[1] = (uint8_t) (v >> 8);
-}
-
-
-static void
-wr32(uint8_t *p, uint32_t v)
-{
-    int i;
-
-    for (i = 0; i < 4; i++) {
-        p[i] = (uint8_t) (v >> (8 * i));
-    }
-}
-
-
-static void
-wr64(uint8_t *p, uint64_t v)
-{
-    int i;
-
-    for (i = 0; i < 8; i++) {
-        p[i] = (uint8_t) (v >> (8 * i));
-    }
-}
-
-
-static uint16_t
-rd16(const uint8_t *p)
-{
-    return (uint16_t) (p[0] | (p[1] << 8));
-}
-
-
-static uint32_t
-rd32(const uint8_t *p)
-{
-    return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16
-           | (uint32_t) p[3] << 24;
-}
-
-
-/* gcc folds this into one (unaligned) load on little-endian machines */
-static inline uint64_t
-rd64(const uint8_t *p)
-{
-    return (uint64_t) p[0] | (uint64_t) p[1] << 8 | (uint64_t) p[2] << 16
-           | (uint64_t) p[3] << 24 | (uint64_t) p[4] << 32
-           | (uint64_t) p[5] << 40 | (uint64_t) p[6] << 48
-           | (uint64_t) p[7] << 56;
-}
-
+/* ---- checksum ------------------------------------------------------ */
 
 #define CK_K1  0x9e3779b97f4a7c15ULL
 #define CK_K2  0xd6e8feb86659fd93ULL
@@ -272,13 +217,13 @@ tier_checksum(const uint8_t *p, size_t n)
     size_t   i = 0;
 
     for (; i + 32 <= n; i += 32) {
-        v0 = ck_round(v0, rd64(p + i));
-        v1 = ck_round(v1, rd64(p + i + 8));
-        v2 = ck_round(v2, rd64(p + i + 16));
-        v3 = ck_round(v3, rd64(p + i + 24));
+        v0 = ck_round(v0, llm_get_le64(p + i));
+        v1 = ck_round(v1, llm_get_le64(p + i + 8));
+        v2 = ck_round(v2, llm_get_le64(p + i + 16));
+        v3 = ck_round(v3, llm_get_le64(p + i + 24));
     }
     for (; i + 8 <= n; i += 8) {
-        v0 = ck_round(v0, rd64(p + i));
+        v0 = ck_round(v0, llm_get_le64(p + i));
     }
     if (i < n) {
         w = 0;
@@ -343,12 +288,12 @@ tier_encode_header(const llm_kv_tier_params *p, size_t payload_bytes,
     out[REC_OFF_RESERVED] = 0;
     memcpy(out + REC_OFF_FP, p->fingerprint, 32);
     memcpy(out + REC_OFF_HASH, hash, 32);
-    wr16(out + REC_OFF_BLOCK_SIZE, (uint16_t) p->block_size);
-    wr16(out + REC_OFF_LAYERS, (uint16_t) p->n_layers);
-    wr16(out + REC_OFF_KV_HEADS, (uint16_t) p->n_kv_heads);
-    wr16(out + REC_OFF_HEAD_DIM, (uint16_t) p->head_dim);
-    wr32(out + REC_OFF_PAYLOAD_LEN, (uint32_t) payload_bytes);
-    wr64(out + REC_OFF_CHECKSUM,
+    llm_put_le16(out + REC_OFF_BLOCK_SIZE, (uint16_t) p->block_size);
+    llm_put_le16(out + REC_OFF_LAYERS, (uint16_t) p->n_layers);
+    llm_put_le16(out + REC_OFF_KV_HEADS, (uint16_t) p->n_kv_heads);
+    llm_put_le16(out + REC_OFF_HEAD_DIM, (uint16_t) p->head_dim);
+    llm_put_le32(out + REC_OFF_PAYLOAD_LEN, (uint32_t) payload_bytes);
+    llm_put_le64(out + REC_OFF_CHECKSUM,
          tier_checksum(out + REC_HEADER, payload_bytes));
 }
 
@@ -400,18 +345,18 @@ llm_kv_record_decode(const llm_kv_tier_params *p, const uint8_t hash[32],
                            "kv record %s: dtype %u, expected %d", hex,
                            rec[REC_OFF_DTYPE], p->dtype);
     }
-    if (rd16(rec + REC_OFF_BLOCK_SIZE) != p->block_size
-        || rd16(rec + REC_OFF_LAYERS) != p->n_layers
-        || rd16(rec + REC_OFF_KV_HEADS) != p->n_kv_heads
-        || rd16(rec + REC_OFF_HEAD_DIM) != p->head_dim)
+    if (llm_get_le16(rec + REC_OFF_BLOCK_SIZE) != p->block_size
+        || llm_get_le16(rec + REC_OFF_LAYERS) != p->n_layers
+        || llm_get_le16(rec + REC_OFF_KV_HEADS) != p->n_kv_heads
+        || llm_get_le16(rec + REC_OFF_HEAD_DIM) != p->head_dim)
     {
         return llm_err_set(err, LLM_EFORMAT,
                            "kv record %s: shape block %u layers %u "
                            "kv_heads %u head_dim %u, expected %d %d %d %d",
-                           hex, rd16(rec + REC_OFF_BLOCK_SIZE),
-                           rd16(rec + REC_OFF_LAYERS),
-                           rd16(rec + REC_OFF_KV_HEADS),
-                           rd16(rec + REC_OFF_HEAD_DIM), p->block_size,
+                           hex, llm_get_le16(rec + REC_OFF_BLOCK_SIZE),
+                           llm_get_le16(rec + REC_OFF_LAYERS),
+                           llm_get_le16(rec + REC_OFF_KV_HEADS),
+                           llm_get_le16(rec + REC_OFF_HEAD_DIM), p->block_size,
                            p->n_layers, p->n_kv_heads, p->head_dim);
     }
     if (memcmp(rec + REC_OFF_HASH, hash, 32) != 0) {
@@ -419,7 +364,7 @@ llm_kv_record_decode(const llm_kv_tier_params *p, const uint8_t hash[32],
                            "kv record %s: holds another block's chain hash",
                            hex);
     }
-    plen = rd32(rec + REC_OFF_PAYLOAD_LEN);
+    plen = llm_get_le32(rec + REC_OFF_PAYLOAD_LEN);
     if (plen != want) {
         return llm_err_set(err, LLM_EFORMAT,
                            "kv record %s: payload_bytes %u, expected %zu",
@@ -432,7 +377,7 @@ llm_kv_record_decode(const llm_kv_tier_params *p, const uint8_t hash[32],
                                                         : "oversized",
                            len, REC_HEADER + want);
     }
-    if (rd64(rec + REC_OFF_CHECKSUM) != tier_checksum(rec + REC_HEADER,
+    if (llm_get_le64(rec + REC_OFF_CHECKSUM) != tier_checksum(rec + REC_HEADER,
                                                        want))
     {
         return llm_err_set(err, LLM_EFORMAT,

@@ -5,15 +5,16 @@
 
 #include <string.h>
 
+#include "byteorder.h"
 #include "sha256.h"
 
 
 static void
 put_u32(llm_sha256_ctx *h, uint32_t v)
 {
-    uint8_t b[4] = { (uint8_t) v, (uint8_t) (v >> 8), (uint8_t) (v >> 16),
-                     (uint8_t) (v >> 24) };
+    uint8_t b[4];
 
+    llm_put_le32(b, v);
     llm_sha256_update(h, b, 4);
 }
 
@@ -63,11 +64,7 @@ llm_prefix_block_hash(const uint8_t fp[32], const uint8_t *adapter_version,
     /* token ids little-endian, a buffer at a time */
     for (i = 0; i < n; ) {
         for (k = 0; k + 4 <= (int) sizeof(buf) && i < n; i++, k += 4) {
-            uint32_t v = (uint32_t) tokens[i];
-            buf[k] = (uint8_t) v;
-            buf[k + 1] = (uint8_t) (v >> 8);
-            buf[k + 2] = (uint8_t) (v >> 16);
-            buf[k + 3] = (uint8_t) (v >> 24);
+            llm_put_le32(buf + k, (uint32_t) tokens[i]);
         }
         llm_sha256_update(&h, buf, (size_t) k);
     }

@@ -9,42 +9,8 @@
  */
 #include <string.h>
 
+#include "byteorder.h"
 #include "protocol.h"
-
-
-/* ---- little-endian primitives -------------------------------------- */
-
-static void
-put_u16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t) v;
-    p[1] = (uint8_t) (v >> 8);
-}
-
-
-static void
-put_u32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t) v;
-    p[1] = (uint8_t) (v >> 8);
-    p[2] = (uint8_t) (v >> 16);
-    p[3] = (uint8_t) (v >> 24);
-}
-
-
-static uint16_t
-get_u16(const uint8_t *p)
-{
-    return (uint16_t) (p[0] | p[1] << 8);
-}
-
-
-static uint32_t
-get_u32(const uint8_t *p)
-{
-    return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16
-           | (uint32_t) p[3] << 24;
-}
 
 
 /* ---- writer: a cursor over reserved space -------------------------- */
@@ -64,7 +30,7 @@ w_u8(wr *w, uint8_t v)
 static void
 w_u16(wr *w, uint16_t v)
 {
-    put_u16(w->p, v);
+    llm_put_le16(w->p, v);
     w->p += 2;
 }
 
@@ -72,7 +38,7 @@ w_u16(wr *w, uint16_t v)
 static void
 w_u32(wr *w, uint32_t v)
 {
-    put_u32(w->p, v);
+    llm_put_le32(w->p, v);
     w->p += 4;
 }
 
@@ -170,7 +136,7 @@ r_u16(rd *r, const char *field)
     if (!r_need(r, 2, field)) {
         return 0;
     }
-    v = get_u16(r->p);
+    v = llm_get_le16(r->p);
     r->p += 2;
     r->left -= 2;
     return v;
@@ -185,7 +151,7 @@ r_u32(rd *r, const char *field)
     if (!r_need(r, 4, field)) {
         return 0;
     }
-    v = get_u32(r->p);
+    v = llm_get_le32(r->p);
     r->p += 4;
     r->left -= 4;
     return v;
@@ -415,11 +381,11 @@ frame_begin(llm_proto_buf *b, int version, int type, uint32_t req_id,
         version = b->version ? b->version : LLM_PROTO_VERSION;
     }
     h = b->data + b->len;
-    put_u32(h, LLM_PROTO_MAGIC);
-    put_u16(h + 4, (uint16_t) version);
-    put_u16(h + 6, (uint16_t) type);
-    put_u32(h + 8, (uint32_t) n);
-    put_u32(h + 12, req_id);
+    llm_put_le32(h, LLM_PROTO_MAGIC);
+    llm_put_le16(h + 4, (uint16_t) version);
+    llm_put_le16(h + 6, (uint16_t) type);
+    llm_put_le32(h + 8, (uint32_t) n);
+    llm_put_le32(h + 12, req_id);
     w->p = h + LLM_PROTO_HEADER_SIZE;
     return 0;
 }
@@ -942,11 +908,11 @@ llm_proto_decode_header(const uint8_t *p, size_t n, llm_proto_header *h,
                            "protocol: header needs %d bytes, have %zu",
                            LLM_PROTO_HEADER_SIZE, n);
     }
-    h->magic = get_u32(p);
-    h->version = get_u16(p + 4);
-    h->type = get_u16(p + 6);
-    h->length = get_u32(p + 8);
-    h->req_id = get_u32(p + 12);
+    h->magic = llm_get_le32(p);
+    h->version = llm_get_le16(p + 4);
+    h->type = llm_get_le16(p + 6);
+    h->length = llm_get_le32(p + 8);
+    h->req_id = llm_get_le32(p + 12);
     if (h->magic != LLM_PROTO_MAGIC) {
         return llm_err_set(err, LLM_EFORMAT,
                            "protocol: bad magic 0x%08x (not an ngx_llm "

@@ -301,6 +301,10 @@ run_batch(llm_engine *e, const lref *r, const int (*pairs)[2], int n,
             printf("       step: %s\n", err.msg);
             return -1;
         }
+        if (llm_engine_stalled(e)) {
+            usleep(1000);       /* adapters loading in the background */
+            continue;
+        }
         if (++steps > 10000) {
             printf("       the batch did not finish\n");
             return -1;
@@ -832,6 +836,9 @@ bgload_run(llm_engine *e, bgload *b)
 
     while (!llm_engine_idle(e) && guard++ < 1000000) {
         (void) llm_engine_step(e, bgload_event, b, NULL);
+        if (llm_engine_stalled(e)) {
+            usleep(200);
+        }
     }
 }
 

@@ -291,9 +291,14 @@ pc_one(llm_engine *e, pc_run *r, const int32_t *ids, int n, int max_tokens,
         return -1;
     }
     r->n++;
-    while (!llm_engine_idle(e) && guard++ < 100000) {
+    while (!llm_engine_idle(e) && guard < 100000) {
         if (llm_engine_step(e, pc_event, r, NULL) != 0) {
             return -1;
+        }
+        if (llm_engine_stalled(e)) {
+            usleep(1000);       /* an adapter loading */
+        } else {
+            guard++;
         }
     }
     return r->done[i] == LLM_FINISH_LENGTH ? 0 : -1;

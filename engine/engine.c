@@ -1261,6 +1261,8 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
     n_seqs = llm_scheduler_plan(&e->sched, e->plan);
     e->stalled = n_seqs == 0 && e->sched.waiting.n > 0;
     if (n_seqs == 0) {
+        e->stats.last_batch_tokens = 0;
+        e->stats.last_batch_seqs = 0;
         return 0;
     }
     for (i = 0; i < n_seqs; i++) {

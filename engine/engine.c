@@ -923,6 +923,10 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->prefix_blocks_cached = cs.tagged;
         st->prefix_blocks_reusable = cs.reusable;
         st->prefix_evictions = cs.evictions;
+        st->prefix_bytes_cached = (uint64_t) cs.tagged
+                                  * llm_forward_kv_block_bytes(
+                                        &e->model->cfg, LLM_KV_BLOCK_SIZE,
+                                        e->p.kv_type);
     }
     if (e->tier != NULL) {
         llm_kv_tier_stats ts;
@@ -938,6 +942,7 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->tier_blocks_missed = ts.blocks_missed;
         st->tier_corrupt = ts.corrupt;
         st->tier_errors = ts.errors;
+        st->tier_stored_bytes = ts.stored_bytes;
     }
 }
 

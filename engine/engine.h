@@ -174,6 +174,8 @@ typedef struct llm_engine_stats {
     uint64_t    tier_blocks_missed;
     uint64_t    tier_corrupt;
     uint64_t    tier_errors;
+    uint64_t    prefix_bytes_cached;    /* device bytes of those blocks */
+    uint64_t    tier_stored_bytes;      /* bytes in Redis, last seen */
 } llm_engine_stats;
 
 llm_engine *llm_engine_new(const llm_engine_params *p, llm_err *err);

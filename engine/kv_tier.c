@@ -65,7 +65,8 @@
  * KEYS[3] sizes hash (key -> record bytes), KEYS[4] byte total; ARGV[1]
  * value, ARGV[2] ttl_s, ARGV[3] budget (the brief's ARGV[4] "now" is not
  * needed: time is Redis' own (TIME), so every engine host agrees with the
- * keys' real expiry).  Returns how many keys it deleted for the budget.
+ * keys' real expiry).  Returns {keys it deleted for the budget, the byte
+ * total after the write}.
  *
  * Under Redis Cluster all four keys, and the block keys it deletes, must
  * hash to one slot: give key_prefix a hash tag ("{llm:kv}:").
@@ -113,7 +114,7 @@ static const char tier_script[] =
     "end\n"
     "if total < 0 then total = 0 end\n"
     "redis.call('SET', KEYS[4], total)\n"
-    "return evicted\n";
+    "return {evicted, total}\n";
 
 
 /* ---- types ---------------------------------------------------------- */
@@ -551,6 +552,23 @@ tier_finish_lookup(llm_kv_tier *t, tier_lookup *l, tier_done *d)
 }
 
 
+/* The budget script's answer {evicted, total bytes}: 1 and the counts
+ * added, or 0 if r is something else (an error). */
+static int
+tier_script_reply(const redisReply *r, uint64_t *evicted, long long *stored)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2
+        || r->element[0]->type != REDIS_REPLY_INTEGER
+        || r->element[1]->type != REDIS_REPLY_INTEGER)
+    {
+        return 0;
+    }
+    *evicted += (uint64_t) r->element[0]->integer;
+    *stored = r->element[1]->integer;
+    return 1;
+}
+
+
 /*
  * One pipelined round: GET of every key, then every reply in order.  The
  * leading run of valid records is copied out; replies after the first
@@ -728,6 +746,7 @@ tier_do_writes(llm_kv_tier *t, tier_write *batch, int n)
     redisReply *r;
     int         i, sent = 0, ok = 0, errs = 0, n_retry = 0;
     uint64_t    evicted = 0;
+    long long   stored = -1;
 
     if (tier_connect(t) != 0) {
         goto done;
@@ -754,9 +773,8 @@ tier_do_writes(llm_kv_tier *t, tier_write *batch, int n)
             tier_fail(t);
             goto done;
         }
-        if (r->type == REDIS_REPLY_INTEGER) {
+        if (tier_script_reply(r, &evicted, &stored)) {
             ok++;
-            evicted += (uint64_t) r->integer;
         } else if (r->type == REDIS_REPLY_ERROR
                    && strncmp(r->str, "NOSCRIPT", 8) == 0)
         {
@@ -782,9 +800,8 @@ tier_do_writes(llm_kv_tier *t, tier_write *batch, int n)
                 tier_fail(t);
                 goto done;
             }
-            if (r->type == REDIS_REPLY_INTEGER) {
+            if (tier_script_reply(r, &evicted, &stored)) {
                 ok++;
-                evicted += (uint64_t) r->integer;
             } else {
                 errs++;
             }
@@ -812,6 +829,9 @@ done:
     t->st.puts_dropped += n - ok;
     t->st.errors += errs;
     t->st.evicted += evicted;
+    if (stored >= 0) {
+        t->st.stored_bytes = (uint64_t) stored;
+    }
     pthread_mutex_unlock(&t->mu);
 }
 

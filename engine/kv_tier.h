@@ -108,6 +108,8 @@ typedef struct llm_kv_tier_stats {
     uint64_t    errors;         /* connection errors, timeouts, Redis
                                    error replies */
     uint64_t    evicted;        /* keys the budget script deleted */
+    uint64_t    stored_bytes;   /* record bytes under the prefix in
+                                   Redis, as the last write saw it */
 } llm_kv_tier_stats;
 
 void llm_kv_tier_get_stats(llm_kv_tier *t, llm_kv_tier_stats *s);

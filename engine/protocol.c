@@ -429,7 +429,7 @@ field_ok(const char *s, size_t cap, size_t max)
  * (protocol.h). */
 #define STATS_BASE_SIZE     (10 * 4 + 7 * 8)
 #define STATS_ADAPTER_SIZE  (4 * 4 + 6 * 8)
-#define STATS_PREFIX_SIZE   (2 * 4 + 4 * 8 + 2 * 4 + 8 * 8)
+#define STATS_PREFIX_SIZE   (2 * 4 + 4 * 8 + 2 * 4 + 10 * 8)
 
 
 /* ---- encoders ------------------------------------------------------ */
@@ -763,6 +763,8 @@ llm_proto_encode_stats(llm_proto_buf *b, uint32_t req_id,
     w_u64(&w, m->tier_blocks_missed);
     w_u64(&w, m->tier_corrupt);
     w_u64(&w, m->tier_errors);
+    w_u64(&w, m->prefix_bytes_cached);
+    w_u64(&w, m->tier_stored_bytes);
     frame_end(b, &w);
     return 0;
 }
@@ -1284,6 +1286,8 @@ llm_proto_decode_stats(const llm_proto_frame *f, llm_proto_stats *m,
         m->tier_blocks_missed = r_u64(&r, "tier_blocks_missed");
         m->tier_corrupt = r_u64(&r, "tier_corrupt");
         m->tier_errors = r_u64(&r, "tier_errors");
+        m->prefix_bytes_cached = r_u64(&r, "prefix_bytes_cached");
+        m->tier_stored_bytes = r_u64(&r, "tier_stored_bytes");
     }
     return dec_end(f, &r, err);
 }

@@ -349,7 +349,9 @@ typedef struct llm_proto_error {
  *   u64 tier_puts_dropped (queue over budget),
  *   u64 tier_lookups, u64 tier_blocks_hit, u64 tier_blocks_missed,
  *   u64 tier_corrupt (records refused: bad checksum, other model or
- *   format, truncated), u64 tier_errors (Redis errors and timeouts)
+ *   format, truncated), u64 tier_errors (Redis errors and timeouts),
+ *   u64 prefix_bytes_cached (device bytes of the tagged blocks),
+ *   u64 tier_stored_bytes (record bytes in Redis, as last seen)
  */
 typedef struct llm_proto_stats {
     uint32_t    waiting;
@@ -396,6 +398,8 @@ typedef struct llm_proto_stats {
     uint64_t    tier_blocks_missed;
     uint64_t    tier_corrupt;
     uint64_t    tier_errors;
+    uint64_t    prefix_bytes_cached;
+    uint64_t    tier_stored_bytes;
 } llm_proto_stats;
 
 

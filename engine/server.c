@@ -965,6 +965,8 @@ fill_stats(llm_server *s, llm_proto_stats *m)
     m->tier_blocks_missed = st.tier_blocks_missed;
     m->tier_corrupt = st.tier_corrupt;
     m->tier_errors = st.tier_errors;
+    m->prefix_bytes_cached = st.prefix_bytes_cached;
+    m->tier_stored_bytes = st.tier_stored_bytes;
 }
 
 

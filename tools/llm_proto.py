@@ -80,6 +80,7 @@ STATS_PREFIX_FIELDS = (
     "tier_connected", "tier_enabled", "tier_puts", "tier_put_bytes",
     "tier_puts_dropped", "tier_lookups", "tier_blocks_hit",
     "tier_blocks_missed", "tier_corrupt", "tier_errors",
+    "prefix_bytes_cached", "tier_stored_bytes",
 )
 
 
@@ -234,7 +235,7 @@ def decode_stats(p):
         d.update(zip(STATS_ADAPTER_FIELDS, r.unpack("4I6Q")))
         del d["_reserved"]
     if r.o < len(r.d):
-        d.update(zip(STATS_PREFIX_FIELDS, r.unpack("2I4Q2I8Q")))
+        d.update(zip(STATS_PREFIX_FIELDS, r.unpack("2I4Q2I10Q")))
     r.end()
     return d
 

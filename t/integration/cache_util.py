@@ -139,8 +139,9 @@ class FakeEngine:
                                10, 20, 30, 0, 5, 0, 1000)
             body += struct.pack("<4I6Q", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
             if self.prefix_stats:
-                body += struct.pack("<2I4Q2I8Q", 7, 5, 11, 1234, 567, 3,
-                                    1, 1, 21, 4096, 2, 13, 8, 5, 1, 4)
+                body += struct.pack("<2I4Q2I10Q", 7, 5, 11, 1234, 567, 3,
+                                    1, 1, 21, 4096, 2, 13, 8, 5, 1, 4,
+                                    2580480, 8192)
             return P.frame(P.STATS, req, body)
         if ftype == P.ADAPTER_LIST:
             body = struct.pack("<II", len(self.adapters), len(self.adapters))

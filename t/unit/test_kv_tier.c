@@ -783,6 +783,7 @@ tier_budget(const char *addr)
     llm_kv_tier_get_stats(t, &s);
     test_cond(s.puts == 6);
     test_cond(s.evicted == 3);
+    test_cond(s.stored_bytes == 3 * (uint64_t) rs);
     test_cond(redis_int("GET %s", "b:kv:bytes") <= (long long) p.budget_bytes);
     test_cond(redis_int("GET %s", "b:kv:bytes") == 3 * (long long) rs);
     test_cond(redis_int("ZCARD %s", "b:kv:index") == 3);

@@ -480,6 +480,8 @@ TEST_SUITE(protocol_roundtrip)
         m.tier_blocks_missed = 37;
         m.tier_corrupt = 38;
         m.tier_errors = 39;
+        m.prefix_bytes_cached = 40ULL << 34;
+        m.tier_stored_bytes = 41;
         b.len = 0;
         test_cond(llm_proto_encode_stats(&b, 77, &m) == 0);
         test_cond(frame_of(&b, &f) == 0 && f.req_id == 77);

@@ -186,8 +186,6 @@ static void ngx_http_llm_admin_answer(ngx_http_llm_fanout_t *fo,
 static void ngx_http_llm_admin_done(ngx_http_llm_fanout_t *fo);
 static void ngx_http_llm_admin_cleanup(void *data);
 static json_t *ngx_http_llm_admin_entry_json(ngx_http_llm_adapter_t *a);
-static ngx_int_t ngx_http_llm_adapters_send(ngx_http_request_t *r,
-    ngx_uint_t status, json_t *json);
 static ngx_int_t ngx_http_llm_admin_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *code, const char *fmt, ...);
 static ngx_uint_t ngx_http_llm_adapter_name_valid(ngx_str_t *name);
@@ -931,7 +929,7 @@ ngx_http_llm_models_send(ngx_http_request_t *r, ngx_uint_t endpoint,
         if (id->len == lmcf->model_name.len
             && ngx_strncmp(id->data, lmcf->model_name.data, id->len) == 0)
         {
-            return ngx_http_llm_adapters_send(r, NGX_HTTP_OK,
+            return ngx_http_llm_send_json(r, NGX_HTTP_OK,
                                    ngx_http_llm_models_json(lmcf, 1));
         }
 
@@ -940,7 +938,7 @@ ngx_http_llm_models_send(ngx_http_request_t *r, ngx_uint_t endpoint,
             && ngx_http_llm_list_find(&cache->cur, &name) != NULL
             && ngx_http_llm_adapter_allowed(r, &name))
         {
-            return ngx_http_llm_adapters_send(r, NGX_HTTP_OK,
+            return ngx_http_llm_send_json(r, NGX_HTTP_OK,
                                    ngx_http_llm_adapter_model_json(lmcf,
                                                                    &name));
         }
@@ -978,7 +976,7 @@ ngx_http_llm_models_send(ngx_http_request_t *r, ngx_uint_t endpoint,
         }
     }
 
-    return ngx_http_llm_adapters_send(r, NGX_HTTP_OK, list);
+    return ngx_http_llm_send_json(r, NGX_HTTP_OK, list);
 }
 
 
@@ -1642,7 +1640,7 @@ ngx_http_llm_admin_done(ngx_http_llm_fanout_t *fo)
         return;
     }
 
-    ngx_http_finalize_request(r, ngx_http_llm_adapters_send(r, NGX_HTTP_OK,
+    ngx_http_finalize_request(r, ngx_http_llm_send_json(r, NGX_HTTP_OK,
                                                             o));
 }
 
@@ -1673,46 +1671,6 @@ ngx_http_llm_admin_cleanup(void *data)
 
 
 /* ---- output -------------------------------------------------------------- */
-
-static ngx_int_t
-ngx_http_llm_adapters_send(ngx_http_request_t *r, ngx_uint_t status,
-    json_t *json)
-{
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
-
-    b = ngx_http_llm_json_buf(r->pool, NULL, json, 0);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    r->headers_out.status = status;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = sizeof("application/json") - 1;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    if (r->headers_out.content_length) {
-        r->headers_out.content_length->hash = 0;
-        r->headers_out.content_length = NULL;
-    }
-
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
-}
-
 
 static ngx_int_t
 ngx_http_llm_admin_error(ngx_http_request_t *r, ngx_uint_t status,

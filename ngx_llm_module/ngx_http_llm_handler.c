@@ -55,8 +55,6 @@ static ngx_int_t ngx_http_llm_send_chunk(ngx_http_llm_ctx_t *ctx,
 static ngx_int_t ngx_http_llm_output(ngx_http_llm_ctx_t *ctx,
     ngx_chain_t *in);
 static void ngx_http_llm_write_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_llm_send_json(ngx_http_request_t *r,
-    ngx_uint_t status, json_t *json);
 static ngx_int_t ngx_http_llm_simple_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *code,
     const char *message);
@@ -1494,22 +1492,41 @@ ngx_http_llm_write_handler(ngx_http_request_t *r)
 
 /* A whole JSON response (json is consumed; NULL: out of memory). */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_llm_send_json(ngx_http_request_t *r, ngx_uint_t status,
     json_t *json)
 {
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
+    ngx_buf_t  *b;
+
+    static ngx_str_t  type = ngx_string("application/json");
 
     b = ngx_http_llm_json_buf(r->pool, NULL, json, 0);
     if (b == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    return ngx_http_llm_send_buf(r, status, &type, b);
+}
+
+
+/* A whole response in one buffer (JSON, /metrics' text). */
+
+ngx_int_t
+ngx_http_llm_send_buf(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, ngx_buf_t *b)
+{
+    u_char       *semi;
+    ngx_int_t     rc;
+    ngx_chain_t   out;
+
     r->headers_out.status = status;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = sizeof("application/json") - 1;
+    r->headers_out.content_type = *type;
+
+    /* the length of the type without its parameters ("; charset=") */
+
+    semi = ngx_strlchr(type->data, type->data + type->len, ';');
+    r->headers_out.content_type_len = semi ? (size_t) (semi - type->data)
+                                           : type->len;
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = b->last - b->pos;
 

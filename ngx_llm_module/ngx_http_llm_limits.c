@@ -8,7 +8,7 @@
  *   llm_limits_fail open | closed | local; default local (Redis away)
  *   llm_limits_hosts N;                    default 1
  *   llm_limits_queue_timeout TIME;         default 30s
- *   llm_limits_lease TIME;                 default 10m
+ *   llm_limits_lease TIME;                 default 10m, at least 1s
  *
  * Requests and tokens are token buckets (GCRA): a limit of L per minute
  * holds up to L and refills L every minute, continuously; a bucket is
@@ -21,22 +21,41 @@
  * admission to their end; a tenant with max_queued waits (up to
  * llm_limits_queue_timeout) for a slot instead of getting 429.
  *
- * local: one rbtree node per tenant in a shared zone, so that all
- * workers count together; the zone survives "nginx -s reload" (same
- * name and size), and so do the counters.
+ * The queue is first come, first served on one host: a waiter takes a
+ * ticket in its tenant's record of the shared zone (an ordered list),
+ * and only the waiter with the earliest ticket may take a freed slot; a
+ * new request that finds waiters of its tenant queues behind them even
+ * if a slot is free.  Waiters poll every 50 ms (a slot freed in the same
+ * worker wakes its first waiter at once) and refresh their ticket each
+ * time; a waiter that leaves (admitted, timed out, client gone) drops
+ * its ticket, and a ticket not refreshed for a second (its worker died)
+ * is dropped by the next one to look, so nobody blocks the line.  Across
+ * hosts (llm_limits redis) the order is best effort: each host's first
+ * waiter competes with the other hosts' for the tenant's slots in Redis.
+ *
+ * local: one record per tenant in a shared zone, so that all workers
+ * count together; the zone survives "nginx -s reload" (same name and
+ * size), and so do the counters.
  *
  * redis: one atomic Lua script per admission and one per end, keyed by
  * tenant ({tenant} hash tags keep a tenant's keys in one cluster slot),
  * on Redis' own clock, so that every NGINX host counts against one
- * global limit.  Concurrency slots are members of a sorted set that
- * expire after llm_limits_lease, in case a host dies with requests in
- * flight.  When Redis cannot be reached (not connected, an error, no
- * reply in its timeout):
+ * global limit.  Concurrency slots are members of a sorted set scored
+ * by their expiry, now + llm_limits_lease, in case a host dies with
+ * requests in flight; every worker renews the slots of its running
+ * requests every lease / 3 (one script per tenant, ZADD XX: a slot that
+ * expired meanwhile is not taken back), so that a long request keeps
+ * its slot and a dead host's slots are free within one lease.  When
+ * Redis cannot be reached (not connected, an error, no reply in its
+ * timeout):
  *
  *   open    admit; count on this host only to fill the headers
  *   closed  refuse with 503 (rate_limiter_unavailable)
  *   local   enforce this host's share: every limit divided by
  *           llm_limits_hosts (at least 1), in the shared zone
+ *
+ * and a renewal is tried again at the next tick (the slot keeps its old
+ * expiry meanwhile).
  *
  * Responses carry x-ratelimit-{limit,remaining,reset}-{requests,tokens}
  * for the limits the tenant has; "reset" is the time until the bucket
@@ -53,6 +72,10 @@
 
 #define NGX_HTTP_LLM_W                60000     /* units per token */
 #define NGX_HTTP_LLM_POLL             50        /* ms, queued requests */
+#define NGX_HTTP_LLM_STALE            1000      /* ms, an unrefreshed
+                                                   ticket */
+#define NGX_HTTP_LLM_LEASE_MIN        1000      /* ms */
+#define NGX_HTTP_LLM_RENEW_MAX        128       /* slots per script */
 
 #define NGX_HTTP_LLM_OK               0
 #define NGX_HTTP_LLM_OVER_REQUESTS    1
@@ -68,30 +91,24 @@ typedef struct {
 } ngx_http_llm_bucket_t;
 
 
+/* A tenant's record in the zone. */
 typedef struct {
-    u_char                         color;
-    u_char                         len;
-    u_short                        dummy;
-    ngx_queue_t                    queue;
     ngx_http_llm_bucket_t          req;
     ngx_http_llm_bucket_t          tok;
     ngx_uint_t                     active;      /* this host */
-    ngx_uint_t                     queued;      /* this host */
-    u_char                         data[1];
+    ngx_uint_t                     queued;      /* tickets in line */
+    uint64_t                       next_ticket;
+    ngx_queue_t                    line;        /* ngx_http_llm_ticket_t,
+                                                   by ticket */
 } ngx_http_llm_limits_node_t;
 
 
+/* A waiter's place in its tenant's line (in the zone). */
 typedef struct {
-    ngx_rbtree_t                   rbtree;
-    ngx_rbtree_node_t              sentinel;
-    ngx_queue_t                    queue;       /* LRU */
-} ngx_http_llm_limits_shctx_t;
-
-
-typedef struct {
-    ngx_http_llm_limits_shctx_t   *sh;
-    ngx_slab_pool_t               *shpool;
-} ngx_http_llm_limits_ctx_t;
+    ngx_queue_t                    queue;
+    uint64_t                       ticket;
+    ngx_msec_t                     seen;        /* its last poll */
+} ngx_http_llm_ticket_t;
 
 
 /* One admission decision, from the zone or from Redis. */
@@ -119,12 +136,20 @@ typedef struct {
 } ngx_http_llm_limits_op_t;
 
 
-static ngx_int_t ngx_http_llm_limits_init_zone(ngx_shm_zone_t *shm_zone,
-    void *data);
+/* A renewal under way: for its log line. */
+typedef struct {
+    u_char                         name[LLM_PROTO_MAX_TENANT];
+    size_t                         name_len;
+} ngx_http_llm_renew_op_t;
+
+
+static void ngx_http_llm_limits_node_init(void *value);
+static ngx_int_t ngx_http_llm_limits_node_expire(ngx_http_llm_zone_t *z,
+    void *value, ngx_uint_t force);
 static ngx_int_t ngx_http_llm_limits_try(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
 static ngx_int_t ngx_http_llm_limits_redis(ngx_http_request_t *r,
-    ngx_http_llm_ctx_t *ctx);
+    ngx_http_llm_ctx_t *ctx, ngx_uint_t behind);
 static void ngx_http_llm_limits_redis_handler(void *data, void *reply);
 static ngx_int_t ngx_http_llm_limits_unreachable(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
@@ -134,22 +159,39 @@ static ngx_int_t ngx_http_llm_limits_local(ngx_http_request_t *r,
 static ngx_int_t ngx_http_llm_limits_decide(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_verdict_t *v,
     ngx_http_llm_error_t *err);
+static ngx_uint_t ngx_http_llm_limits_has_line(ngx_http_llm_ctx_t *ctx);
+static ngx_uint_t ngx_http_llm_line_behind(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ctx_t *ctx,
+    ngx_msec_t now);
+static void ngx_http_llm_line_take(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ctx_t *ctx,
+    ngx_msec_t now);
+static ngx_http_llm_ticket_t *ngx_http_llm_line_insert(
+    ngx_http_llm_zone_t *z, ngx_http_llm_limits_node_t *node,
+    uint64_t ticket, ngx_msec_t now);
+static ngx_http_llm_ticket_t *ngx_http_llm_line_find(
+    ngx_http_llm_limits_node_t *node, uint64_t ticket);
+static void ngx_http_llm_line_drop(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ticket_t *t);
+static void ngx_http_llm_line_purge(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_msec_t now);
+static void ngx_http_llm_limits_enqueue(ngx_http_request_t *r,
+    ngx_http_llm_ctx_t *ctx);
 static void ngx_http_llm_limits_dequeue(ngx_http_llm_ctx_t *ctx);
 static void ngx_http_llm_limits_wait_handler(ngx_event_t *ev);
 static void ngx_http_llm_limits_wake(ngx_str_t *name);
 static void ngx_http_llm_limits_headers(ngx_http_request_t *r,
     ngx_http_llm_verdict_t *v);
+static void ngx_http_llm_limits_hold(ngx_http_llm_ctx_t *ctx);
+static void ngx_http_llm_limits_renew_handler(ngx_event_t *ev);
+static ngx_int_t ngx_http_llm_limits_renew(ngx_http_llm_ctx_t *first,
+    ngx_uint_t tick, ngx_msec_t now);
+static void ngx_http_llm_limits_renew_reply(void *data, void *reply);
 static void ngx_http_llm_limits_release_redis(ngx_http_llm_ctx_t *ctx,
     ngx_uint_t refund);
 static ngx_int_t ngx_http_llm_limits_send_release(ngx_str_t *name,
     ngx_uint_t tpm, ngx_uint_t refund, u_char *member, size_t member_len,
     ngx_http_llm_limits_op_t *op);
-static ngx_http_llm_limits_node_t *ngx_http_llm_limits_lookup(
-    ngx_http_llm_limits_ctx_t *lctx, ngx_str_t *name, ngx_uint_t create);
-static void ngx_http_llm_limits_expire(ngx_http_llm_limits_ctx_t *lctx,
-    ngx_uint_t force);
-static void ngx_http_llm_limits_rbtree_insert_value(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 static void ngx_http_llm_bucket_refill(ngx_http_llm_bucket_t *b,
     uint64_t cap, ngx_msec_t now);
 static ngx_uint_t ngx_http_llm_share(ngx_uint_t limit, ngx_uint_t hosts);
@@ -158,7 +200,8 @@ static ngx_http_llm_limits_conf_t *ngx_http_llm_limits_conf(void);
 
 /*
  * KEYS: rate hash, concurrency set.  ARGV: requests/min, tokens/min,
- * tokens requested, max concurrent, lease ms, slot member.
+ * tokens requested, max concurrent, lease ms, slot member, behind (1:
+ * earlier waiters on this host come first: no slot, whatever is free).
  * Returns {status, requests level, tokens level, retry ms, active}.
  */
 
@@ -169,6 +212,7 @@ static ngx_http_llm_redis_script_t  ngx_http_llm_acquire_script = {
     "local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local n, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
     "local lease = tonumber(ARGV[5])\n"
+    "local behind = ARGV[7] == '1'\n"
     "local h = redis.call('HMGET', KEYS[1], 'r', 'rt', 't', 'tt')\n"
     "local function level(v, at, cap)\n"
     "  if cap == 0 then return 0 end\n"
@@ -194,7 +238,7 @@ static ngx_http_llm_redis_script_t  ngx_http_llm_acquire_script = {
     "elseif tpm > 0 and k < n * W then\n"
     "  status = 2\n"
     "  retry = math.ceil((n * W - k) / tpm)\n"
-    "elseif maxc > 0 and active >= maxc then\n"
+    "elseif maxc > 0 and (active >= maxc or behind) then\n"
     "  status = 4\n"
     "else\n"
     "  if rpm > 0 then r = r - W end\n"
@@ -249,9 +293,40 @@ static ngx_http_llm_redis_script_t  ngx_http_llm_release_script = {
 };
 
 
-/* this worker's requests waiting for a concurrency slot */
+/*
+ * KEYS: concurrency set.  ARGV: lease ms, then slot members.  Each slot
+ * still in the set expires a lease from now; one that is gone (expired,
+ * taken by others meanwhile) is not put back.  Returns how many were
+ * gone.
+ */
+
+static ngx_http_llm_redis_script_t  ngx_http_llm_renew_script = {
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local lease = tonumber(ARGV[1])\n"
+    "local gone = 0\n"
+    "for i = 2, #ARGV do\n"
+    "  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then\n"
+    "    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])\n"
+    "  else\n"
+    "    gone = gone + 1\n"
+    "  end\n"
+    "end\n"
+    "if gone < #ARGV - 1 then redis.call('PEXPIRE', KEYS[1], lease) end\n"
+    "return gone\n",
+    ""
+};
+
+
+/* this worker's requests waiting for a concurrency slot, in order */
 static ngx_queue_t  ngx_http_llm_limits_waiting;
 static ngx_uint_t   ngx_http_llm_limits_seq;
+
+/* this worker's requests holding a slot in Redis, and their renewal */
+static ngx_queue_t  ngx_http_llm_limits_held;
+static ngx_event_t  ngx_http_llm_limits_renew_ev;
+static ngx_uint_t   ngx_http_llm_limits_renew_tick;
+static ngx_uint_t   ngx_http_llm_limits_renew_failed;
 
 
 /* ---- configuration ------------------------------------------------------ */
@@ -260,11 +335,8 @@ ngx_int_t
 ngx_http_llm_limits_postconfiguration(ngx_conf_t *cf,
     ngx_http_llm_main_conf_t *lmcf)
 {
-    ngx_str_t                   name;
-    ngx_shm_zone_t             *shm_zone;
-    ngx_http_llm_limits_ctx_t  *lctx;
-
     ngx_queue_init(&ngx_http_llm_limits_waiting);
+    ngx_queue_init(&ngx_http_llm_limits_held);
 
     if (!lmcf->auth || lmcf->limits.mode == NGX_HTTP_LLM_LIMITS_OFF) {
         return NGX_OK;
@@ -278,84 +350,73 @@ ngx_http_llm_limits_postconfiguration(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
+    /* renewed every lease / 3: shorter would be mostly renewals */
+
+    if (lmcf->limits.lease < NGX_HTTP_LLM_LEASE_MIN) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"llm_limits_lease\" must be at least %Mms",
+                           (ngx_msec_t) NGX_HTTP_LLM_LEASE_MIN);
+        return NGX_ERROR;
+    }
+
     ngx_http_llm_redis_script_init(&ngx_http_llm_acquire_script);
     ngx_http_llm_redis_script_init(&ngx_http_llm_release_script);
+    ngx_http_llm_redis_script_init(&ngx_http_llm_renew_script);
 
-    lctx = ngx_pcalloc(cf->pool, sizeof(ngx_http_llm_limits_ctx_t));
-    if (lctx == NULL) {
+    lmcf->limits.shm_zone = ngx_http_llm_zone_add(cf, "llm_limits",
+                                        lmcf->limits.zone_size,
+                                        sizeof(ngx_http_llm_limits_node_t),
+                                        ngx_http_llm_limits_node_init,
+                                        ngx_http_llm_limits_node_expire);
+    if (lmcf->limits.shm_zone == NULL) {
         return NGX_ERROR;
     }
-
-    ngx_str_set(&name, "llm_limits");
-
-    shm_zone = ngx_shared_memory_add(cf, &name, lmcf->limits.zone_size,
-                                     &ngx_http_llm_module);
-    if (shm_zone == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (shm_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "duplicate zone \"llm_limits\"");
-        return NGX_ERROR;
-    }
-
-    shm_zone->init = ngx_http_llm_limits_init_zone;
-    shm_zone->data = lctx;
-
-    lmcf->limits.shm_zone = shm_zone;
 
     return NGX_OK;
 }
 
 
-static ngx_int_t
-ngx_http_llm_limits_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+static void
+ngx_http_llm_limits_node_init(void *value)
 {
-    ngx_http_llm_limits_ctx_t  *octx = data;
+    ngx_http_llm_limits_node_t  *node = value;
 
-    size_t                      len;
-    ngx_http_llm_limits_ctx_t  *lctx;
+    ngx_queue_init(&node->line);
+}
 
-    lctx = shm_zone->data;
 
-    if (octx) {
-        /* a reload: the counters go on */
-        lctx->sh = octx->sh;
-        lctx->shpool = octx->shpool;
-        return NGX_OK;
+/*
+ * A record may go when nothing runs or waits and its buckets are full
+ * again; force (the zone is full): when nothing runs or waits, losing
+ * its buckets' state.
+ */
+
+static ngx_int_t
+ngx_http_llm_limits_node_expire(ngx_http_llm_zone_t *z, void *value,
+    ngx_uint_t force)
+{
+    ngx_http_llm_limits_node_t  *node = value;
+
+    ngx_msec_t  now;
+
+    now = ngx_current_msec;
+
+    ngx_http_llm_line_purge(z, node, now);
+
+    if (node->active || node->queued) {
+        return NGX_DECLINED;
     }
 
-    lctx->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+    if (!force) {
+        ngx_http_llm_bucket_refill(&node->req, node->req.cap, now);
+        ngx_http_llm_bucket_refill(&node->tok, node->tok.cap, now);
 
-    if (shm_zone->shm.exists) {
-        lctx->sh = lctx->shpool->data;
-        return NGX_OK;
+        if (node->req.level < (int64_t) node->req.cap * NGX_HTTP_LLM_W
+            || node->tok.level < (int64_t) node->tok.cap * NGX_HTTP_LLM_W)
+        {
+            return NGX_DONE;
+        }
     }
-
-    lctx->sh = ngx_slab_alloc(lctx->shpool,
-                              sizeof(ngx_http_llm_limits_shctx_t));
-    if (lctx->sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    lctx->shpool->data = lctx->sh;
-
-    ngx_rbtree_init(&lctx->sh->rbtree, &lctx->sh->sentinel,
-                    ngx_http_llm_limits_rbtree_insert_value);
-    ngx_queue_init(&lctx->sh->queue);
-
-    len = sizeof(" in llm_limits zone \"\"") + shm_zone->shm.name.len;
-
-    lctx->shpool->log_ctx = ngx_slab_alloc(lctx->shpool, len);
-    if (lctx->shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(lctx->shpool->log_ctx, " in llm_limits zone \"%V\"%Z",
-                &shm_zone->shm.name);
-
-    lctx->shpool->log_nomem = 0;
 
     return NGX_OK;
 }
@@ -406,13 +467,62 @@ static ngx_int_t
 ngx_http_llm_limits_try(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_error_t *err)
 {
+    ngx_msec_t                   now;
+    ngx_uint_t                   behind;
+    ngx_http_llm_zone_t         *z;
     ngx_http_llm_verdict_t       v;
+    ngx_http_llm_limits_node_t  *node;
     ngx_http_llm_limits_conf_t  *lcf;
 
     lcf = ngx_http_llm_limits_conf();
 
     if (lcf->mode == NGX_HTTP_LLM_LIMITS_REDIS) {
-        if (ngx_http_llm_limits_redis(r, ctx) == NGX_OK) {
+
+        /*
+         * Redis counts the slots, this host keeps the line.  A request
+         * takes its ticket on arrival, before Redis answers, so that
+         * the line is in arrival order; only the first in line asks
+         * Redis for a slot, the others poll the zone, and ask Redis
+         * when their wait is over (for the headers of the refusal).
+         */
+
+        behind = 0;
+
+        if (ngx_http_llm_limits_has_line(ctx)) {
+            z = lcf->shm_zone->data;
+            now = ngx_current_msec;
+
+            ngx_shmtx_lock(&z->shpool->mutex);
+
+            node = ngx_http_llm_zone_lookup(z, &ctx->tenant->name, 1);
+
+            if (node) {
+                if (ctx->admit.ticket == 0
+                    && (ngx_msec_int_t) lcf->queue_timeout > 0)
+                {
+                    ngx_http_llm_line_take(z, node, ctx, now);
+                }
+
+                behind = ngx_http_llm_line_behind(z, node, ctx, now);
+            }
+
+            ngx_shmtx_unlock(&z->shpool->mutex);
+
+            if (ctx->admit.ticket && !ctx->admit.queued) {
+                ngx_http_llm_limits_enqueue(r, ctx);
+            }
+
+            if (behind && ctx->admit.queued
+                && (ngx_msec_int_t) (ctx->admit.deadline - now) > 0)
+            {
+                ngx_add_timer(&ctx->admit.wait,
+                              ngx_min(NGX_HTTP_LLM_POLL,
+                                      ctx->admit.deadline - now));
+                return NGX_AGAIN;
+            }
+        }
+
+        if (ngx_http_llm_limits_redis(r, ctx, behind) == NGX_OK) {
             return NGX_AGAIN;
         }
 
@@ -424,6 +534,16 @@ ngx_http_llm_limits_try(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     }
 
     return ngx_http_llm_limits_decide(r, ctx, &v, err);
+}
+
+
+/* Its tenant queues for concurrency slots. */
+
+static ngx_uint_t
+ngx_http_llm_limits_has_line(ngx_http_llm_ctx_t *ctx)
+{
+    return ctx->tenant->limits.max_concurrent
+           && ctx->tenant->limits.max_queued;
 }
 
 
@@ -446,14 +566,15 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
 {
     int64_t                      need;
     ngx_msec_t                   now;
-    ngx_uint_t                   hosts;
+    ngx_uint_t                   hosts, behind;
+    ngx_http_llm_zone_t         *z;
+    ngx_http_llm_ticket_t       *t;
     ngx_http_llm_limits_t       *l;
-    ngx_http_llm_limits_ctx_t   *lctx;
     ngx_http_llm_limits_node_t  *node;
     ngx_http_llm_limits_conf_t  *lcf;
 
     lcf = ngx_http_llm_limits_conf();
-    lctx = lcf->shm_zone->data;
+    z = lcf->shm_zone->data;
     l = &ctx->tenant->limits;
 
     hosts = share ? 1 : lcf->hosts;
@@ -470,12 +591,12 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
 
     now = ngx_current_msec;
 
-    ngx_shmtx_lock(&lctx->shpool->mutex);
+    ngx_shmtx_lock(&z->shpool->mutex);
 
-    node = ngx_http_llm_limits_lookup(lctx, &ctx->tenant->name, 1);
+    node = ngx_http_llm_zone_lookup(z, &ctx->tenant->name, 1);
 
     if (node == NULL) {
-        ngx_shmtx_unlock(&lctx->shpool->mutex);
+        ngx_shmtx_unlock(&z->shpool->mutex);
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
                       "llm: llm_limits_zone is full");
         return NGX_ERROR;
@@ -485,6 +606,11 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_bucket_refill(&node->tok, v->caps.tokens_per_minute, now);
 
     need = (int64_t) v->requested * NGX_HTTP_LLM_W;
+
+    /* earlier waiters of the tenant on this host go first */
+
+    behind = (enforce && ngx_http_llm_limits_has_line(ctx))
+             ? ngx_http_llm_line_behind(z, node, ctx, now) : 0;
 
     if (!enforce) {
         v->status = NGX_HTTP_LLM_OK;
@@ -508,7 +634,7 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
                    / v->caps.tokens_per_minute;
 
     } else if (v->caps.max_concurrent
-               && node->active >= v->caps.max_concurrent)
+               && (node->active >= v->caps.max_concurrent || behind))
     {
         v->status = NGX_HTTP_LLM_OVER_CONCURRENCY;
 
@@ -526,13 +652,29 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
         }
 
         node->active++;
+
+        /* the slot and the end of the wait, at once for the others */
+
+        if (ctx->admit.ticket
+            && (t = ngx_http_llm_line_find(node, ctx->admit.ticket)))
+        {
+            ngx_http_llm_line_drop(z, node, t);
+        }
+
+    } else if (v->status == NGX_HTTP_LLM_OVER_CONCURRENCY
+               && ctx->admit.ticket == 0
+               && ngx_http_llm_limits_has_line(ctx)
+               && (ngx_msec_int_t) lcf->queue_timeout > 0)
+    {
+        /* last in line, in the same breath as the verdict */
+        ngx_http_llm_line_take(z, node, ctx, now);
     }
 
     v->req_level = node->req.level;
     v->tok_level = node->tok.level;
     v->active = node->active;
 
-    ngx_shmtx_unlock(&lctx->shpool->mutex);
+    ngx_shmtx_unlock(&z->shpool->mutex);
 
     if (v->status == NGX_HTTP_LLM_OK) {
         ctx->admit.where = NGX_HTTP_LLM_ADMIT_LOCAL;
@@ -543,16 +685,175 @@ ngx_http_llm_limits_local(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
 }
 
 
+/* ---- the line for concurrency slots -------------------------------------- */
+
+/*
+ * Whether ctx must let earlier waiters of its tenant on this host go
+ * first: any waiter, for a request without a ticket; one with an
+ * earlier ticket, for one with a ticket, which is refreshed here (and
+ * put back in its place if it was dropped as stale while its worker was
+ * slow).  The zone is locked.
+ */
+
+static ngx_uint_t
+ngx_http_llm_line_behind(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ctx_t *ctx,
+    ngx_msec_t now)
+{
+    ngx_http_llm_ticket_t  *t;
+
+    ngx_http_llm_line_purge(z, node, now);
+
+    if (ctx->admit.ticket == 0) {
+        return !ngx_queue_empty(&node->line);
+    }
+
+    t = ngx_http_llm_line_find(node, ctx->admit.ticket);
+
+    if (t == NULL) {
+        t = ngx_http_llm_line_insert(z, node, ctx->admit.ticket, now);
+
+        if (t == NULL) {
+            return !ngx_queue_empty(&node->line);
+        }
+    }
+
+    t->seen = now;
+
+    return ngx_queue_head(&node->line) != &t->queue;
+}
+
+
+/* A new ticket for ctx, last in line, if the line has room. */
+
+static void
+ngx_http_llm_line_take(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ctx_t *ctx,
+    ngx_msec_t now)
+{
+    ngx_http_llm_ticket_t  *t;
+
+    ngx_http_llm_line_purge(z, node, now);
+
+    if (node->queued >= ctx->tenant->limits.max_queued) {
+        return;
+    }
+
+    t = ngx_http_llm_line_insert(z, node, 0, now);
+
+    if (t) {
+        ctx->admit.ticket = t->ticket;
+    }
+}
+
+
+/* A ticket in its place (0: a new one, last in line); NULL: no memory. */
+
+static ngx_http_llm_ticket_t *
+ngx_http_llm_line_insert(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, uint64_t ticket, ngx_msec_t now)
+{
+    ngx_queue_t            *q;
+    ngx_http_llm_ticket_t  *t, *prev;
+
+    t = ngx_slab_alloc_locked(z->shpool, sizeof(ngx_http_llm_ticket_t));
+    if (t == NULL) {
+        return NULL;
+    }
+
+    if (ticket == 0) {
+        ticket = ++node->next_ticket;
+    }
+
+    t->ticket = ticket;
+    t->seen = now;
+
+    for (q = ngx_queue_last(&node->line);
+         q != ngx_queue_sentinel(&node->line);
+         q = ngx_queue_prev(q))
+    {
+        prev = ngx_queue_data(q, ngx_http_llm_ticket_t, queue);
+
+        if (prev->ticket < ticket) {
+            break;
+        }
+    }
+
+    ngx_queue_insert_after(q, &t->queue);
+    node->queued++;
+
+    return t;
+}
+
+
+static ngx_http_llm_ticket_t *
+ngx_http_llm_line_find(ngx_http_llm_limits_node_t *node, uint64_t ticket)
+{
+    ngx_queue_t            *q;
+    ngx_http_llm_ticket_t  *t;
+
+    for (q = ngx_queue_head(&node->line);
+         q != ngx_queue_sentinel(&node->line);
+         q = ngx_queue_next(q))
+    {
+        t = ngx_queue_data(q, ngx_http_llm_ticket_t, queue);
+
+        if (t->ticket == ticket) {
+            return t;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_llm_line_drop(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_http_llm_ticket_t *t)
+{
+    ngx_queue_remove(&t->queue);
+    ngx_slab_free_locked(z->shpool, t);
+
+    if (node->queued) {
+        node->queued--;
+    }
+}
+
+
+/* Tickets whose waiters stopped polling: their worker died. */
+
+static void
+ngx_http_llm_line_purge(ngx_http_llm_zone_t *z,
+    ngx_http_llm_limits_node_t *node, ngx_msec_t now)
+{
+    ngx_queue_t            *q, *next;
+    ngx_http_llm_ticket_t  *t;
+
+    for (q = ngx_queue_head(&node->line);
+         q != ngx_queue_sentinel(&node->line);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        t = ngx_queue_data(q, ngx_http_llm_ticket_t, queue);
+
+        if ((ngx_msec_int_t) (now - t->seen) > NGX_HTTP_LLM_STALE) {
+            ngx_http_llm_line_drop(z, node, t);
+        }
+    }
+}
+
+
 /* ---- admission in Redis ------------------------------------------------- */
 
 static ngx_int_t
-ngx_http_llm_limits_redis(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx)
+ngx_http_llm_limits_redis(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
+    ngx_uint_t behind)
 {
     u_char                       *p, k1[160], k2[160], a[5][NGX_INT64_LEN];
     ngx_int_t                     rc;
     ngx_uint_t                    i;
-    const char                   *argv[9];
-    size_t                        argvlen[9];
+    const char                   *argv[10];
+    size_t                        argvlen[10];
     ngx_http_llm_tenant_t        *t;
     ngx_http_llm_limits_op_t     *op;
     ngx_http_llm_main_conf_t     *lmcf;
@@ -610,8 +911,11 @@ ngx_http_llm_limits_redis(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx)
     argv[8] = (const char *) op->member;
     argvlen[8] = op->member_len;
 
+    argv[9] = behind ? "1" : "0";
+    argvlen[9] = 1;
+
     rc = ngx_http_llm_redis_eval(&ngx_http_llm_acquire_script,
-                                 ngx_http_llm_limits_redis_handler, op, 9,
+                                 ngx_http_llm_limits_redis_handler, op, 10,
                                  argv, argvlen);
 
     if (rc != NGX_OK) {
@@ -736,6 +1040,10 @@ ngx_http_llm_limits_redis_handler(void *data, void *reply)
         if (ctx->admit.member.data) {
             ngx_memcpy(ctx->admit.member.data, op->member, op->member_len);
             ctx->admit.member.len = op->member_len;
+
+            if (op->caps.max_concurrent) {
+                ngx_http_llm_limits_hold(ctx);
+            }
         }
     }
 
@@ -824,8 +1132,8 @@ ngx_http_llm_limits_decide(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_str_t                    s;
     ngx_msec_t                   now;
     ngx_uint_t                   used;
+    ngx_http_llm_zone_t         *z;
     ngx_http_llm_tenant_t       *t;
-    ngx_http_llm_limits_ctx_t   *lctx;
     ngx_http_llm_limits_node_t  *node;
     ngx_http_llm_limits_conf_t  *lcf;
 
@@ -835,23 +1143,21 @@ ngx_http_llm_limits_decide(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
 
     if (v->status == NGX_HTTP_LLM_OK) {
 
-        if (ctx->admit.queued) {
-            ngx_http_llm_limits_dequeue(ctx);
-        }
+        ngx_http_llm_limits_dequeue(ctx);
 
         if (ctx->admit.where == NGX_HTTP_LLM_ADMIT_REDIS) {
-            /* this host's count too: for the fallback and the queue */
+            /* this host's count too: for the fallback */
 
-            lctx = lcf->shm_zone->data;
+            z = lcf->shm_zone->data;
 
-            ngx_shmtx_lock(&lctx->shpool->mutex);
+            ngx_shmtx_lock(&z->shpool->mutex);
 
-            node = ngx_http_llm_limits_lookup(lctx, &t->name, 1);
+            node = ngx_http_llm_zone_lookup(z, &t->name, 1);
             if (node) {
                 node->active++;
             }
 
-            ngx_shmtx_unlock(&lctx->shpool->mutex);
+            ngx_shmtx_unlock(&z->shpool->mutex);
         }
 
         ctx->admit.done = 1;
@@ -878,41 +1184,36 @@ ngx_http_llm_limits_decide(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
             goto refuse;
         }
 
-        lctx = lcf->shm_zone->data;
+        /* a ticket, last in the tenant's line on this host */
 
-        ngx_shmtx_lock(&lctx->shpool->mutex);
+        if (ctx->admit.ticket == 0) {
+            z = lcf->shm_zone->data;
 
-        node = ngx_http_llm_limits_lookup(lctx, &t->name, 1);
+            ngx_shmtx_lock(&z->shpool->mutex);
 
-        if (node && node->queued < t->limits.max_queued) {
-            node->queued++;
-            ngx_shmtx_unlock(&lctx->shpool->mutex);
+            node = ngx_http_llm_zone_lookup(z, &t->name, 1);
+            if (node) {
+                ngx_http_llm_line_take(z, node, ctx, now);
+            }
 
-            ctx->admit.queued = 1;
-            ctx->admit.deadline = now + lcf->queue_timeout;
+            ngx_shmtx_unlock(&z->shpool->mutex);
+        }
 
-            ctx->admit.wait.handler = ngx_http_llm_limits_wait_handler;
-            ctx->admit.wait.data = ctx;
-            ctx->admit.wait.log = r->connection->log;
-
-            ngx_queue_insert_tail(&ngx_http_llm_limits_waiting,
-                                  &ctx->admit.queue);
+        if (ctx->admit.ticket) {
+            ngx_http_llm_limits_enqueue(r, ctx);
 
             ngx_add_timer(&ctx->admit.wait,
                           ngx_min(NGX_HTTP_LLM_POLL, lcf->queue_timeout));
 
-            ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                           "llm: tenant \"%V\" queued for a slot", &t->name);
+            ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                           "llm: tenant \"%V\" queued for a slot, "
+                           "ticket %uL", &t->name, ctx->admit.ticket);
 
             return NGX_AGAIN;
         }
-
-        ngx_shmtx_unlock(&lctx->shpool->mutex);
     }
 
-    if (ctx->admit.queued) {
-        ngx_http_llm_limits_dequeue(ctx);
-    }
+    ngx_http_llm_limits_dequeue(ctx);
 
 refuse:
 
@@ -1036,43 +1337,80 @@ ngx_http_llm_limits_wait_handler(ngx_event_t *ev)
 }
 
 
+/* Waits for a slot with its ticket: polled, woken, up to the timeout. */
+
+static void
+ngx_http_llm_limits_enqueue(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx)
+{
+    ngx_http_llm_limits_conf_t  *lcf;
+
+    lcf = ngx_http_llm_limits_conf();
+
+    ctx->admit.queued = 1;
+    ctx->admit.deadline = ngx_current_msec + lcf->queue_timeout;
+
+    ctx->admit.wait.handler = ngx_http_llm_limits_wait_handler;
+    ctx->admit.wait.data = ctx;
+    ctx->admit.wait.log = r->connection->log;
+
+    ngx_queue_insert_tail(&ngx_http_llm_limits_waiting, &ctx->admit.queue);
+}
+
+
+/*
+ * Leaves the line (admitted, refused, timed out, or the client left):
+ * the ticket goes at once, and this worker's next waiter of the tenant
+ * looks whether it is first now.
+ */
+
 static void
 ngx_http_llm_limits_dequeue(ngx_http_llm_ctx_t *ctx)
 {
-    ngx_http_llm_limits_ctx_t   *lctx;
+    ngx_http_llm_zone_t         *z;
+    ngx_http_llm_ticket_t       *t;
     ngx_http_llm_limits_node_t  *node;
     ngx_http_llm_limits_conf_t  *lcf;
 
-    if (!ctx->admit.queued) {
+    if (ctx->admit.queued) {
+        ctx->admit.queued = 0;
+        ngx_queue_remove(&ctx->admit.queue);
+
+        if (ctx->admit.wait.timer_set) {
+            ngx_del_timer(&ctx->admit.wait);
+        }
+
+        if (ctx->admit.wait.posted) {
+            ngx_delete_posted_event(&ctx->admit.wait);
+        }
+    }
+
+    if (ctx->admit.ticket == 0) {
         return;
     }
 
     lcf = ngx_http_llm_limits_conf();
-    lctx = lcf->shm_zone->data;
+    z = lcf->shm_zone->data;
 
-    ctx->admit.queued = 0;
-    ngx_queue_remove(&ctx->admit.queue);
+    ngx_shmtx_lock(&z->shpool->mutex);
 
-    if (ctx->admit.wait.timer_set) {
-        ngx_del_timer(&ctx->admit.wait);
+    node = ngx_http_llm_zone_lookup(z, &ctx->tenant->name, 0);
+
+    if (node && (t = ngx_http_llm_line_find(node, ctx->admit.ticket))) {
+        ngx_http_llm_line_drop(z, node, t);
     }
 
-    if (ctx->admit.wait.posted) {
-        ngx_delete_posted_event(&ctx->admit.wait);
-    }
+    ngx_shmtx_unlock(&z->shpool->mutex);
 
-    ngx_shmtx_lock(&lctx->shpool->mutex);
+    ctx->admit.ticket = 0;
 
-    node = ngx_http_llm_limits_lookup(lctx, &ctx->tenant->name, 0);
-    if (node && node->queued) {
-        node->queued--;
-    }
-
-    ngx_shmtx_unlock(&lctx->shpool->mutex);
+    ngx_http_llm_limits_wake(&ctx->tenant->name);
 }
 
 
-/* A slot of this tenant freed here: its first waiter here tries now. */
+/*
+ * A slot of this tenant freed here, or its line moved: its first waiter
+ * here (the one with the earliest ticket of this worker) tries now.
+ */
 
 static void
 ngx_http_llm_limits_wake(ngx_str_t *name)
@@ -1230,8 +1568,8 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
 {
     ngx_msec_t                   now;
     ngx_uint_t                   used, refund;
+    ngx_http_llm_zone_t         *z;
     ngx_http_llm_limits_op_t    *op;
-    ngx_http_llm_limits_ctx_t   *lctx;
     ngx_http_llm_limits_node_t  *node;
     ngx_http_llm_limits_conf_t  *lcf;
 
@@ -1243,8 +1581,11 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
         ctx->admit.op = NULL;
     }
 
-    if (ctx->admit.queued) {
-        ngx_http_llm_limits_dequeue(ctx);
+    ngx_http_llm_limits_dequeue(ctx);
+
+    if (ctx->admit.held) {
+        ngx_queue_remove(&ctx->admit.lease);
+        ctx->admit.held = 0;
     }
 
     if (ctx->admit.where == NGX_HTTP_LLM_ADMIT_NONE) {
@@ -1252,7 +1593,7 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
     }
 
     lcf = ngx_http_llm_limits_conf();
-    lctx = lcf->shm_zone->data;
+    z = lcf->shm_zone->data;
 
     /*
      * A request the engine never took gives back its prompt too; a
@@ -1266,9 +1607,9 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
 
     now = ngx_current_msec;
 
-    ngx_shmtx_lock(&lctx->shpool->mutex);
+    ngx_shmtx_lock(&z->shpool->mutex);
 
-    node = ngx_http_llm_limits_lookup(lctx, &ctx->tenant->name, 0);
+    node = ngx_http_llm_zone_lookup(z, &ctx->tenant->name, 0);
 
     if (node) {
         if (node->active) {
@@ -1288,7 +1629,7 @@ ngx_http_llm_limits_release(ngx_http_llm_ctx_t *ctx)
         }
     }
 
-    ngx_shmtx_unlock(&lctx->shpool->mutex);
+    ngx_shmtx_unlock(&z->shpool->mutex);
 
     if (ctx->admit.where == NGX_HTTP_LLM_ADMIT_REDIS) {
         ngx_http_llm_limits_release_redis(ctx, refund);
@@ -1385,187 +1726,244 @@ ngx_http_llm_limits_exit_process(ngx_cycle_t *cycle)
 }
 
 
-/* ---- the zone ----------------------------------------------------------- */
+/* ---- renewing the leases of Redis slots ---------------------------------- */
 
-static ngx_http_llm_limits_node_t *
-ngx_http_llm_limits_lookup(ngx_http_llm_limits_ctx_t *lctx, ngx_str_t *name,
-    ngx_uint_t create)
+/*
+ * A request admitted in Redis holds its slot until it ends; the slot's
+ * lease is renewed from here every lease / 3 while it runs.  The timer
+ * runs only while this worker holds slots, and does not keep an exiting
+ * worker alive.
+ */
+
+static void
+ngx_http_llm_limits_hold(ngx_http_llm_ctx_t *ctx)
 {
-    size_t                       size;
-    uint32_t                     hash;
-    ngx_int_t                    rc;
-    ngx_msec_t                   now;
-    ngx_rbtree_node_t           *node, *sentinel;
-    ngx_http_llm_limits_node_t  *ln;
+    ngx_http_llm_limits_conf_t  *lcf;
 
-    hash = ngx_crc32_short(name->data, name->len);
+    lcf = ngx_http_llm_limits_conf();
 
-    node = lctx->sh->rbtree.root;
-    sentinel = lctx->sh->rbtree.sentinel;
+    ctx->admit.renewed = ngx_current_msec;
+    ctx->admit.renew_tick = ngx_http_llm_limits_renew_tick;
+    ctx->admit.held = 1;
 
-    while (node != sentinel) {
+    ngx_queue_insert_tail(&ngx_http_llm_limits_held, &ctx->admit.lease);
 
-        if (hash < node->key) {
-            node = node->left;
-            continue;
-        }
+    if (!ngx_http_llm_limits_renew_ev.timer_set) {
+        ngx_http_llm_limits_renew_ev.handler =
+                                           ngx_http_llm_limits_renew_handler;
+        ngx_http_llm_limits_renew_ev.log = ngx_cycle->log;
+        ngx_http_llm_limits_renew_ev.cancelable = 1;
 
-        if (hash > node->key) {
-            node = node->right;
-            continue;
-        }
+        ngx_add_timer(&ngx_http_llm_limits_renew_ev, lcf->lease / 3);
+    }
+}
 
-        /* hash == node->key */
 
-        ln = (ngx_http_llm_limits_node_t *) &node->color;
+static void
+ngx_http_llm_limits_renew_handler(ngx_event_t *ev)
+{
+    ngx_msec_t                   now, tick;
+    ngx_queue_t                 *q;
+    ngx_http_llm_ctx_t          *ctx;
+    ngx_http_llm_limits_conf_t  *lcf;
 
-        rc = ngx_memn2cmp(name->data, ln->data, name->len,
-                          (size_t) ln->len);
-
-        if (rc == 0) {
-            ngx_queue_remove(&ln->queue);
-            ngx_queue_insert_head(&lctx->sh->queue, &ln->queue);
-            return ln;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
+    if (ngx_queue_empty(&ngx_http_llm_limits_held)) {
+        return;
     }
 
-    if (!create) {
-        return NULL;
-    }
-
-    ngx_http_llm_limits_expire(lctx, 0);
-
-    size = offsetof(ngx_rbtree_node_t, color)
-           + offsetof(ngx_http_llm_limits_node_t, data)
-           + name->len;
-
-    node = ngx_slab_alloc_locked(lctx->shpool, size);
-
-    if (node == NULL) {
-        ngx_http_llm_limits_expire(lctx, 1);
-
-        node = ngx_slab_alloc_locked(lctx->shpool, size);
-        if (node == NULL) {
-            return NULL;
-        }
-    }
-
+    lcf = ngx_http_llm_limits_conf();
+    tick = lcf->lease / 3;
     now = ngx_current_msec;
 
-    node->key = hash;
+    /* a slot is renewed once a tick, with the others of its tenant */
 
-    ln = (ngx_http_llm_limits_node_t *) &node->color;
+    ngx_http_llm_limits_renew_tick++;
 
-    ngx_memzero(&ln->req, sizeof(ngx_http_llm_bucket_t));
-    ngx_memzero(&ln->tok, sizeof(ngx_http_llm_bucket_t));
-    ln->req.last = now;
-    ln->tok.last = now;
-    ln->active = 0;
-    ln->queued = 0;
-    ln->len = (u_char) name->len;
-    ngx_memcpy(ln->data, name->data, name->len);
+    for (q = ngx_queue_head(&ngx_http_llm_limits_held);
+         q != ngx_queue_sentinel(&ngx_http_llm_limits_held);
+         q = ngx_queue_next(q))
+    {
+        ctx = ngx_queue_data(q, ngx_http_llm_ctx_t, admit.lease);
 
-    ngx_rbtree_insert(&lctx->sh->rbtree, node);
-    ngx_queue_insert_head(&lctx->sh->queue, &ln->queue);
+        if (ctx->admit.renew_tick == ngx_http_llm_limits_renew_tick) {
+            continue;
+        }
 
-    return ln;
+        if (ngx_http_llm_limits_renew(ctx, tick, now) != NGX_OK) {
+            /* Redis away: next tick; the slots keep their expiry */
+            break;
+        }
+    }
+
+    ngx_add_timer(ev, tick);
 }
 
 
 /*
- * Frees the least recently used nodes that hold nothing: no request in
- * flight or queued, buckets full again.  force (the zone is full): any
- * node without requests, losing its buckets' state.
+ * Renews first's slot and those of its tenant after it in the list that
+ * are due (not leased in the last half tick), in one script.
  */
 
-static void
-ngx_http_llm_limits_expire(ngx_http_llm_limits_ctx_t *lctx, ngx_uint_t force)
+static ngx_int_t
+ngx_http_llm_limits_renew(ngx_http_llm_ctx_t *first, ngx_uint_t tick,
+    ngx_msec_t now)
 {
-    ngx_uint_t                   n;
-    ngx_msec_t                   now;
-    ngx_queue_t                 *q, *prev;
-    ngx_rbtree_node_t           *node;
-    ngx_http_llm_limits_node_t  *ln;
+    u_char                      *p, key[160], lease[NGX_INT64_LEN];
+    size_t                      *argvlen;
+    ngx_int_t                    rc;
+    ngx_str_t                   *name;
+    ngx_uint_t                   n, gen;
+    ngx_queue_t                 *q;
+    const char                 **argv;
+    ngx_http_llm_ctx_t          *ctx;
+    ngx_http_llm_renew_op_t     *op;
+    ngx_http_llm_main_conf_t    *lmcf;
 
-    now = ngx_current_msec;
+    static const char           *av[3 + NGX_HTTP_LLM_RENEW_MAX];
+    static size_t                avlen[3 + NGX_HTTP_LLM_RENEW_MAX];
 
-    q = ngx_queue_last(&lctx->sh->queue);
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                               ngx_http_llm_module);
 
-    for (n = 0; n < (force ? 16 : 2)
-                && q != ngx_queue_sentinel(&lctx->sh->queue);
-         q = prev)
+    argv = av;
+    argvlen = avlen;
+    gen = ngx_http_llm_limits_renew_tick;
+    name = &first->tenant->name;
+
+    /* numkeys, the set, the lease, then members */
+
+    argv[0] = "1";
+    argvlen[0] = 1;
+
+    p = ngx_snprintf(key, sizeof(key), "%Vcc:{%V}", &lmcf->redis->prefix,
+                     name);
+    argv[1] = (const char *) key;
+    argvlen[1] = p - key;
+
+    argvlen[2] = ngx_sprintf(lease, "%M", lmcf->limits.lease) - lease;
+    argv[2] = (const char *) lease;
+
+    n = 0;
+
+    for (q = &first->admit.lease;
+         q != ngx_queue_sentinel(&ngx_http_llm_limits_held)
+         && n < NGX_HTTP_LLM_RENEW_MAX;
+         q = ngx_queue_next(q))
     {
-        prev = ngx_queue_prev(q);
-        ln = ngx_queue_data(q, ngx_http_llm_limits_node_t, queue);
+        ctx = ngx_queue_data(q, ngx_http_llm_ctx_t, admit.lease);
 
-        if (ln->active || ln->queued) {
+        if (ctx->admit.renew_tick == gen
+            || ctx->tenant->name.len != name->len
+            || ngx_strncmp(ctx->tenant->name.data, name->data, name->len)
+               != 0)
+        {
             continue;
         }
 
-        if (!force) {
-            ngx_http_llm_bucket_refill(&ln->req, ln->req.cap, now);
-            ngx_http_llm_bucket_refill(&ln->tok, ln->tok.cap, now);
+        ctx->admit.renew_tick = gen;
 
-            if (ln->req.level < (int64_t) ln->req.cap * NGX_HTTP_LLM_W
-                || ln->tok.level < (int64_t) ln->tok.cap * NGX_HTTP_LLM_W)
-            {
-                return;
-            }
+        if ((ngx_msec_int_t) (now - ctx->admit.renewed)
+            < (ngx_msec_int_t) (tick / 2))
+        {
+            continue;
         }
 
-        ngx_queue_remove(q);
-
-        node = (ngx_rbtree_node_t *)
-                   ((u_char *) ln - offsetof(ngx_rbtree_node_t, color));
-
-        ngx_rbtree_delete(&lctx->sh->rbtree, node);
-        ngx_slab_free_locked(lctx->shpool, node);
-
+        argv[3 + n] = (const char *) ctx->admit.member.data;
+        argvlen[3 + n] = ctx->admit.member.len;
         n++;
     }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    op = ngx_alloc(sizeof(ngx_http_llm_renew_op_t), ngx_cycle->log);
+    if (op == NULL) {
+        return NGX_ERROR;
+    }
+
+    op->name_len = ngx_min(name->len, sizeof(op->name));
+    ngx_memcpy(op->name, name->data, op->name_len);
+
+    rc = ngx_http_llm_redis_eval(&ngx_http_llm_renew_script,
+                                 ngx_http_llm_limits_renew_reply, op,
+                                 3 + n, argv, argvlen);
+
+    if (rc != NGX_OK) {
+        ngx_free(op);
+
+        if (!ngx_http_llm_limits_renew_failed) {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "llm: Redis limits: concurrency slots of \"%V\" "
+                          "not renewed: Redis is not connected", name);
+            ngx_http_llm_limits_renew_failed = 1;
+        }
+
+        return NGX_DECLINED;
+    }
+
+    /* sent: the slots are leased again (or the next tick retries) */
+
+    for (q = &first->admit.lease;
+         q != ngx_queue_sentinel(&ngx_http_llm_limits_held);
+         q = ngx_queue_next(q))
+    {
+        ctx = ngx_queue_data(q, ngx_http_llm_ctx_t, admit.lease);
+
+        if (ctx->admit.renew_tick == gen
+            && ctx->tenant->name.len == name->len
+            && ngx_strncmp(ctx->tenant->name.data, name->data, name->len)
+               == 0
+            && (ngx_msec_int_t) (now - ctx->admit.renewed)
+               >= (ngx_msec_int_t) (tick / 2))
+        {
+            ctx->admit.renewed = now;
+        }
+    }
+
+    return NGX_OK;
 }
 
 
 static void
-ngx_http_llm_limits_rbtree_insert_value(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+ngx_http_llm_limits_renew_reply(void *data, void *reply)
 {
-    ngx_rbtree_node_t           **p;
-    ngx_http_llm_limits_node_t   *ln, *lnt;
+    ngx_http_llm_renew_op_t *op = data;
 
-    for ( ;; ) {
+    redisReply  *rr = reply;
 
-        if (node->key < temp->key) {
-            p = &temp->left;
-
-        } else if (node->key > temp->key) {
-            p = &temp->right;
-
-        } else { /* node->key == temp->key */
-
-            ln = (ngx_http_llm_limits_node_t *) &node->color;
-            lnt = (ngx_http_llm_limits_node_t *) &temp->color;
-
-            p = (ngx_memn2cmp(ln->data, lnt->data, ln->len, lnt->len) < 0)
-                ? &temp->left : &temp->right;
+    if (rr == NULL || rr->type != REDIS_REPLY_INTEGER) {
+        if (!ngx_http_llm_limits_renew_failed) {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "llm: Redis limits: concurrency slots of \"%*s\" "
+                          "not renewed%s%*s", op->name_len, op->name,
+                          rr ? ": " : "",
+                          rr && rr->type == REDIS_REPLY_ERROR
+                          ? (size_t) rr->len : 0,
+                          rr && rr->type == REDIS_REPLY_ERROR
+                          ? rr->str : "");
+            ngx_http_llm_limits_renew_failed = 1;
         }
 
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
+        ngx_free(op);
+        return;
     }
 
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
+    ngx_http_llm_limits_renew_failed = 0;
+
+    if (rr->integer > 0) {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "llm: Redis limits: %L concurrency slots of \"%*s\" "
+                      "had expired before their renewal (Redis away for "
+                      "longer than llm_limits_lease?)", (int64_t) rr->integer,
+                      op->name_len, op->name);
+    }
+
+    ngx_free(op);
 }
 
+
+/* ---- buckets ------------------------------------------------------------ */
 
 /* Refills a bucket up to now; a new or changed limit starts full. */
 

@@ -91,29 +91,6 @@ typedef struct {
 } ngx_http_llm_counters_t;
 
 
-typedef struct {
-    u_char                         color;
-    u_char                         len;
-    u_short                        dummy;
-    ngx_queue_t                    queue;
-    ngx_http_llm_counters_t        c;
-    u_char                         data[1];
-} ngx_http_llm_metrics_node_t;
-
-
-typedef struct {
-    ngx_rbtree_t                   rbtree;
-    ngx_rbtree_node_t              sentinel;
-    ngx_queue_t                    queue;
-} ngx_http_llm_metrics_shctx_t;
-
-
-typedef struct {
-    ngx_http_llm_metrics_shctx_t  *sh;
-    ngx_slab_pool_t               *shpool;
-} ngx_http_llm_metrics_ctx_t;
-
-
 /* A copy taken under the lock, rendered without it. */
 typedef struct {
     u_char                         name[LLM_PROTO_MAX_TENANT + 16];
@@ -128,15 +105,11 @@ typedef struct {
 } ngx_http_llm_scrape_t;
 
 
-static ngx_int_t ngx_http_llm_metrics_init_zone(ngx_shm_zone_t *shm_zone,
-    void *data);
 static ngx_int_t ngx_http_llm_metrics_handler(ngx_http_request_t *r);
 static void ngx_http_llm_metrics_stats_done(ngx_http_llm_stats_wait_t *w);
 static void ngx_http_llm_metrics_scrape_cleanup(void *data);
 static ngx_int_t ngx_http_llm_metrics_send(ngx_http_request_t *r);
 static ngx_int_t ngx_http_llm_metrics_log(ngx_http_request_t *r);
-static ngx_http_llm_metrics_node_t *ngx_http_llm_metrics_lookup(
-    ngx_http_llm_metrics_ctx_t *mctx, ngx_str_t *name);
 static void ngx_http_llm_hist_add(ngx_http_llm_hist_t *h, ngx_msec_t ms);
 static u_char *ngx_http_llm_render_hist(u_char *p, const char *name,
     ngx_http_llm_snapshot_t *s, ngx_uint_t n, size_t offset);
@@ -145,8 +118,6 @@ static u_char *ngx_http_llm_render_counter(u_char *p, const char *name,
     size_t offset);
 static u_char *ngx_http_llm_label(u_char *p, u_char *s, size_t len);
 static ngx_uint_t ngx_http_llm_code_index(ngx_uint_t status);
-static void ngx_http_llm_metrics_rbtree_insert_value(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 
 
 /* histogram bounds, ms; the last bucket is +Inf */
@@ -209,39 +180,22 @@ ngx_int_t
 ngx_http_llm_metrics_postconfiguration(ngx_conf_t *cf,
     ngx_http_llm_main_conf_t *lmcf)
 {
-    ngx_str_t                    name;
-    ngx_shm_zone_t              *shm_zone;
-    ngx_http_handler_pt         *h;
-    ngx_http_core_main_conf_t   *cmcf;
-    ngx_http_llm_metrics_ctx_t  *mctx;
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
 
     if (!lmcf->metrics) {
         return NGX_OK;
     }
 
-    mctx = ngx_pcalloc(cf->pool, sizeof(ngx_http_llm_metrics_ctx_t));
-    if (mctx == NULL) {
+    /* full: the least recently seen tenant's counters go */
+
+    lmcf->metrics_zone = ngx_http_llm_zone_add(cf, "llm_metrics",
+                                               lmcf->metrics_zone_size,
+                                               sizeof(ngx_http_llm_counters_t),
+                                               NULL, NULL);
+    if (lmcf->metrics_zone == NULL) {
         return NGX_ERROR;
     }
-
-    ngx_str_set(&name, "llm_metrics");
-
-    shm_zone = ngx_shared_memory_add(cf, &name, lmcf->metrics_zone_size,
-                                     &ngx_http_llm_module);
-    if (shm_zone == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (shm_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "duplicate zone \"llm_metrics\"");
-        return NGX_ERROR;
-    }
-
-    shm_zone->init = ngx_http_llm_metrics_init_zone;
-    shm_zone->data = mctx;
-
-    lmcf->metrics_zone = shm_zone;
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
@@ -256,57 +210,6 @@ ngx_http_llm_metrics_postconfiguration(ngx_conf_t *cf,
 }
 
 
-static ngx_int_t
-ngx_http_llm_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
-{
-    ngx_http_llm_metrics_ctx_t  *octx = data;
-
-    size_t                       len;
-    ngx_http_llm_metrics_ctx_t  *mctx;
-
-    mctx = shm_zone->data;
-
-    if (octx) {
-        mctx->sh = octx->sh;
-        mctx->shpool = octx->shpool;
-        return NGX_OK;
-    }
-
-    mctx->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
-        mctx->sh = mctx->shpool->data;
-        return NGX_OK;
-    }
-
-    mctx->sh = ngx_slab_alloc(mctx->shpool,
-                              sizeof(ngx_http_llm_metrics_shctx_t));
-    if (mctx->sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    mctx->shpool->data = mctx->sh;
-
-    ngx_rbtree_init(&mctx->sh->rbtree, &mctx->sh->sentinel,
-                    ngx_http_llm_metrics_rbtree_insert_value);
-    ngx_queue_init(&mctx->sh->queue);
-
-    len = sizeof(" in llm_metrics zone \"\"") + shm_zone->shm.name.len;
-
-    mctx->shpool->log_ctx = ngx_slab_alloc(mctx->shpool, len);
-    if (mctx->shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(mctx->shpool->log_ctx, " in llm_metrics zone \"%V\"%Z",
-                &shm_zone->shm.name);
-
-    mctx->shpool->log_nomem = 0;
-
-    return NGX_OK;
-}
-
-
 /* ---- recording ---------------------------------------------------------- */
 
 /* A prompt cache event (hit, miss, store, error) of a tenant, at once. */
@@ -314,9 +217,9 @@ ngx_http_llm_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 void
 ngx_http_llm_metrics_pcache(ngx_str_t *tenant, ngx_uint_t event)
 {
-    ngx_http_llm_main_conf_t     *lmcf;
-    ngx_http_llm_metrics_ctx_t   *mctx;
-    ngx_http_llm_metrics_node_t  *node;
+    ngx_http_llm_zone_t        *z;
+    ngx_http_llm_counters_t    *c;
+    ngx_http_llm_main_conf_t   *lmcf;
 
     if (event >= NGX_HTTP_LLM_PCACHE_EV_N) {
         return;
@@ -329,17 +232,17 @@ ngx_http_llm_metrics_pcache(ngx_str_t *tenant, ngx_uint_t event)
         return;
     }
 
-    mctx = lmcf->metrics_zone->data;
+    z = lmcf->metrics_zone->data;
 
-    ngx_shmtx_lock(&mctx->shpool->mutex);
+    ngx_shmtx_lock(&z->shpool->mutex);
 
-    node = ngx_http_llm_metrics_lookup(mctx, tenant);
+    c = ngx_http_llm_zone_lookup(z, tenant, 1);
 
-    if (node) {
-        node->c.pcache[event]++;
+    if (c) {
+        c->pcache[event]++;
     }
 
-    ngx_shmtx_unlock(&mctx->shpool->mutex);
+    ngx_shmtx_unlock(&z->shpool->mutex);
 }
 
 
@@ -390,13 +293,12 @@ ngx_http_llm_metrics_token(ngx_http_llm_ctx_t *ctx, ngx_uint_t n)
 static ngx_int_t
 ngx_http_llm_metrics_log(ngx_http_request_t *r)
 {
-    ngx_str_t                     name;
-    ngx_uint_t                    i;
-    ngx_http_llm_ctx_t           *ctx;
-    ngx_http_llm_counters_t      *c;
-    ngx_http_llm_main_conf_t     *lmcf;
-    ngx_http_llm_metrics_ctx_t   *mctx;
-    ngx_http_llm_metrics_node_t  *node;
+    ngx_str_t                   name;
+    ngx_uint_t                  i;
+    ngx_http_llm_ctx_t         *ctx;
+    ngx_http_llm_zone_t        *z;
+    ngx_http_llm_counters_t    *c;
+    ngx_http_llm_main_conf_t   *lmcf;
 
     if (r != r->main) {
         return NGX_OK;
@@ -412,7 +314,7 @@ ngx_http_llm_metrics_log(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    mctx = lmcf->metrics_zone->data;
+    z = lmcf->metrics_zone->data;
 
     if (ctx->tenant) {
         name = ctx->tenant->name;
@@ -421,18 +323,16 @@ ngx_http_llm_metrics_log(ngx_http_request_t *r)
         ngx_str_set(&name, "-");
     }
 
-    ngx_shmtx_lock(&mctx->shpool->mutex);
+    ngx_shmtx_lock(&z->shpool->mutex);
 
-    node = ngx_http_llm_metrics_lookup(mctx, &name);
+    c = ngx_http_llm_zone_lookup(z, &name, 1);
 
-    if (node == NULL) {
-        ngx_shmtx_unlock(&mctx->shpool->mutex);
+    if (c == NULL) {
+        ngx_shmtx_unlock(&z->shpool->mutex);
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "llm: llm_metrics_zone is full");
         return NGX_OK;
     }
-
-    c = &node->c;
 
     c->requests[ngx_http_llm_code_index(r->headers_out.status)]++;
 
@@ -463,7 +363,7 @@ ngx_http_llm_metrics_log(ngx_http_request_t *r)
         c->itl_count += ctx->itl.count;
     }
 
-    ngx_shmtx_unlock(&mctx->shpool->mutex);
+    ngx_shmtx_unlock(&z->shpool->mutex);
 
     return NGX_OK;
 }
@@ -498,129 +398,6 @@ ngx_http_llm_code_index(ngx_uint_t status)
     }
 
     return NGX_HTTP_LLM_CODES_N - 1;
-}
-
-
-static ngx_http_llm_metrics_node_t *
-ngx_http_llm_metrics_lookup(ngx_http_llm_metrics_ctx_t *mctx,
-    ngx_str_t *name)
-{
-    size_t                        size;
-    uint32_t                      hash;
-    ngx_int_t                     rc;
-    ngx_queue_t                  *q;
-    ngx_rbtree_node_t            *node, *sentinel;
-    ngx_http_llm_metrics_node_t  *mn;
-
-    hash = ngx_crc32_short(name->data, name->len);
-
-    node = mctx->sh->rbtree.root;
-    sentinel = mctx->sh->rbtree.sentinel;
-
-    while (node != sentinel) {
-
-        if (hash < node->key) {
-            node = node->left;
-            continue;
-        }
-
-        if (hash > node->key) {
-            node = node->right;
-            continue;
-        }
-
-        mn = (ngx_http_llm_metrics_node_t *) &node->color;
-
-        rc = ngx_memn2cmp(name->data, mn->data, name->len, (size_t) mn->len);
-
-        if (rc == 0) {
-            ngx_queue_remove(&mn->queue);
-            ngx_queue_insert_head(&mctx->sh->queue, &mn->queue);
-            return mn;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
-    }
-
-    size = offsetof(ngx_rbtree_node_t, color)
-           + offsetof(ngx_http_llm_metrics_node_t, data)
-           + name->len;
-
-    node = ngx_slab_alloc_locked(mctx->shpool, size);
-
-    while (node == NULL) {
-
-        /* full: the least recently seen tenant's counters go */
-
-        if (ngx_queue_empty(&mctx->sh->queue)) {
-            return NULL;
-        }
-
-        q = ngx_queue_last(&mctx->sh->queue);
-        mn = ngx_queue_data(q, ngx_http_llm_metrics_node_t, queue);
-
-        ngx_queue_remove(q);
-
-        node = (ngx_rbtree_node_t *)
-                   ((u_char *) mn - offsetof(ngx_rbtree_node_t, color));
-
-        ngx_rbtree_delete(&mctx->sh->rbtree, node);
-        ngx_slab_free_locked(mctx->shpool, node);
-
-        node = ngx_slab_alloc_locked(mctx->shpool, size);
-    }
-
-    node->key = hash;
-
-    mn = (ngx_http_llm_metrics_node_t *) &node->color;
-
-    ngx_memzero(&mn->c, sizeof(ngx_http_llm_counters_t));
-    mn->len = (u_char) name->len;
-    ngx_memcpy(mn->data, name->data, name->len);
-
-    ngx_rbtree_insert(&mctx->sh->rbtree, node);
-    ngx_queue_insert_head(&mctx->sh->queue, &mn->queue);
-
-    return mn;
-}
-
-
-static void
-ngx_http_llm_metrics_rbtree_insert_value(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_rbtree_node_t            **p;
-    ngx_http_llm_metrics_node_t   *mn, *mnt;
-
-    for ( ;; ) {
-
-        if (node->key < temp->key) {
-            p = &temp->left;
-
-        } else if (node->key > temp->key) {
-            p = &temp->right;
-
-        } else { /* node->key == temp->key */
-
-            mn = (ngx_http_llm_metrics_node_t *) &node->color;
-            mnt = (ngx_http_llm_metrics_node_t *) &temp->color;
-
-            p = (ngx_memn2cmp(mn->data, mnt->data, mn->len, mnt->len) < 0)
-                ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }
 
 
@@ -701,16 +478,18 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
 {
     u_char                       *p;
     size_t                        size;
-    ngx_int_t                     rc;
     ngx_buf_t                    *b;
     ngx_uint_t                    n, i, ne;
+    ngx_str_t                     name;
     ngx_queue_t                  *q;
-    ngx_chain_t                   out;
+    ngx_http_llm_zone_t          *z;
+    ngx_http_llm_counters_t      *c;
     ngx_http_llm_snapshot_t      *snap;
     ngx_http_llm_main_conf_t     *lmcf;
-    ngx_http_llm_metrics_ctx_t   *mctx;
-    ngx_http_llm_metrics_node_t  *mn;
     ngx_http_llm_engine_stats_t  *es;
+
+    static ngx_str_t  type =
+        ngx_string("text/plain; version=0.0.4; charset=utf-8");
 
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
 
@@ -718,14 +497,13 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
     n = 0;
 
     if (lmcf->metrics_zone) {
-        mctx = lmcf->metrics_zone->data;
+        z = lmcf->metrics_zone->data;
 
-        ngx_shmtx_lock(&mctx->shpool->mutex);
+        ngx_shmtx_lock(&z->shpool->mutex);
 
-        for (q = ngx_queue_head(&mctx->sh->queue);
-             q != ngx_queue_sentinel(&mctx->sh->queue);
-             q = ngx_queue_next(q))
-        {
+        q = NULL;
+
+        while (ngx_http_llm_zone_next(z, &q, &name)) {
             n++;
         }
 
@@ -733,25 +511,21 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
                           (n ? n : 1) * sizeof(ngx_http_llm_snapshot_t));
 
         if (snap == NULL) {
-            ngx_shmtx_unlock(&mctx->shpool->mutex);
+            ngx_shmtx_unlock(&z->shpool->mutex);
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         i = 0;
+        q = NULL;
 
-        for (q = ngx_queue_head(&mctx->sh->queue);
-             q != ngx_queue_sentinel(&mctx->sh->queue);
-             q = ngx_queue_next(q))
-        {
-            mn = ngx_queue_data(q, ngx_http_llm_metrics_node_t, queue);
-
-            snap[i].len = ngx_min((size_t) mn->len, sizeof(snap[i].name));
-            ngx_memcpy(snap[i].name, mn->data, snap[i].len);
-            snap[i].c = mn->c;
+        while (i < n && (c = ngx_http_llm_zone_next(z, &q, &name))) {
+            snap[i].len = ngx_min(name.len, sizeof(snap[i].name));
+            ngx_memcpy(snap[i].name, name.data, snap[i].len);
+            snap[i].c = *c;
             i++;
         }
 
-        ngx_shmtx_unlock(&mctx->shpool->mutex);
+        ngx_shmtx_unlock(&z->shpool->mutex);
     }
 
     es = ngx_palloc(r->pool,
@@ -1050,26 +824,8 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
     }
 
     b->last = p;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    ngx_str_set(&r->headers_out.content_type,
-                "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = sizeof("text/plain") - 1;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_llm_send_buf(r, NGX_HTTP_OK, &type, b);
 }
 
 

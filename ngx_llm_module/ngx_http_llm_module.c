@@ -332,7 +332,7 @@ static ngx_command_t  ngx_http_llm_commands[] = {
      * llm_limits_queue_timeout TIME;       default 30s
      *
      * Longest wait of a request for a concurrency slot (tenants with
-     * max_queued); then 429.
+     * max_queued, first come first served on one host); then 429.
      */
     { ngx_string("llm_limits_queue_timeout"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
@@ -345,7 +345,8 @@ static ngx_command_t  ngx_http_llm_commands[] = {
      * llm_limits_lease TIME;               default 10m
      *
      * llm_limits redis: a concurrency slot left by a host that died
-     * is freed after this time.
+     * is freed after this time; a running request's slot is renewed
+     * every lease / 3.  At least 1s.
      */
     { ngx_string("llm_limits_lease"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,

@@ -17,6 +17,7 @@
  *   ngx_http_llm_metrics.c    counters zone and the /metrics handler
  *   ngx_http_llm_adapters.c   adapter names, /v1/models, the admin API
  *   ngx_http_llm_cache.c      prompt cache (Redis), shared prefix namespace
+ *   ngx_http_llm_zone.c       shared zones of per-tenant records
  *
  * The workers do all text work (chat template, tokenization, incremental
  * detokenization, stop strings); the engine sees token ids only.
@@ -153,11 +154,16 @@ typedef struct {
     ngx_uint_t                     reserved;    /* prompt + completion */
     ngx_uint_t                     tokens_per_minute;
     ngx_str_t                      member;      /* Redis concurrency slot */
+    ngx_queue_t                    lease;       /* slots this worker renews */
+    ngx_msec_t                     renewed;     /* the slot's last lease */
+    ngx_uint_t                     renew_tick;
     ngx_event_t                    wait;        /* queued for a slot */
-    ngx_queue_t                    queue;
+    ngx_queue_t                    queue;       /* this worker's waiters */
+    uint64_t                       ticket;      /* place in the host's line */
     ngx_msec_t                     deadline;
     void                          *op;          /* pending Redis call */
     unsigned                       queued:1;
+    unsigned                       held:1;      /* in the lease list */
     unsigned                       done:1;      /* admitted or refused */
 } ngx_http_llm_admit_t;
 
@@ -494,6 +500,10 @@ ngx_buf_t *ngx_http_llm_json_buf(ngx_pool_t *pool, ngx_chain_t **free,
 void ngx_http_llm_continue(ngx_http_request_t *r);
 ngx_int_t ngx_http_llm_send_error(ngx_http_request_t *r,
     ngx_http_llm_error_t *err);
+ngx_int_t ngx_http_llm_send_json(ngx_http_request_t *r, ngx_uint_t status,
+    json_t *json);
+ngx_int_t ngx_http_llm_send_buf(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, ngx_buf_t *b);
 void ngx_http_llm_add_header(ngx_http_request_t *r, const char *key,
     ngx_str_t *value);
 
@@ -549,6 +559,42 @@ ngx_int_t ngx_http_llm_redis_eval(ngx_http_llm_redis_script_t *script,
     ngx_http_llm_redis_handler_pt handler, void *data, int argc,
     const char **argv, const size_t *argvlen);
 void ngx_http_llm_redis_script_init(ngx_http_llm_redis_script_t *script);
+
+
+/* ---- shared zones of per-tenant records: ngx_http_llm_zone.c --------- */
+
+typedef struct {
+    ngx_rbtree_t                   rbtree;
+    ngx_rbtree_node_t              sentinel;
+    ngx_queue_t                    queue;       /* LRU */
+} ngx_http_llm_zone_sh_t;
+
+typedef struct ngx_http_llm_zone_s  ngx_http_llm_zone_t;
+
+/* A new record, zeroed: set what zero does not. */
+typedef void (*ngx_http_llm_zone_init_pt)(void *value);
+
+/* May the record go?  NGX_OK: yes; NGX_DECLINED: in use; NGX_DONE: no,
+ * nor any more recent one (force: the zone is full). */
+typedef ngx_int_t (*ngx_http_llm_zone_expire_pt)(ngx_http_llm_zone_t *z,
+    void *value, ngx_uint_t force);
+
+struct ngx_http_llm_zone_s {
+    ngx_http_llm_zone_sh_t        *sh;
+    ngx_slab_pool_t               *shpool;      /* its mutex guards all */
+    size_t                         value_size;
+    ngx_http_llm_zone_init_pt      init;
+    ngx_http_llm_zone_expire_pt    expire;
+};
+
+ngx_shm_zone_t *ngx_http_llm_zone_add(ngx_conf_t *cf, char *name,
+    size_t size, size_t value_size, ngx_http_llm_zone_init_pt init,
+    ngx_http_llm_zone_expire_pt expire);
+void *ngx_http_llm_zone_lookup(ngx_http_llm_zone_t *z, ngx_str_t *name,
+    ngx_uint_t create);
+void ngx_http_llm_zone_expire(ngx_http_llm_zone_t *z, ngx_uint_t force);
+void *ngx_http_llm_zone_next(ngx_http_llm_zone_t *z, ngx_queue_t **q,
+    ngx_str_t *name);
 
 
 /* ---- metrics: ngx_http_llm_metrics.c -------------------------------- */

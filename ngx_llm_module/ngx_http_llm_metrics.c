@@ -40,6 +40,8 @@
  *   llm_prefix_cache_hit_tokens_total           prompt tokens reused
  *   llm_prefix_cache_tier_hit_tokens_total      ... of those from Redis
  *   llm_prefix_cache_evictions_total
+ *   llm_prefix_cache_bytes                      device bytes of those blocks
+ *   llm_prefix_cache_tier_stored_bytes          bytes of blocks in Redis
  *   llm_prefix_cache_tier_enabled, llm_prefix_cache_tier_connected
  *   llm_prefix_cache_tier_puts_total, ..._tier_put_bytes_total,
  *   ..._tier_puts_dropped_total, ..._tier_lookups_total,
@@ -542,7 +544,7 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
     size = 16384 + n * (4 * 18 + NGX_HTTP_LLM_CODES_N
                         + NGX_HTTP_LLM_REJECT_N + 16) * 256;
 
-    /* engine lines: 12 plain, 16 of the prefix cache */
+    /* engine lines: 12 plain, 18 of the prefix cache */
 
     for (i = 0; i < ne; i++) {
         size += 32 * (128 + 2 * es[i].name.len);
@@ -787,6 +789,13 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
         ngx_http_llm_prefix_metric("llm_prefix_cache_evictions_total",
                                    "counter", "Cached KV blocks evicted.",
                                    prefix_evictions)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_bytes", "gauge",
+                                   "Device bytes of the cached KV blocks.",
+                                   prefix_bytes_cached)
+        ngx_http_llm_prefix_metric("llm_prefix_cache_tier_stored_bytes",
+                                   "gauge", "Bytes of KV blocks kept in "
+                                   "Redis (as the engine last saw them).",
+                                   tier_stored_bytes)
         ngx_http_llm_prefix_metric("llm_prefix_cache_tier_enabled", "gauge",
                                    "Whether the engine has a Redis tier.",
                                    tier_enabled)

@@ -244,6 +244,8 @@ def test_prefix_metrics(ngf):
                   **eng) == 5
     assert metric(text, "llm_prefix_cache_tier_corrupt_total", **eng) == 1
     assert metric(text, "llm_prefix_cache_tier_errors_total", **eng) == 4
+    assert metric(text, "llm_prefix_cache_bytes", **eng) == 2580480
+    assert metric(text, "llm_prefix_cache_tier_stored_bytes", **eng) == 8192
     assert "# TYPE llm_prefix_cache_hit_tokens_total counter" in text
     assert "# TYPE llm_prefix_cache_blocks_cached gauge" in text
 

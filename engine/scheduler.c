@@ -266,6 +266,7 @@ llm_scheduler_plan(llm_scheduler *s, llm_seq **out)
     }
 
     for (cls = 0; cls < LLM_N_CLASSES && budget > 0; cls++) {
+        int prefill = 0;
 
         /* Running sequences of this class, oldest first. */
         for (seq = s->running.head; seq != NULL && budget > 0; seq = next) {
@@ -301,6 +302,7 @@ llm_scheduler_plan(llm_scheduler *s, llm_seq **out)
             seq->planned = 1;
             budget -= take;
             out[n++] = seq;
+            prefill |= take > 1;
         }
 
         /* Then admissions of this class, least served tenant first. */
@@ -338,6 +340,15 @@ llm_scheduler_plan(llm_scheduler *s, llm_seq **out)
             seq->planned = 1;
             budget -= take;
             out[n++] = seq;
+            prefill |= take > 1;
+        }
+
+        /* A prompt of this class being prefilled gets its step alone:
+         * lower classes wait one step rather than lengthen it (the
+         * step's time grows with its tokens), which keeps the time to
+         * first token of a higher class close to its idle value. */
+        if (prefill) {
+            break;
         }
     }
     return n;

@@ -16,6 +16,9 @@
  *    its weight; a tenant that becomes active again is lifted to the
  *    smallest active counter, so idle time is not banked), arrival order
  *    between equals;
+ *  - a class that prefills a prompt in this step has the step to
+ *    itself: lower classes are not planned (their TTFT-insensitive work
+ *    waits one step instead of slowing the higher class's prefill);
  *  - when KV blocks or running slots run out, the newest running
  *    sequence of the lowest class (never a higher class than the one
  *    being served, and for admissions only a strictly lower class) is

@@ -205,6 +205,23 @@ TEST_SUITE(scheduler_priority)
     test_cond(m.s.running.n <= 4);
     sim_free(&m);
 
+    test("a higher class's prefill has the step alone; lower classes run "
+         "again in the next");
+    sim_init(&m, 1024, 8, 256);
+    for (i = 0; i < 6; i++) {
+        sim_submit(&m, "bulk", 1, LLM_CLASS_BATCH, 30, 200);
+    }
+    for (step = 0; step < 5; step++) {
+        sim_step(&m, &np);
+    }
+    test_cond(np == 6);
+    inter = sim_submit(&m, "chat", 1, LLM_CLASS_INTERACTIVE, 40, 8);
+    sim_step(&m, &np);
+    test_cond(np == 1 && m.plan[0] == inter && inter->first_token_ns != 0);
+    sim_step(&m, &np);
+    test_cond(np == 7);         /* its decode and the batch together */
+    sim_free(&m);
+
     test("interactive admission never preempts interactive work");
     sim_init(&m, 1024, 2, 64);
     sim_submit(&m, "a", 1, LLM_CLASS_INTERACTIVE, 8, 100);

@@ -22,7 +22,8 @@ typedef struct llm_engine_params {
     const char *device;         /* "cpu" (default) or "cuda:N" */
     int         n_threads;      /* 0: all cores */
     size_t      kv_memory;      /* bytes for KV pages; 0: 256 MiB */
-    int         kv_type;        /* LLM_F16 (default) or LLM_F32 */
+    int         kv_type;        /* LLM_F16 or LLM_F32 (the zero value:
+                                   llm-engine and llm-run ask for F16) */
     int         max_seqs;       /* running sequences at once; 0: 64 */
     int         max_step_tokens;/* token budget per step; 0: 512 */
     int         n_ctx;          /* max sequence length; 0: model's */

@@ -2,7 +2,9 @@
  * Micro-benchmark of the CPU backend's matmul (and decode attention) at
  * SmolLM2-135M's shapes.
  *
- *   build-x/bench-kernels [-t threads] [-r passes] [-q] [types...]
+ *   build-x/bench-kernels [-t threads] [-r passes] [-q] [-A] [types...]
+ *
+ * -q: the model step and Q4_1 only; -A: decode attention only.
  *
  * Every matrix exists in 30 copies, one per layer, and a pass multiplies
  * each copy once, as a forward pass does: the weights come from memory or
@@ -246,7 +248,9 @@ bench_model(llm_backend *be, int passes)
 
 
 /* Decode attention of one token per sequence (n_seqs of them) at a given
- * context length, F16 pages, SmolLM2's heads; time per layer x 30. */
+ * context length, F16 pages, SmolLM2's heads; 30 layers, each with its
+ * own pages (as in a forward step: the KV of a whole step does not stay
+ * in the caches). */
 static void
 bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
 {
@@ -265,20 +269,20 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
 
     memset(&kv, 0, sizeof(kv));
     kv.type = LLM_F16;
-    kv.n_layers = 1;
+    kv.n_layers = N_LAYERS;
     kv.n_blocks = n_blocks;
     kv.block_size = BS;
     kv.n_kv_heads = NKV;
     kv.head_dim = HD;
     kv.layer_bytes = (size_t) n_blocks * BS * NKV * HD * 2;
-    kv.k = be->ops->alloc(be, kv.layer_bytes);
-    kv.v = be->ops->alloc(be, kv.layer_bytes);
+    kv.k = be->ops->alloc(be, kv.layer_bytes * N_LAYERS);
+    kv.v = be->ops->alloc(be, kv.layer_bytes * N_LAYERS);
     if (kv.k == NULL || kv.v == NULL) {
         printf("attention: out of memory\n");
         return;
     }
-    memset(kv.k, 0x3c, kv.layer_bytes);
-    memset(kv.v, 0x3c, kv.layer_bytes);
+    memset(kv.k, 0x3c, kv.layer_bytes * N_LAYERS);
+    memset(kv.v, 0x3c, kv.layer_bytes * N_LAYERS);
     for (i = 0; i < n_blocks; i++) {
         table[i] = (i * 7919) % n_blocks;   /* scattered blocks */
     }
@@ -306,7 +310,7 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
     for (p = 0; p < passes; p++) {
         double t0 = now_s();
         for (i = 0; i < N_LAYERS; i++) {
-            be->ops->attention(be, &out, &q, &kv, 0, NH, 0.125f);
+            be->ops->attention(be, &out, &q, &kv, i, NH, 0.125f);
         }
         t0 = now_s() - t0;
         best = t0 < best ? t0 : best;
@@ -335,6 +339,7 @@ main(int argc, char **argv)
         { "f16", LLM_F16 }, { "bf16", LLM_BF16 }, { "f32", LLM_F32 },
     };
     int          threads = 2, passes = 7, quick = 0, i, j, any = 0;
+    int          attn_only = 0;
     int          want[16];
     llm_err      err;
     llm_backend *be;
@@ -347,6 +352,8 @@ main(int argc, char **argv)
             passes = atoi(argv[++i]);
         } else if (strcmp(argv[i], "-q") == 0) {
             quick = 1;
+        } else if (strcmp(argv[i], "-A") == 0) {
+            attn_only = 1;
         } else {
             for (j = 0; j < (int) (sizeof(types) / sizeof(types[0])); j++) {
                 if (strcmp(argv[i], types[j].name) == 0) {
@@ -365,11 +372,18 @@ main(int argc, char **argv)
            threads, passes, getenv("LLM_CPU_ISA") ? getenv("LLM_CPU_ISA")
                                                   : "(best)");
 
-    bench_model(be, passes);
+    if (!attn_only) {
+        bench_model(be, passes);
+    }
     if (!quick) {
         bench_attention(be, 1024, 1, passes);
         bench_attention(be, 8192, 1, passes);
+        bench_attention(be, 160, 32, passes);
         bench_attention(be, 1024, 32, passes);
+    }
+    if (attn_only) {
+        be->ops->free(be);
+        return 0;
     }
     for (j = 0; j < (int) (sizeof(types) / sizeof(types[0])); j++) {
         if (any ? !want[j] : quick && j > 0) {

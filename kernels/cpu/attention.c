@@ -70,21 +70,32 @@ esize(const llm_kv_pool *kv)
 
 /* Runs body for each run of consecutive positions within one block, with
  * at_ the offset of the run from j0, row_ the address of its first
- * position's row (KV head 0) and cnt_ its length. */
-#define FOR_EACH_RUN(job, base, s, j0, j1, body)                            \
+ * position's row (KV head 0), cnt_ its length, and next_ the first row
+ * of the run after it (tail after the last run).
+ *
+ * Decode attention streams every cached row of a sequence once, from
+ * blocks scattered over the pool, so it waits on memory unless the next
+ * rows are on their way: the kernels prefetch the rows of next_ while
+ * they work on row_ (a few cache lines per group of positions, so that
+ * the prefetches overlap the arithmetic instead of waiting for free
+ * line-fill buffers). */
+#define FOR_EACH_RUN(job, base, tail, s, j0, j1, body)                      \
     do {                                                                    \
         const llm_batch *b_ = &(job)->c->batch;                             \
+        const int32_t   *bt_ = b_->block_table                              \
+                               + (size_t) (s) * b_->max_blocks;             \
         int              bs_ = (job)->kv->block_size;                       \
         size_t           w_ = (size_t) (job)->kv->n_kv_heads * (job)->hd    \
                               * esize((job)->kv);                           \
         int32_t          j_ = (j0);                                         \
         while (j_ < (j1)) {                                                 \
-            int32_t blk_ = b_->block_table[(size_t) (s) * b_->max_blocks    \
-                                           + j_ / bs_];                     \
             int32_t off_ = j_ % bs_;                                        \
             int32_t cnt_ = bs_ - off_ < (j1) - j_ ? bs_ - off_ : (j1) - j_; \
             const uint8_t *row_ = (base)                                    \
-                + ((size_t) blk_ * bs_ + off_) * w_;                        \
+                + ((size_t) bt_[j_ / bs_] * bs_ + off_) * w_;               \
+            const uint8_t *next_ = j_ + cnt_ < (j1)                         \
+                ? (base) + (size_t) bt_[(j_ + cnt_) / bs_] * bs_ * w_       \
+                : (tail);                                                   \
             int32_t at_ = j_ - (j0);                                        \
             body;                                                           \
             j_ += cnt_;                                                     \
@@ -92,11 +103,25 @@ esize(const llm_kv_pool *kv)
     } while (0)
 
 
+/* The row of position j0 of sequence s in the pages at base. */
+static const uint8_t *
+first_row(const attn_job *j, const uint8_t *base, int32_t s, int32_t j0)
+{
+    const llm_batch *b = &j->c->batch;
+    int              bs = j->kv->block_size;
+    size_t           w = (size_t) j->kv->n_kv_heads * j->hd * esize(j->kv);
+
+    return base + ((size_t) b->block_table[(size_t) s * b->max_blocks
+                                           + j0 / bs] * bs + j0 % bs) * w;
+}
+
+
 /* One item: every query head of token t over positions [j0, j1).  The KV
  * heads of a run are done one after the other, while its rows are in
- * L1. */
+ * L1.  next: the item this thread runs after this one (-1: none), whose
+ * first K rows are prefetched during this one's last V rows. */
 static void
-attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
+attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf)
 {
     const attn_item       *it = &j->items[idx];
     const llm_cpu_kernels *kn = &j->c->kern;
@@ -116,14 +141,25 @@ attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
     float                 *o = slot;                    /* [nh, hd] */
     float                 *m = slot + (size_t) nh * hd; /* [nh] */
     float                 *l = m + nh;                  /* [nh] */
+    const uint8_t         *v_first, *k_next = NULL;
 
-    FOR_EACH_RUN(j, j->kbase, s, it->j0, it->j1,
+    /* after the last K run: the first V run; after the last V run: the
+     * next item's first K run */
+    v_first = first_row(j, j->vbase, s, it->j0);
+    if (next >= 0) {
+        const attn_item *nx = &j->items[next];
+
+        k_next = first_row(j, j->kbase, j->c->batch.tok_seq[nx->t], nx->j0);
+    }
+
+    FOR_EACH_RUN(j, j->kbase, v_first, s, it->j0, it->j1,
         for (kvh = 0; kvh < kv->n_kv_heads; kvh++) {
             kn->attn_scores(q + (size_t) kvh * g * hd, g, hd,
                             row_ + kvh * hb, kv->type, stride, cnt_,
                             j->scale,
                             sc + (size_t) kvh * g * j->s_stride + at_,
-                            j->s_stride);
+                            j->s_stride,
+                            next_ != NULL ? next_ + kvh * hb : NULL);
         });
 
     for (h = 0; h < nh; h++) {
@@ -134,12 +170,12 @@ attn_item_run(attn_job *j, int64_t idx, float *sc, float *obuf)
     }
 
     memset(o, 0, (size_t) nh * hd * sizeof(float));
-    FOR_EACH_RUN(j, j->vbase, s, it->j0, it->j1,
+    FOR_EACH_RUN(j, j->vbase, k_next, s, it->j0, it->j1,
         for (kvh = 0; kvh < kv->n_kv_heads; kvh++) {
             kn->attn_accum(o + (size_t) kvh * g * hd, g, hd,
                            sc + (size_t) kvh * g * j->s_stride + at_,
                            j->s_stride, row_ + kvh * hb, kv->type, stride,
-                           cnt_);
+                           cnt_, next_ != NULL ? next_ + kvh * hb : NULL);
         });
 
     if (it->part < 0) {
@@ -162,14 +198,15 @@ attn_task(void *arg, int ith, int nth)
     attn_job *j = arg;
     float    *sc = j->scores + (size_t) ith * j->nh * j->s_stride;
     float    *obuf = j->obuf + (size_t) ith * j->nh * (j->hd + 2);
-    int64_t   idx;
+    int64_t   idx, next;
 
-    for (;;) {
-        idx = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
-        if (idx >= j->n_items) {
-            break;
-        }
-        attn_item_run(j, idx, sc, obuf);
+    /* each item is claimed one item ahead, so that its first rows can
+     * be prefetched during the current one */
+    idx = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+    while (idx < j->n_items) {
+        next = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        attn_item_run(j, idx, next < j->n_items ? next : -1, sc, obuf);
+        idx = next;
     }
 }
 

@@ -182,14 +182,32 @@ typedef struct llm_cpu_kernels {
      *         q: [g, hd] f32.
      * accum:  o[h] += p[h * p_stride + i] * v[i] for every i,
      *         o: [g, hd] f32.
+     *
+     * pf: the first row (same head, same stride) of the rows the caller
+     * reads next, or NULL; the kernel prefetches its first n rows along
+     * the way (a hint: never dereferenced, it may point anywhere).
      */
     void  (*attn_scores)(const float *q, int g, int hd, const void *k,
                          int kv_type, size_t stride, int n, float scale,
-                         float *s, int s_stride);
+                         float *s, int s_stride, const void *pf);
     void  (*attn_accum)(float *o, int g, int hd, const float *p,
                         int p_stride, const void *v, int kv_type,
-                        size_t stride, int n);
+                        size_t stride, int n, const void *pf);
 } llm_cpu_kernels;
+
+/* Prefetches the cache lines of [p, p + bytes) (a hint; p may be any
+ * address). */
+static inline void
+llm_cpu_prefetch(const void *p, size_t bytes)
+{
+    const char *a = (const char *) ((uintptr_t) p & ~(uintptr_t) 63);
+    const char *end = (const char *) p + bytes;
+
+    for (; a < end; a += 64) {
+        __builtin_prefetch(a, 0, 3);
+    }
+}
+
 
 /* Fill a table: every ISA starts from the scalar table and overrides what
  * it accelerates. */

@@ -430,11 +430,16 @@ kv_elem(const void *p, int type, size_t i)
 static void
 attn_scores_scalar(const float *q, int g, int hd, const void *k,
                    int kv_type, size_t stride, int n, float scale,
-                   float *s, int s_stride)
+                   float *s, int s_stride, const void *pf)
 {
-    int i, h, e;
+    size_t es = kv_type == LLM_F16 ? 2 : 4;
+    int    i, h, e;
 
     for (i = 0; i < n; i++) {
+        if (pf != NULL) {
+            llm_cpu_prefetch((const uint8_t *) pf + i * stride * es,
+                             (size_t) hd * es);
+        }
         for (h = 0; h < g; h++) {
             float dot = 0.0f;
             for (e = 0; e < hd; e++) {
@@ -448,11 +453,17 @@ attn_scores_scalar(const float *q, int g, int hd, const void *k,
 
 static void
 attn_accum_scalar(float *o, int g, int hd, const float *p, int p_stride,
-                  const void *v, int kv_type, size_t stride, int n)
+                  const void *v, int kv_type, size_t stride, int n,
+                  const void *pf)
 {
-    int i, h, e;
+    size_t es = kv_type == LLM_F16 ? 2 : 4;
+    int    i, h, e;
 
     for (i = 0; i < n; i++) {
+        if (pf != NULL) {
+            llm_cpu_prefetch((const uint8_t *) pf + i * stride * es,
+                             (size_t) hd * es);
+        }
         for (h = 0; h < g; h++) {
             float pv = p[h * p_stride + i];
             for (e = 0; e < hd; e++) {

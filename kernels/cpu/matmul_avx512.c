@@ -453,24 +453,67 @@ typedef struct t_tile {
 } t_tile;
 
 
+/* Dwords u = 0 .. 3 of 16 bytes at p[j] for the 16 rows j, as 4
+ * vectors whose lane j is row j's dword u: four 128-bit loads per
+ * register (rows k, k+4, k+8, k+12 in register k), then a 4x4 dword
+ * transpose within each 128-bit lane.  Four gathers do the same, a few
+ * per cent slower at 32 activation rows on the Sapphire Rapids VM of
+ * bench/kernels/RESULTS.md. */
+INLINE void
+t_transpose16x4(const uint8_t *const *p, size_t off, __m512i *v)
+{
+    __m512i a[4], t0, t1, t2, t3;
+    int     k;
+
+#pragma GCC unroll 4
+    for (k = 0; k < 4; k++) {
+        a[k] = _mm512_castsi128_si512(
+            _mm_loadu_si128((const __m128i *) (p[k] + off)));
+        a[k] = _mm512_inserti32x4(a[k], _mm_loadu_si128(
+            (const __m128i *) (p[k + 4] + off)), 1);
+        a[k] = _mm512_inserti32x4(a[k], _mm_loadu_si128(
+            (const __m128i *) (p[k + 8] + off)), 2);
+        a[k] = _mm512_inserti32x4(a[k], _mm_loadu_si128(
+            (const __m128i *) (p[k + 12] + off)), 3);
+    }
+    /* lane L of a[k] holds row k + 4L; element i of lane L of v[u] comes
+     * from a[i], i.e. row i + 4L: lane 4L + i */
+    t0 = _mm512_unpacklo_epi32(a[0], a[1]);
+    t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+    t2 = _mm512_unpacklo_epi32(a[2], a[3]);
+    t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+    v[0] = _mm512_unpacklo_epi64(t0, t2);
+    v[1] = _mm512_unpackhi_epi64(t0, t2);
+    v[2] = _mm512_unpacklo_epi64(t1, t3);
+    v[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+
 /* Blocks of 32: nb blocks of 16 rows from base, rows stride bytes
- * apart. */
+ * apart; rows past the mask rm read row 0 again (their lanes are never
+ * stored). */
 INLINE void
 t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
          int with_quants, t_tile *t)
 {
     const int      bs = b32_size(type);
+    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
     const __m512i  idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
                           15),
         _mm512_set1_epi32((int) stride));
-    const __m512i  zero = _mm512_setzero_si512();
-    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
-    int            b, u;
+    const uint8_t *p[16];
+    int            b, u, j;
 
-    for (b = 0; b < nb; b++, base += bs) {
+    for (j = 0; j < 16; j++) {
+        p[j] = base + ((rm >> j) & 1 ? (size_t) j * stride : 0);
+    }
+    for (b = 0; b < nb; b++) {
+        __m512i v[4];
         /* the first dword of each row's block: d (and Q4_1's m) */
-        __m512i sc = _mm512_mask_i32gather_epi32(zero, rm, idx, base, 1);
+        __m512i sc = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm,
+                                                 idx, base + (size_t) b * bs,
+                                                 1);
 
         t->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc));
         if (type == LLM_Q4_1) {
@@ -481,20 +524,24 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
             continue;
         }
         if (type == LLM_Q8_0) {
-            for (u = 0; u < 8; u++) {
-                __m512i v = _mm512_mask_i32gather_epi32(zero, rm, idx,
-                                                        base + 2 + 4 * u, 1);
+            t_transpose16x4(p, (size_t) b * bs + 2, v);
+            for (u = 0; u < 4; u++) {
                 t->q[b][u] = _mm512_xor_si512(
-                    v, _mm512_set1_epi32((int) 0x80808080u));
+                    v[u], _mm512_set1_epi32((int) 0x80808080u));
+            }
+            t_transpose16x4(p, (size_t) b * bs + 18, v);
+            for (u = 0; u < 4; u++) {
+                t->q[b][u + 4] = _mm512_xor_si512(
+                    v[u], _mm512_set1_epi32((int) 0x80808080u));
             }
         } else {
-            int off = type == LLM_Q4_0 ? 2 : 4;
+            t_transpose16x4(p, (size_t) b * bs
+                               + (type == LLM_Q4_0 ? 2 : 4), v);
             for (u = 0; u < 4; u++) {
-                __m512i v = _mm512_mask_i32gather_epi32(zero, rm, idx,
-                                                        base + off + 4 * u, 1);
                 /* low nibbles: elements 4u..; high: 16 + 4u.. */
-                t->q[b][u] = _mm512_and_si512(v, lo4);
-                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
+                t->q[b][u] = _mm512_and_si512(v[u], lo4);
+                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v[u], 4),
+                                                  lo4);
             }
         }
     }

@@ -184,14 +184,21 @@ kv_elem(const void *p, int type, size_t i)
  * are converted once for all G heads. */
 INLINE void
 scores_g(const float *q, int G, int hd, const void *k, int type,
-         size_t stride, int n, float scale, float *s, int s_stride)
+         size_t stride, int n, float scale, float *s, int s_stride,
+         const void *pf)
 {
-    int hv = hd & ~7;
-    int i, h, c;
+    size_t es = type == LLM_F16 ? 2 : 4;
+    int    hv = hd & ~7;
+    int    i, h, c;
 
     for (i = 0; i < n; i++) {
         size_t base = (size_t) i * stride;
         __m256 acc[4];
+
+        if (pf != NULL) {
+            llm_cpu_prefetch((const uint8_t *) pf + base * es,
+                             (size_t) hd * es);
+        }
 
 #pragma GCC unroll 4
         for (h = 0; h < G; h++) {
@@ -219,23 +226,25 @@ scores_g(const float *q, int G, int hd, const void *k, int type,
 
 static void
 attn_scores_avx2(const float *q, int g, int hd, const void *k, int kv_type,
-                 size_t stride, int n, float scale, float *s, int s_stride)
+                 size_t stride, int n, float scale, float *s, int s_stride,
+                 const void *pf)
 {
     int h0;
 
     for (h0 = 0; h0 < g; h0 += 4) {
         const float *qh = q + (size_t) h0 * hd;
         float       *sh = s + (size_t) h0 * s_stride;
+        const void  *p = h0 == 0 ? pf : NULL;   /* once per row */
 
         switch (g - h0 >= 4 ? 4 : g - h0) {
         case 4: scores_g(qh, 4, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         case 3: scores_g(qh, 3, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         case 2: scores_g(qh, 2, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         default: scores_g(qh, 1, hd, k, kv_type, stride, n, scale, sh,
-                          s_stride); break;
+                          s_stride, p); break;
         }
     }
 }
@@ -244,8 +253,9 @@ attn_scores_avx2(const float *q, int g, int hd, const void *k, int kv_type,
 /* o[h][c0 .. c0+15] += sum_i p[h][i] v_i for G (<= 4) heads. */
 INLINE void
 accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
-        const void *v, int type, size_t stride, int n)
+        const void *v, int type, size_t stride, int n, const void *pf)
 {
+    size_t es = type == LLM_F16 ? 2 : 4;
     __m256 acc[4][2];
     int    i, h, c;
 
@@ -255,8 +265,14 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
         acc[h][1] = _mm256_loadu_ps(o + h * hd + c0 + 8);
     }
     for (i = 0; i < n; i++) {
-        __m256 v0 = kv_load(v, type, (size_t) i * stride + c0);
-        __m256 v1 = kv_load(v, type, (size_t) i * stride + c0 + 8);
+        __m256 v0, v1;
+
+        if (pf != NULL) {
+            llm_cpu_prefetch((const uint8_t *) pf + (size_t) i * stride * es,
+                             (size_t) hd * es);
+        }
+        v0 = kv_load(v, type, (size_t) i * stride + c0);
+        v1 = kv_load(v, type, (size_t) i * stride + c0 + 8);
 #pragma GCC unroll 4
         for (h = 0; h < G; h++) {
             __m256 pb = _mm256_set1_ps(p[h * p_stride + i]);
@@ -275,7 +291,8 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
 
 static void
 attn_accum_avx2(float *o, int g, int hd, const float *p, int p_stride,
-                const void *v, int kv_type, size_t stride, int n)
+                const void *v, int kv_type, size_t stride, int n,
+                const void *pf)
 {
     int hv = hd & ~15;
     int h0, c0, i, h, c;
@@ -285,15 +302,18 @@ attn_accum_avx2(float *o, int g, int hd, const float *p, int p_stride,
         const float *ph = p + (size_t) h0 * p_stride;
 
         for (c0 = 0; c0 < hv; c0 += 16) {
+            /* the next rows, once */
+            const void *f = h0 == 0 && c0 == 0 ? pf : NULL;
+
             switch (g - h0 >= 4 ? 4 : g - h0) {
             case 4: accum_g(oh, 4, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             case 3: accum_g(oh, 3, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             case 2: accum_g(oh, 2, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             default: accum_g(oh, 1, hd, c0, ph, p_stride, v, kv_type, stride,
-                             n); break;
+                             n, f); break;
             }
         }
     }

@@ -238,16 +238,38 @@ scores_tile(const float *q, int G, int NP, int hd, const void *k, int type,
 }
 
 
+/* Prefetches rows i0 .. i0+np-1 of pf (hd elements of es bytes each):
+ * a few lines per tile, so that they overlap the tile's arithmetic. */
+INLINE void
+prefetch_tile(const void *pf, int np, int hd, size_t es, size_t stride,
+              int i0)
+{
+    int p;
+
+    if (pf == NULL) {
+        return;
+    }
+    for (p = 0; p < np; p++) {
+        llm_cpu_prefetch((const uint8_t *) pf + (size_t) (i0 + p) * stride
+                                                * es, (size_t) hd * es);
+    }
+}
+
+
 INLINE void
 scores_g(const float *q, int G, int hd, const void *k, int type,
-         size_t stride, int n, float scale, float *s, int s_stride)
+         size_t stride, int n, float scale, float *s, int s_stride,
+         const void *pf)
 {
-    int i = 0;
+    size_t es = type == LLM_F16 ? 2 : 4;
+    int    i = 0;
 
     for (; i + 4 <= n; i += 4) {
+        prefetch_tile(pf, 4, hd, es, stride, i);
         scores_tile(q, G, 4, hd, k, type, stride, i, scale, s, s_stride);
     }
     for (; i < n; i++) {
+        prefetch_tile(pf, 1, hd, es, stride, i);
         scores_tile(q, G, 1, hd, k, type, stride, i, scale, s, s_stride);
     }
 }
@@ -256,7 +278,7 @@ scores_g(const float *q, int G, int hd, const void *k, int type,
 static void
 attn_scores_avx512(const float *q, int g, int hd, const void *k,
                    int kv_type, size_t stride, int n, float scale,
-                   float *s, int s_stride)
+                   float *s, int s_stride, const void *pf)
 {
     int h0;
 
@@ -264,16 +286,17 @@ attn_scores_avx512(const float *q, int g, int hd, const void *k,
     for (h0 = 0; h0 < g; h0 += 4) {
         const float *qh = q + (size_t) h0 * hd;
         float       *sh = s + (size_t) h0 * s_stride;
+        const void  *p = h0 == 0 ? pf : NULL;   /* once per row */
 
         switch (g - h0 >= 4 ? 4 : g - h0) {
         case 4: scores_g(qh, 4, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         case 3: scores_g(qh, 3, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         case 2: scores_g(qh, 2, hd, k, kv_type, stride, n, scale, sh,
-                         s_stride); break;
+                         s_stride, p); break;
         default: scores_g(qh, 1, hd, k, kv_type, stride, n, scale, sh,
-                          s_stride); break;
+                          s_stride, p); break;
         }
     }
 }
@@ -283,8 +306,9 @@ attn_scores_avx512(const float *q, int g, int hd, const void *k,
  * 16 per head in registers, each V chunk converted once. */
 INLINE void
 accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
-        const void *v, int type, size_t stride, int n)
+        const void *v, int type, size_t stride, int n, const void *pf)
 {
+    size_t    es = type == LLM_F16 ? 2 : 4;
     __m512    acc[4][4];
     __mmask16 m[4];
     int       i, h, c;
@@ -299,6 +323,8 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
     }
     for (i = 0; i < n; i++) {
         __m512 vv[4];
+
+        prefetch_tile(pf, 1, hd, es, stride, i);
 #pragma GCC unroll 4
         for (c = 0; c < 4; c++) {
             vv[c] = kv_load(v, type, (size_t) i * stride + c0 + 16 * c, m[c]);
@@ -324,7 +350,8 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
 
 static void
 attn_accum_avx512(float *o, int g, int hd, const float *p, int p_stride,
-                  const void *v, int kv_type, size_t stride, int n)
+                  const void *v, int kv_type, size_t stride, int n,
+                  const void *pf)
 {
     int h0, c0;
 
@@ -333,15 +360,18 @@ attn_accum_avx512(float *o, int g, int hd, const float *p, int p_stride,
         const float *ph = p + (size_t) h0 * p_stride;
 
         for (c0 = 0; c0 < hd; c0 += 64) {
+            /* the next rows, once */
+            const void *f = h0 == 0 && c0 == 0 ? pf : NULL;
+
             switch (g - h0 >= 4 ? 4 : g - h0) {
             case 4: accum_g(oh, 4, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             case 3: accum_g(oh, 3, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             case 2: accum_g(oh, 2, hd, c0, ph, p_stride, v, kv_type, stride,
-                            n); break;
+                            n, f); break;
             default: accum_g(oh, 1, hd, c0, ph, p_stride, v, kv_type, stride,
-                             n); break;
+                             n, f); break;
             }
         }
     }

@@ -14,6 +14,7 @@
     strip_volatile(doc)             a response without id / created
 """
 
+import http.client
 import json
 import os
 import socket
@@ -261,3 +262,19 @@ def wait_keys(redis, n, timeout=5.0):
             return k
         time.sleep(0.02)
     raise TimeoutError("prompt cache keys: %s" % pc_keys(redis))
+
+
+def post(port, path, body, key=None, timeout=120.0):
+    """POST /v1 + path to nginx on port: (status, headers, body bytes)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        h = {"Content-Type": "application/json"}
+        if key:
+            h["Authorization"] = "Bearer " + key
+        c.request("POST", "/v1" + path, body=json.dumps(body), headers=h)
+        r = c.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    finally:
+        c.close()
+

@@ -16,14 +16,13 @@ prefix cache part): tenant B reuses the blocks of tenant A's system
 prompt through the shared namespace, and gets nothing of a private one.
 """
 
-import http.client
 import json
 import os
 import time
 
 import pytest
 
-from cache_util import FakeEngine, model_vocab, pc_keys, wait_keys
+from cache_util import FakeEngine, model_vocab, pc_keys, post, wait_keys
 from conftest import free_port, wait_until
 from nginx_proc import nginx_module, start_nginx  # noqa: F401
 from tenants_util import metric, metrics_text, tenant, write_tenants
@@ -42,20 +41,6 @@ TENANTS = [
 ]
 
 SYSTEM = "You are a terse assistant. Answer in one sentence."
-
-
-def post(port, path, body, key=None):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        h = {"Content-Type": "application/json"}
-        if key:
-            h["Authorization"] = "Bearer " + key
-        c.request("POST", "/v1" + path, body=json.dumps(body), headers=h)
-        r = c.getresponse()
-        data = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-    finally:
-        c.close()
 
 
 def chat(port, key, messages, **kw):

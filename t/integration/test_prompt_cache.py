@@ -11,7 +11,6 @@ llm_prompt_cache_charge on/off in x-ratelimit-remaining-tokens; the TTL;
 the /metrics counters; nginx -t refuses bad values.
 """
 
-import http.client
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 
 import pytest
 
+import cache_util
 from cache_util import (pc_keys, sse, sse_text, strip_volatile, wait_keys)
 from conftest import free_port, wait_until
 from nginx_proc import Nginx, nginx_module, start_nginx  # noqa: F401
@@ -53,18 +53,7 @@ class Server:
         self.port = port
 
     def post(self, path, body, key=None, timeout=120.0):
-        c = http.client.HTTPConnection("127.0.0.1", self.port,
-                                       timeout=timeout)
-        try:
-            h = {"Content-Type": "application/json"}
-            if key:
-                h["Authorization"] = "Bearer " + key
-            c.request("POST", "/v1" + path, body=json.dumps(body), headers=h)
-            r = c.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-        finally:
-            c.close()
+        return cache_util.post(self.port, path, body, key, timeout)
 
     def chat(self, key, content, **kw):
         b = {"model": MODEL, "max_tokens": 8, "temperature": 0,

@@ -61,6 +61,7 @@ struct llm_engine {
     int                 cache_on;
     uint8_t             cache_fp[32];
     llm_kv_tier        *tier;
+    size_t              block_bytes;    /* one KV block, every layer */
     size_t              tier_payload;
     uint8_t            *tier_block;     /* [tier_payload] */
     uint64_t            tier_wait_ns;   /* longest wait for a lookup */
@@ -116,6 +117,9 @@ seq_is_stop(const llm_engine *e, const llm_seq *s, int32_t tok)
     }
     return 0;
 }
+
+
+static llm_seq *engine_find(llm_engine *e, uint64_t id);
 
 
 /* ---- prefix cache ------------------------------------------------- */
@@ -262,11 +266,7 @@ engine_tier_results(llm_engine *e)
     int32_t            id;
 
     while (llm_kv_tier_poll(e->tier, &r) == 1) {
-        for (s = e->sched.waiting.head; s != NULL; s = s->next) {
-            if (s->id == r.tag) {
-                break;
-            }
-        }
+        s = engine_find(e, r.tag);      /* NULL: cancelled meanwhile */
         for (i = 0; s != NULL && s->tier_pending && i < r.n_found; i++) {
             const uint8_t *h = s->hashes[s->tier_first + i];
 
@@ -395,6 +395,7 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                     "%zu bytes", e->p.kv_memory, block_bytes);
         goto failed;
     }
+    e->block_bytes = block_bytes;
     e->kv = llm_kv_blocks_new(n_blocks, LLM_KV_BLOCK_SIZE, err);
     if (e->kv == NULL) {
         goto failed;
@@ -923,10 +924,7 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->prefix_blocks_cached = cs.tagged;
         st->prefix_blocks_reusable = cs.reusable;
         st->prefix_evictions = cs.evictions;
-        st->prefix_bytes_cached = (uint64_t) cs.tagged
-                                  * llm_forward_kv_block_bytes(
-                                        &e->model->cfg, LLM_KV_BLOCK_SIZE,
-                                        e->p.kv_type);
+        st->prefix_bytes_cached = (uint64_t) cs.tagged * e->block_bytes;
     }
     if (e->tier != NULL) {
         llm_kv_tier_stats ts;

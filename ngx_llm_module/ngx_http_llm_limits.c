@@ -1444,62 +1444,65 @@ ngx_http_llm_limits_wake(ngx_str_t *name)
 
 /* ---- headers ------------------------------------------------------------ */
 
+/* The OpenAI-style trio of one limit: its cap, what is left and when it
+ * is full again (the bucket refills at cap per minute). */
+
+static ngx_int_t
+ngx_http_llm_limit_headers(ngx_http_request_t *r, ngx_uint_t cap,
+    int64_t level, const char *limit, const char *remaining,
+    const char *reset)
+{
+    u_char     *p;
+    int64_t     full;
+    ngx_str_t   s;
+
+    level = ngx_max(level, 0);
+    full = (int64_t) cap * NGX_HTTP_LLM_W;
+
+    p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 64);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    s.data = p;
+    s.len = ngx_sprintf(p, "%ui", cap) - p;
+    ngx_http_llm_add_header(r, limit, &s);
+
+    s.data += s.len;
+    s.len = ngx_sprintf(s.data, "%L", level / NGX_HTTP_LLM_W) - s.data;
+    ngx_http_llm_add_header(r, remaining, &s);
+
+    s.data += s.len;
+    s.len = ngx_http_llm_duration(s.data,
+                                  (ngx_msec_t) ((full - level + cap - 1)
+                                                / cap))
+            - s.data;
+    ngx_http_llm_add_header(r, reset, &s);
+
+    return NGX_OK;
+}
+
+
 static void
 ngx_http_llm_limits_headers(ngx_http_request_t *r, ngx_http_llm_verdict_t *v)
 {
-    u_char      *p;
-    int64_t      level, full;
-    ngx_str_t    s;
-    ngx_uint_t   cap;
-
-    if ((cap = v->caps.requests_per_minute)) {
-        level = ngx_max(v->req_level, 0);
-        full = (int64_t) cap * NGX_HTTP_LLM_W;
-
-        p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 64);
-        if (p == NULL) {
-            return;
-        }
-
-        s.data = p;
-        s.len = ngx_sprintf(p, "%ui", cap) - p;
-        ngx_http_llm_add_header(r, "x-ratelimit-limit-requests", &s);
-
-        s.data += s.len;
-        s.len = ngx_sprintf(s.data, "%L", level / NGX_HTTP_LLM_W) - s.data;
-        ngx_http_llm_add_header(r, "x-ratelimit-remaining-requests", &s);
-
-        s.data += s.len;
-        s.len = ngx_http_llm_duration(s.data,
-                                      (ngx_msec_t) ((full - level + cap - 1)
-                                                    / cap))
-                - s.data;
-        ngx_http_llm_add_header(r, "x-ratelimit-reset-requests", &s);
+    if (v->caps.requests_per_minute
+        && ngx_http_llm_limit_headers(r, v->caps.requests_per_minute,
+                                      v->req_level,
+                                      "x-ratelimit-limit-requests",
+                                      "x-ratelimit-remaining-requests",
+                                      "x-ratelimit-reset-requests")
+           != NGX_OK)
+    {
+        return;
     }
 
-    if ((cap = v->caps.tokens_per_minute)) {
-        level = ngx_max(v->tok_level, 0);
-        full = (int64_t) cap * NGX_HTTP_LLM_W;
-
-        p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 64);
-        if (p == NULL) {
-            return;
-        }
-
-        s.data = p;
-        s.len = ngx_sprintf(p, "%ui", cap) - p;
-        ngx_http_llm_add_header(r, "x-ratelimit-limit-tokens", &s);
-
-        s.data += s.len;
-        s.len = ngx_sprintf(s.data, "%L", level / NGX_HTTP_LLM_W) - s.data;
-        ngx_http_llm_add_header(r, "x-ratelimit-remaining-tokens", &s);
-
-        s.data += s.len;
-        s.len = ngx_http_llm_duration(s.data,
-                                      (ngx_msec_t) ((full - level + cap - 1)
-                                                    / cap))
-                - s.data;
-        ngx_http_llm_add_header(r, "x-ratelimit-reset-tokens", &s);
+    if (v->caps.tokens_per_minute) {
+        (void) ngx_http_llm_limit_headers(r, v->caps.tokens_per_minute,
+                                          v->tok_level,
+                                          "x-ratelimit-limit-tokens",
+                                          "x-ratelimit-remaining-tokens",
+                                          "x-ratelimit-reset-tokens");
     }
 }
 

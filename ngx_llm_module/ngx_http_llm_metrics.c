@@ -686,18 +686,22 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
 
     /* engines */
 
-#define ngx_http_llm_engine_metric(metric, type, help, expr)                  \
+/* One series per engine that answered STATS and for which want holds. */
+#define ngx_http_llm_engine_series(metric, type, help, want, expr)            \
     p = ngx_sprintf(p, "# HELP " metric " " help "\n# TYPE " metric " "       \
                     type "\n");                                               \
     for (i = 0; i < ne; i++) {                                                \
-        if (!es[i].up) {                                                      \
+        if (!es[i].up || !(want)) {                                           \
             continue;                                                         \
         }                                                                     \
         p = ngx_cpymem(p, metric "{engine=\"",                               \
-                       sizeof(metric "{engine=\"") - 1);                   \
+                       sizeof(metric "{engine=\"") - 1);                      \
         p = ngx_http_llm_label(p, es[i].name.data, es[i].name.len);           \
         p = ngx_sprintf(p, "\"} %uL\n", (uint64_t) (expr));                   \
     }
+
+#define ngx_http_llm_engine_metric(metric, type, help, expr)                  \
+    ngx_http_llm_engine_series(metric, type, help, 1, expr)
 
     p = ngx_sprintf(p, "# HELP llm_engine_up Whether the engine answered "
                     "STATS.\n# TYPE llm_engine_up gauge\n");
@@ -757,18 +761,10 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
 
     if (i < ne) {
 
-#define ngx_http_llm_prefix_metric(metric, type, help, field)                 \
-    p = ngx_sprintf(p, "# HELP " metric " " help "\n# TYPE " metric " "       \
-                    type "\n");                                               \
-    for (i = 0; i < ne; i++) {                                                \
-        if (!es[i].up || !es[i].stats.has_prefix_cache) {                     \
-            continue;                                                         \
-        }                                                                     \
-        p = ngx_cpymem(p, metric "{engine=\"",                               \
-                       sizeof(metric "{engine=\"") - 1);                      \
-        p = ngx_http_llm_label(p, es[i].name.data, es[i].name.len);           \
-        p = ngx_sprintf(p, "\"} %uL\n", (uint64_t) es[i].stats.field);        \
-    }
+#define ngx_http_llm_prefix_metric(metric, type, help, field)                  \
+    ngx_http_llm_engine_series(metric, type, help,                            \
+                               es[i].stats.has_prefix_cache,                 \
+                               es[i].stats.field)
 
         ngx_http_llm_prefix_metric("llm_prefix_cache_blocks_cached", "gauge",
                                    "KV blocks in the prefix cache (in use "
@@ -830,6 +826,7 @@ ngx_http_llm_metrics_send(ngx_http_request_t *r)
                                    "timeouts.", tier_errors)
 
 #undef ngx_http_llm_prefix_metric
+#undef ngx_http_llm_engine_series
     }
 
     b->last = p;

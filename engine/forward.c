@@ -87,7 +87,8 @@ llm_forward_init(llm_forward *fw, llm_backend *be, const llm_model *m,
     fw->kv.n_kv_heads = c->n_kv_heads;
     fw->kv.head_dim = c->head_dim;
     fw->kv.layer_bytes = layer_bytes;
-    fw->segs = llm_calloc((size_t) cap_tokens, sizeof(llm_lora_seg));
+    /* a span per token at most, for each of up to 3 projections (q k v) */
+    fw->segs = llm_calloc((size_t) cap_tokens * 3, sizeof(llm_lora_seg));
     if (fw->segs == NULL) {
         llm_forward_free(fw);
         return llm_err_set(err, LLM_ENOMEM, "out of memory");
@@ -136,33 +137,38 @@ opt_bias(const llm_tensor *b)
 }
 
 
-/* Adds the LoRA terms of one projection (layer, target) to out, for
- * the spans whose adapter has that target. */
+/* Adds the LoRA terms of the projections outs[i] (targets[i]) that read
+ * the same x, for the spans whose adapter has that target: one backend
+ * call for the group. */
 static int
-forward_lora(llm_forward *fw, llm_tensor *out, const llm_tensor *x,
-             int layer, int target, const llm_lora_span *spans, int n_spans,
-             llm_err *err)
+forward_lora(llm_forward *fw, llm_tensor *const *outs, const int *targets,
+             int n_outs, const llm_tensor *x, int layer,
+             const llm_lora_span *spans, int n_spans, llm_err *err)
 {
-    int    i, n = 0, rc;
+    int    i, j, n = 0, rc;
     size_t esize;
 
-    for (i = 0; i < n_spans; i++) {
-        const llm_lora_weight *w = llm_lora_at(spans[i].lora, layer, target);
+    for (j = 0; j < n_outs; j++) {
+        for (i = 0; i < n_spans; i++) {
+            const llm_lora_weight *w = llm_lora_at(spans[i].lora, layer,
+                                                   targets[j]);
 
-        if (w == NULL || w->rank == 0) {
-            continue;
+            if (w == NULL || w->rank == 0) {
+                continue;
+            }
+            /* the pool's copy may be f16 (device_pool.h): the offsets
+             * count elements of its type */
+            esize = spans[i].type == LLM_F16 ? 2 : sizeof(float);
+            fw->segs[n].first = spans[i].first;
+            fw->segs[n].n = spans[i].n;
+            fw->segs[n].rank = w->rank;
+            fw->segs[n].scale = w->scale;
+            fw->segs[n].a = spans[i].dev + w->a_off * esize;
+            fw->segs[n].b = spans[i].dev + w->b_off * esize;
+            fw->segs[n].type = spans[i].type;
+            fw->segs[n].out = j;
+            n++;
         }
-        /* the pool's copy may be f16 (device_pool.h): the offsets count
-         * elements of its type */
-        esize = spans[i].type == LLM_F16 ? 2 : sizeof(float);
-        fw->segs[n].first = spans[i].first;
-        fw->segs[n].n = spans[i].n;
-        fw->segs[n].rank = w->rank;
-        fw->segs[n].scale = w->scale;
-        fw->segs[n].a = spans[i].dev + w->a_off * esize;
-        fw->segs[n].b = spans[i].dev + w->b_off * esize;
-        fw->segs[n].type = spans[i].type;
-        n++;
     }
     if (n == 0) {
         return 0;
@@ -171,23 +177,32 @@ forward_lora(llm_forward *fw, llm_tensor *out, const llm_tensor *x,
         return llm_err_set(err, LLM_EUNSUP, "backend %s has no LoRA op",
                            fw->be->ops->name);
     }
-    rc = fw->be->ops->lora(fw->be, out, x, fw->segs, n);
+    rc = fw->be->ops->lora(fw->be, outs, n_outs, x, fw->segs, n);
     if (rc != 0) {
         return llm_err_set(err, rc, "lora %s layer %d: %s",
-                           llm_lora_target_name(target), layer,
+                           llm_lora_target_name(targets[0]), layer,
                            llm_backend_error(fw->be));
     }
     return 0;
 }
 
 
-/* A projection: out = x W^T (+ bias) (+ the adapters' low-rank terms). */
-#define FW_PROJ(out, x, w, bias, target, what)                              \
+/* The adapters' low-rank terms of a group of projections of x: outputs
+ * in the order of the targets array. */
+static const int lora_qkv[] = { LLM_LORA_Q, LLM_LORA_K, LLM_LORA_V };
+static const int lora_o[] = { LLM_LORA_O };
+static const int lora_gate_up[] = { LLM_LORA_GATE, LLM_LORA_UP };
+static const int lora_down[] = { LLM_LORA_DOWN };
+
+#define FW_LORA(x, targets, ...)                                            \
     do {                                                                    \
-        FW_TRY(ops->matmul(be, out, x, w, bias), what);                     \
         if (n_spans > 0) {                                                  \
-            int rc_ = forward_lora(fw, out, x, l, target, spans, n_spans,   \
-                                   err);                                    \
+            llm_tensor *outs_[] = { __VA_ARGS__ };                          \
+            int         rc_;                                                \
+                                                                            \
+            rc_ = forward_lora(fw, outs_, targets,                          \
+                               (int) (sizeof(outs_) / sizeof(outs_[0])),    \
+                               x, l, spans, n_spans, err);                  \
             if (rc_ != 0) {                                                 \
                 return rc_;                                                 \
             }                                                               \
@@ -234,9 +249,10 @@ llm_forward_run(llm_forward *fw, const llm_batch *b,
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->attn_norm, c->norm_eps),
                "attn_norm");
-        FW_PROJ(&q, &h, &w->wq, opt_bias(&w->bq), LLM_LORA_Q, "wq");
-        FW_PROJ(&k, &h, &w->wk, opt_bias(&w->bk), LLM_LORA_K, "wk");
-        FW_PROJ(&v, &h, &w->wv, opt_bias(&w->bv), LLM_LORA_V, "wv");
+        FW_TRY(ops->matmul(be, &q, &h, &w->wq, opt_bias(&w->bq)), "wq");
+        FW_TRY(ops->matmul(be, &k, &h, &w->wk, opt_bias(&w->bk)), "wk");
+        FW_TRY(ops->matmul(be, &v, &h, &w->wv, opt_bias(&w->bv)), "wv");
+        FW_LORA(&h, lora_qkv, &q, &k, &v);
         FW_TRY(ops->rope(be, &q, c->n_heads, c->head_dim, &c->rope),
                "rope q");
         FW_TRY(ops->rope(be, &k, c->n_kv_heads, c->head_dim, &c->rope),
@@ -244,15 +260,18 @@ llm_forward_run(llm_forward *fw, const llm_batch *b,
         FW_TRY(ops->kv_store(be, &fw->kv, l, &k, &v), "kv_store");
         FW_TRY(ops->attention(be, &att, &q, &fw->kv, l, c->n_heads, scale),
                "attention");
-        FW_PROJ(&o, &att, &w->wo, NULL, LLM_LORA_O, "wo");
+        FW_TRY(ops->matmul(be, &o, &att, &w->wo, NULL), "wo");
+        FW_LORA(&att, lora_o, &o);
         FW_TRY(ops->add(be, &x, &x, &o), "residual");
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->ffn_norm, c->norm_eps),
                "ffn_norm");
-        FW_PROJ(&gate, &h, &w->w_gate, NULL, LLM_LORA_GATE, "w_gate");
-        FW_PROJ(&up, &h, &w->w_up, NULL, LLM_LORA_UP, "w_up");
+        FW_TRY(ops->matmul(be, &gate, &h, &w->w_gate, NULL), "w_gate");
+        FW_TRY(ops->matmul(be, &up, &h, &w->w_up, NULL), "w_up");
+        FW_LORA(&h, lora_gate_up, &gate, &up);
         FW_TRY(ops->silu_mul(be, &gate, &gate, &up), "silu_mul");
-        FW_PROJ(&o, &gate, &w->w_down, NULL, LLM_LORA_DOWN, "w_down");
+        FW_TRY(ops->matmul(be, &o, &gate, &w->w_down, NULL), "w_down");
+        FW_LORA(&gate, lora_down, &o);
         FW_TRY(ops->add(be, &x, &x, &o), "residual");
     }
 

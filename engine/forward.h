@@ -29,7 +29,7 @@ typedef struct llm_forward {
     llm_tensor          out_h;          /* [cap_out, dim] */
     llm_tensor          logits;         /* [cap_out, n_vocab] */
 
-    llm_lora_seg       *segs;           /* [cap_tokens] scratch, host */
+    llm_lora_seg       *segs;           /* [3 cap_tokens] scratch, host */
 } llm_forward;
 
 struct llm_lora;

@@ -104,6 +104,7 @@ typedef struct llm_lora_seg {
                                LLM_F16, B^T: [rank, out] */
     int32_t     type;       /* of a and b: LLM_F32 (0), or LLM_F16 where
                                the backend sets lora_f16 */
+    int32_t     out;        /* index of the output in the call's outs */
 } llm_lora_seg;
 
 typedef struct llm_backend_ops {
@@ -172,16 +173,19 @@ typedef struct llm_backend_ops {
     int (*gather_out_rows)(llm_backend *be, llm_tensor *out,
                            const llm_tensor *x);
 
-    /* Multi-LoRA delta of one projection, segmented by adapter: for each
-     * segment, rows [first, first + n) of x and out,
+    /* Multi-LoRA deltas of the projections that read the same x (q, k
+     * and v; gate and up), segmented by adapter: for each segment, rows
+     * [first, first + n) of x and of its output out = outs[seg.out],
      *     out[t] += scale * (x[t] A^T) B^T
      * (shrink to the segment's rank, then expand).  x: [n_tokens, in]
-     * f32; out: [n_tokens, out] f32; segment weights are backend
+     * f32; outs[i]: [n_tokens, out_i] f32; segment weights are backend
      * addresses (f32, or f16: seg type), A [rank, in] and B [out, rank].
-     * Ranks differ between segments; segments do not overlap.  Optional
-     * (NULL: no LoRA). */
-    int (*lora)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
-                const struct llm_lora_seg *segs, int n_segs);
+     * Ranks differ between segments; segments of one output do not
+     * overlap.  One call for the group lets a backend spread all its
+     * segments over its threads at once.  Optional (NULL: no LoRA). */
+    int (*lora)(llm_backend *be, llm_tensor *const *outs, int n_outs,
+                const llm_tensor *x, const struct llm_lora_seg *segs,
+                int n_segs);
     /* 1: lora also takes f16 weights (seg type LLM_F16: A [rank, in],
      * B transposed, [rank, out]), and adapters are then stored so on
      * this backend: half the bytes of f32, and B^T rows stream. */

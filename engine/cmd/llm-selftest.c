@@ -1090,6 +1090,7 @@ test_lora(void)
     int            n[3] = { 13, 10, 7 };
     float         *x, *o, *ref, *a[3], *b[3];
     llm_tensor     xg, og, ag[3], bg[3];
+    llm_tensor    *og_outs[] = { &og };
     llm_lora_seg   seg[3];
 
     if (gpu->ops->lora == NULL) {
@@ -1137,7 +1138,7 @@ test_lora(void)
             }
         }
     }
-    rc = gpu->ops->lora(gpu, &og, &xg, seg, 3);
+    rc = gpu->ops->lora(gpu, og_outs, 1, &xg, seg, 3);
     if (rc != 0) {
         op_failed(gpu, "lora");
         row("lora", "F32", -1, 1e-5, "3 segments");
@@ -1151,6 +1152,7 @@ test_lora(void)
             llm_tensor   xc = put_f32(cpu, in, T, x);
             llm_tensor   oc = put_f32(cpu, od, T, o);
             llm_tensor   ac[3], bc[3];
+            llm_tensor  *oc_outs[] = { &oc };
             llm_lora_seg sc[3];
 
             for (s = 0; s < 3; s++) {
@@ -1160,7 +1162,7 @@ test_lora(void)
                 sc[s].a = ac[s].data;
                 sc[s].b = bc[s].data;
             }
-            if (cpu->ops->lora(cpu, &oc, &xc, sc, 3) != 0) {
+            if (cpu->ops->lora(cpu, oc_outs, 1, &xc, sc, 3) != 0) {
                 op_failed(cpu, "lora");
             } else {
                 float *want = get_f32(cpu, &oc);

@@ -283,8 +283,8 @@ int llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
 int llm_cpu_silu_mul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *gate,
                      const llm_tensor *up);
 /* The segmented multi-LoRA op (lora.c). */
-int llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
-                 const llm_lora_seg *segs, int n_segs);
+int llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *const *outs, int n_outs,
+                 const llm_tensor *x, const llm_lora_seg *segs, int n_segs);
 int llm_cpu_add(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *a,
                 const llm_tensor *b);
 int llm_cpu_gather_out_rows(llm_cpu_ctx *c, llm_tensor *out,

@@ -264,10 +264,10 @@ cpu_add(llm_backend *be, llm_tensor *out, const llm_tensor *a,
 
 
 static int
-cpu_lora(llm_backend *be, llm_tensor *out, const llm_tensor *x,
-         const llm_lora_seg *segs, int n_segs)
+cpu_lora(llm_backend *be, llm_tensor *const *outs, int n_outs,
+         const llm_tensor *x, const llm_lora_seg *segs, int n_segs)
 {
-    return llm_cpu_lora(ctx_of(be), out, x, segs, n_segs);
+    return llm_cpu_lora(ctx_of(be), outs, n_outs, x, segs, n_segs);
 }
 
 

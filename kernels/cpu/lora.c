@@ -5,11 +5,14 @@
  *   shrink:  t[n, r]    = x[n, in] A[r, in]^T        (SGMV "shrink")
  *   expand:  out[n, o] += scale * t[n, r] B[o, r]^T   (SGMV "expand")
  *
- * Both passes cover all segments of the call in one trip through the
- * thread pool: shrink splits the (segment, rank row) pairs, expand splits
- * the output features, so each A and B row is read once per call however
- * many rows its segment has (rows go by in blocks of LORA_ROWS while the
- * weight row is in L1).  Ranks differ per segment; nothing is padded.
+ * One trip through the thread pool per call, for every segment of every
+ * output of the call (q, k and v share one call, as do gate and up): the
+ * work items are a segment's rows in chunks, each shrunk then expanded by
+ * one thread, and the threads take contiguous runs of items of about
+ * equal cost.  A decode step with many adapters is a few thousand small
+ * items, so one dispatch instead of two per projection matters; an item
+ * reads its A and B rows once per LORA_ROWS rows while they are in L1.
+ * Ranks differ per segment; nothing is padded.
  *
  * Weights are f32, B [out, r], or f16 with B transposed, [r, out]
  * (seg->type; the adapter pool stores f16 on this backend, lora_f16 =
@@ -26,6 +29,7 @@
 #include <string.h>
 
 #define LORA_ROWS  4        /* rows per pass over one A row */
+#define LORA_CHUNK 32       /* most rows of one work item */
 
 
 /* Row kernels: shrink: t[r * ts] = dot(x[r], a) for r < n (n <= 4);
@@ -42,22 +46,34 @@ typedef void (*lora_expand_fn)(const void *b, int type, int rank,
 void llm_cpu_lora_shrink_avx512(const void *a, int type, int64_t in,
                                 const float *const *x, int n, float *t,
                                 int64_t ts);
+void llm_cpu_lora_shrink1_avx512(const void *a, int type, int64_t in,
+                                 const float *x, int rank, float *t);
 void llm_cpu_lora_expand_avx512(const void *b, int type, int rank,
                                 int64_t od, const float *t, int n,
                                 float scale, float *out, int64_t os,
                                 int64_t o0, int64_t o1);
 
 
+/* A work item: rows [row0, row0 + rows) of one segment, shrunk then
+ * expanded by one thread. */
+typedef struct {
+    int32_t             seg;
+    int32_t             row0;
+    int32_t             rows;
+    int32_t             pad;
+    int64_t             cost0;      /* cost of the items before this one */
+} lora_item;
+
 typedef struct {
     const llm_lora_seg *segs;
-    int                 n_segs;
+    llm_tensor *const  *outs;
     const llm_tensor   *x;
-    llm_tensor         *out;
     float              *t;          /* per segment [n, rank], packed */
     const int64_t      *t_off;      /* [n_segs] offset of each in t */
-    const int64_t      *pair_off;   /* [n_segs + 1] prefix of ranks */
-    int64_t             n_pairs;
-    int64_t             in, o;
+    const lora_item    *items;
+    int                 n_items;
+    int64_t             cost;       /* of all items */
+    int64_t             in;
     lora_shrink_fn      shrink;
     lora_expand_fn      expand;
 } lora_task;
@@ -134,7 +150,7 @@ expand_scalar(const void *b, int type, int rank, int64_t od, const float *t,
 }
 
 
-/* ---- the two passes ------------------------------------------------ */
+/* ---- one pass: items split between the threads ------------------ */
 
 static size_t
 elt_size(int type)
@@ -143,92 +159,119 @@ elt_size(int type)
 }
 
 
-static void
-lora_shrink_chunk(void *arg, int c, int nc)
+/* Asks for n bytes at p to be brought into L2 ahead of use. */
+static inline void
+prefetch_l2(const void *p, size_t n)
 {
-    lora_task   *tk = arg;
-    int64_t      p0, p1, p;
-    int          s = 0;
+    size_t i;
 
-    llm_cpu_split(tk->n_pairs, c, nc, 1, &p0, &p1);
-    for (p = p0; p < p1; p++) {
-        const llm_lora_seg *sg;
-        const float        *xr[LORA_ROWS];
-        const void         *a;
-        int64_t             j, row;
-        int                 k, n;
-
-        while (p >= tk->pair_off[s + 1]) {
-            s++;
-        }
-        sg = &tk->segs[s];
-        j = p - tk->pair_off[s];
-        a = (const uint8_t *) sg->a + (size_t) j * tk->in
-                                      * elt_size(sg->type);
-        for (row = 0; row < sg->n; row += n) {
-            n = sg->n - row < LORA_ROWS ? (int) (sg->n - row) : LORA_ROWS;
-            for (k = 0; k < n; k++) {
-                xr[k] = (const float *) ((const uint8_t *) tk->x->data
-                                         + (size_t) (sg->first + row + k)
-                                           * tk->x->nb);
-            }
-            tk->shrink(a, sg->type, tk->in, xr, n,
-                       tk->t + tk->t_off[s] + row * sg->rank + j, sg->rank);
-        }
+    for (i = 0; i < n; i += 64) {
+        __builtin_prefetch((const uint8_t *) p + i, 0, 2);
     }
 }
 
 
 static void
-lora_expand_chunk(void *arg, int c, int nc)
+lora_item_run(const lora_task *tk, const lora_item *it)
+{
+    const llm_lora_seg *sg = &tk->segs[it->seg];
+    const llm_tensor   *out = tk->outs[sg->out];
+    const float        *xr[LORA_ROWS];
+    float              *t = tk->t + tk->t_off[it->seg]
+                            + (int64_t) it->row0 * sg->rank;
+    float              *o0;
+    size_t              esz = elt_size(sg->type);
+    size_t              b_row = (size_t) out->ne[0] * esz;
+    int64_t             j;
+    int                 row, k, n;
+
+    /* shrink: t[row, j] = x[row] . A[j], each A row once per LORA_ROWS;
+     * meanwhile B's bytes are asked for, a rank's share per A row.  A
+     * decode item is two short streams (A, then B), each far too short
+     * for the hardware prefetcher to reach full speed alone: this keeps
+     * B's stream going while A's is read (8.6 ms instead of 10.8 for the
+     * LoRA terms of a 32-adapter decode step, bench/RESULTS.md). */
+    for (j = 0; j < sg->rank; j++) {
+        const void *a = (const uint8_t *) sg->a + (size_t) j * tk->in * esz;
+
+        for (row = 0; row < it->rows; row += n) {
+            n = it->rows - row < LORA_ROWS ? it->rows - row : LORA_ROWS;
+            for (k = 0; k < n; k++) {
+                xr[k] = (const float *) ((const uint8_t *) tk->x->data
+                                         + (size_t) (sg->first + it->row0
+                                                     + row + k)
+                                           * tk->x->nb);
+            }
+            tk->shrink(a, sg->type, tk->in, xr, n,
+                       t + (int64_t) row * sg->rank + j, sg->rank);
+        }
+        prefetch_l2((const uint8_t *) sg->b + (size_t) j * b_row, b_row);
+    }
+
+    /* expand: out[row] += scale * t[row] B^T over every output */
+    o0 = (float *) ((uint8_t *) out->data
+                    + (size_t) (sg->first + it->row0) * out->nb);
+    tk->expand(sg->b, sg->type, sg->rank, out->ne[0], t, it->rows,
+               sg->scale, o0, (int64_t) (out->nb / sizeof(float)), 0,
+               out->ne[0]);
+}
+
+
+/* Thread c takes the items whose cost starts in its share of the total:
+ * contiguous runs of about equal bytes and flops.  Which thread runs an
+ * item changes no number (a row's sums never depend on the split). */
+static void
+lora_chunk(void *arg, int c, int nc)
 {
     lora_task *tk = arg;
-    int64_t    j0, j1;
-    int        s;
+    int        i;
 
-    llm_cpu_split(tk->o, c, nc, 16, &j0, &j1);
-    if (j0 >= j1) {
-        return;
-    }
-    for (s = 0; s < tk->n_segs; s++) {
-        const llm_lora_seg *sg = &tk->segs[s];
-        float              *out0 = (float *) ((uint8_t *) tk->out->data
-                                              + (size_t) sg->first
-                                                * tk->out->nb);
+    for (i = 0; i < tk->n_items; i++) {
+        int64_t owner = tk->items[i].cost0 * nc / tk->cost;
 
-        tk->expand(sg->b, sg->type, sg->rank, tk->o, tk->t + tk->t_off[s],
-                   sg->n, sg->scale, out0,
-                   (int64_t) (tk->out->nb / sizeof(float)), j0, j1);
+        if (owner > c) {
+            break;
+        }
+        if (owner == c) {
+            lora_item_run(tk, &tk->items[i]);
+        }
     }
 }
 
 
 int
-llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
-             const llm_lora_seg *segs, int n_segs)
+llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *const *outs, int n_outs,
+             const llm_tensor *x, const llm_lora_seg *segs, int n_segs)
 {
     lora_task  tk;
-    int64_t   *offs, t_total = 0;
-    size_t     need;
-    int        s, nth;
+    lora_item *items;
+    int64_t   *t_off, t_total = 0, cost = 0, per;
+    size_t     off_bytes, item_bytes;
+    int        s, i, nth, chunk, n_items = 0, row;
 
     if (n_segs <= 0) {
         return 0;
     }
-    if (x->type != LLM_F32 || out->type != LLM_F32 || x->ne[1] != out->ne[1])
-    {
-        return llm_cpu_fail(c, LLM_EINVAL, "lora: x and out must be f32 "
-                            "with the same rows");
+    if (x->type != LLM_F32) {
+        return llm_cpu_fail(c, LLM_EINVAL, "lora: x must be f32");
     }
+    for (i = 0; i < n_outs; i++) {
+        if (outs[i]->type != LLM_F32 || outs[i]->ne[1] != x->ne[1]) {
+            return llm_cpu_fail(c, LLM_EINVAL, "lora: output %d must be "
+                                "f32 with the rows of x", i);
+        }
+    }
+    nth = c->n_threads;
     for (s = 0; s < n_segs; s++) {
         if (segs[s].rank <= 0 || segs[s].n <= 0 || segs[s].first < 0
             || segs[s].first + segs[s].n > x->ne[1] || segs[s].a == NULL
-            || segs[s].b == NULL)
+            || segs[s].b == NULL || segs[s].out < 0 || segs[s].out >= n_outs)
         {
             return llm_cpu_fail(c, LLM_EINVAL, "lora: bad segment %d "
-                                "(rows %d+%d of %lld, rank %d)", s,
-                                segs[s].first, segs[s].n,
-                                (long long) x->ne[1], segs[s].rank);
+                                "(rows %d+%d of %lld, rank %d, output %d)",
+                                s, segs[s].first, segs[s].n,
+                                (long long) x->ne[1], segs[s].rank,
+                                segs[s].out);
         }
         if (segs[s].type != LLM_F32 && segs[s].type != LLM_F16) {
             return llm_cpu_fail(c, LLM_EINVAL, "lora: segment %d: weights "
@@ -236,34 +279,56 @@ llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
                                 segs[s].type);
         }
         t_total += (int64_t) segs[s].n * segs[s].rank;
+        n_items += (segs[s].n + LORA_ROWS - 1) / LORA_ROWS;
     }
 
-    /* scratch: offsets (2 n_segs + 1) then t, 64-byte aligned */
-    need = ((size_t) (2 * n_segs + 1) * sizeof(int64_t) + 63) / 64 * 64
-           + (size_t) t_total * sizeof(float);
-    offs = llm_cpu_scratch(c, need);
-    if (offs == NULL) {
+    /* scratch: t offsets, items, then t, each 64-byte aligned */
+    off_bytes = ((size_t) n_segs * sizeof(int64_t) + 63) / 64 * 64;
+    item_bytes = ((size_t) n_items * sizeof(lora_item) + 63) / 64 * 64;
+    t_off = llm_cpu_scratch(c, off_bytes + item_bytes
+                               + (size_t) t_total * sizeof(float));
+    if (t_off == NULL) {
         return LLM_ENOMEM;
     }
+    items = (lora_item *) ((uint8_t *) t_off + off_bytes);
     memset(&tk, 0, sizeof(tk));
-    tk.t_off = offs;
-    tk.pair_off = offs + n_segs;
-    tk.t = (float *) ((uint8_t *) offs
-                      + ((size_t) (2 * n_segs + 1) * sizeof(int64_t) + 63)
-                        / 64 * 64);
-    offs[n_segs] = 0;
+    tk.t = (float *) ((uint8_t *) items + item_bytes);
+
+    /* items: a segment's rows in chunks of a multiple of LORA_ROWS, about
+     * one per thread (a chunk re-reads the segment's A and B, from cache
+     * when it is not the first), at most LORA_CHUNK rows */
+    n_items = 0;
     for (s = 0, t_total = 0; s < n_segs; s++) {
-        offs[s] = t_total;                              /* t_off */
-        t_total += (int64_t) segs[s].n * segs[s].rank;
-        offs[n_segs + s + 1] = offs[n_segs + s] + segs[s].rank; /* pairs */
+        const llm_lora_seg *sg = &segs[s];
+        int64_t             w = (int64_t) sg->rank
+                                * (x->ne[0] + outs[sg->out]->ne[0]);
+
+        t_off[s] = t_total;
+        t_total += (int64_t) sg->n * sg->rank;
+        chunk = (sg->n + nth - 1) / nth;
+        chunk = (chunk + LORA_ROWS - 1) / LORA_ROWS * LORA_ROWS;
+        chunk = chunk > LORA_CHUNK ? LORA_CHUNK : chunk;
+        for (row = 0; row < sg->n; row += chunk) {
+            items[n_items].seg = s;
+            items[n_items].row0 = row;
+            items[n_items].rows = sg->n - row < chunk ? sg->n - row : chunk;
+            items[n_items].pad = 0;
+            items[n_items].cost0 = cost;
+            /* weight bytes to stream, plus the rows' multiply-adds */
+            per = w * ((int64_t) elt_size(sg->type) * 8
+                       + items[n_items].rows);
+            cost += per;
+            n_items++;
+        }
     }
     tk.segs = segs;
-    tk.n_segs = n_segs;
+    tk.outs = outs;
     tk.x = x;
-    tk.out = out;
-    tk.n_pairs = tk.pair_off[n_segs];
+    tk.t_off = t_off;
+    tk.items = items;
+    tk.n_items = n_items;
+    tk.cost = cost;
     tk.in = x->ne[0];
-    tk.o = out->ne[0];
     if (c->isa >= LLM_ISA_AVX512) {
         tk.shrink = llm_cpu_lora_shrink_avx512;
         tk.expand = llm_cpu_lora_expand_avx512;
@@ -272,9 +337,7 @@ llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
         tk.expand = expand_scalar;
     }
 
-    nth = c->n_threads;
-    llm_cpu_pool_run(c->pool, lora_shrink_chunk, &tk,
-                     (int) (tk.n_pairs < nth ? tk.n_pairs : nth));
-    llm_cpu_pool_run(c->pool, lora_expand_chunk, &tk, nth);
+    llm_cpu_pool_run(c->pool, lora_chunk, &tk,
+                     n_items < nth ? n_items : nth);
     return 0;
 }

@@ -208,7 +208,7 @@ expand_f32(const void *b, int rank, const float *t, int n, float scale,
  * memory order (one stream at a time, a tile's delta in L1), then
  * out[r] += scale * d[r].  Sums run over j in order, whatever the rows.
  */
-#define EXP_TILE  1024
+#define EXP_TILE  2048
 #define EXP_ROWS  4
 
 static void
@@ -216,7 +216,7 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
            float scale, float *out, int64_t os, int64_t o0, int64_t o1)
 {
     __m512     d[EXP_ROWS][EXP_TILE / 16], sc = _mm512_set1_ps(scale), w;
-    __m512     tj[EXP_ROWS];
+    __m512     tj[EXP_ROWS], tj1[EXP_ROWS], tj2[EXP_ROWS], tj3[EXP_ROWS];
     __mmask16  m;
     int64_t    tb, o, len, nv, v;
     int        r0, nr, r, j;
@@ -231,7 +231,42 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
                     d[r][v] = _mm512_setzero_ps();
                 }
             }
-            for (j = 0; j < rank; j++) {
+            /* four B^T rows per pass over the tile: four streams in
+             * flight and one load / store of a delta per four FMAs; each
+             * delta still sums over j in order */
+            for (j = 0; j + 4 <= rank; j += 4) {
+                const uint16_t *row = bt + (int64_t) j * od + tb;
+                __m512          w1, w2, w3;
+
+                for (r = 0; r < nr; r++) {
+                    const float *tr = t + (int64_t) (r0 + r) * rank + j;
+
+                    tj[r] = _mm512_set1_ps(tr[0]);
+                    tj1[r] = _mm512_set1_ps(tr[1]);
+                    tj2[r] = _mm512_set1_ps(tr[2]);
+                    tj3[r] = _mm512_set1_ps(tr[3]);
+                }
+                for (v = 0; v < nv; v++) {
+                    o = 16 * v;
+                    m = len - o >= 16 ? (__mmask16) 0xffff
+                                      : tail_mask(len - o);
+                    w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + o));
+                    w1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
+                                                            row + od + o));
+                    w2 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
+                                                        row + 2 * od + o));
+                    w3 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
+                                                        row + 3 * od + o));
+                    for (r = 0; r < nr; r++) {
+                        __m512 acc = _mm512_fmadd_ps(tj[r], w, d[r][v]);
+
+                        acc = _mm512_fmadd_ps(tj1[r], w1, acc);
+                        acc = _mm512_fmadd_ps(tj2[r], w2, acc);
+                        d[r][v] = _mm512_fmadd_ps(tj3[r], w3, acc);
+                    }
+                }
+            }
+            for (; j < rank; j++) {
                 const uint16_t *row = bt + (int64_t) j * od + tb;
 
                 for (r = 0; r < nr; r++) {

@@ -955,11 +955,11 @@ cuda_gather_out_rows(llm_backend *be, llm_tensor *out, const llm_tensor *x)
 
 
 static int
-cuda_lora(llm_backend *be, llm_tensor *out, const llm_tensor *x,
-          const llm_lora_seg *segs, int n_segs)
+cuda_lora(llm_backend *be, llm_tensor *const *outs, int n_outs,
+          const llm_tensor *x, const llm_lora_seg *segs, int n_segs)
 {
     OP_ENTER(be, "lora");
-    return llm_cuda_lora(c, out, x, segs, n_segs);
+    return llm_cuda_lora(c, outs, n_outs, x, segs, n_segs);
 }
 
 

@@ -1,8 +1,9 @@
 /*
- * Multi-LoRA delta of one projection, segment by segment (each segment is
- * one adapter's contiguous rows of the batch):
+ * Multi-LoRA deltas of the projections sharing x, segment by segment
+ * (each segment is one adapter's contiguous rows of the batch, for one
+ * of the outputs):
  *
- *     out[t] += scale * (x[t] A^T) B^T,   t in [first, first + n)
+ *     outs[out][t] += scale * (x[t] A^T) B^T,   t in [first, first + n)
  *
  * shrink then expand, each an f32 cuBLAS product (CUBLAS_COMPUTE_32F) on
  * the stream; the expand accumulates into out through beta = 1.  Ranks
@@ -18,28 +19,31 @@
 
 
 int
-llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
-              const llm_lora_seg *segs, int n_segs)
+llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *const *outs, int n_outs,
+              const llm_tensor *x, const llm_lora_seg *segs, int n_segs)
 {
     const float     one = 1.0f, zero = 0.0f;
-    int64_t         T, in, od;
+    int64_t         T, in;
     size_t          need = 0;
     float          *tmp;
     cublasStatus_t  s;
     int             i, rc;
 
-    if ((rc = llm_cuda_check_f32(c, x, "lora", "x", -1, -1)) != 0
-        || (rc = llm_cuda_check_f32(c, out, "lora", "out", -1, x->ne[1]))
-           != 0)
-    {
+    if ((rc = llm_cuda_check_f32(c, x, "lora", "x", -1, -1)) != 0) {
         return rc;
+    }
+    for (i = 0; i < n_outs; i++) {
+        if ((rc = llm_cuda_check_f32(c, outs[i], "lora", "out", -1,
+                                     x->ne[1])) != 0)
+        {
+            return rc;
+        }
     }
     if (n_segs < 0 || (n_segs > 0 && segs == NULL)) {
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: lora: bad segments");
     }
     T = x->ne[1];
     in = x->ne[0];
-    od = out->ne[0];
     for (i = 0; i < n_segs; i++) {
         const llm_lora_seg *g = &segs[i];
 
@@ -50,7 +54,8 @@ llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
                                  (int) g->type);
         }
         if (g->first < 0 || g->n < 0 || (int64_t) g->first + g->n > T
-            || g->rank <= 0 || (g->n > 0 && (g->a == NULL || g->b == NULL)))
+            || g->rank <= 0 || g->out < 0 || g->out >= n_outs
+            || (g->n > 0 && (g->a == NULL || g->b == NULL)))
         {
             return llm_cuda_fail(c, LLM_EINVAL, "cuda: lora: segment %d"
                                  " (rows %d + %d of %lld, rank %d) is bad",
@@ -61,7 +66,7 @@ llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
             need = (size_t) g->n * (size_t) g->rank;
         }
     }
-    if (need == 0 || in == 0 || od == 0) {
+    if (need == 0 || in == 0) {
         return 0;
     }
     tmp = (float *) llm_cuda_buf_get(c, &c->lora_scratch,
@@ -72,13 +77,15 @@ llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
 
     for (i = 0; i < n_segs; i++) {
         const llm_lora_seg *g = &segs[i];
+        const llm_tensor   *out = outs[g->out];
+        int64_t             od = out->ne[0];
         const float        *xs = (const float *) ((const uint8_t *) x->data
                                                   + (size_t) g->first * x->nb);
         float              *os = (float *) ((uint8_t *) out->data
                                             + (size_t) g->first * out->nb);
         int                 ldx = (int) (x->nb / 4), ldo = (int) (out->nb / 4);
 
-        if (g->n == 0) {
+        if (g->n == 0 || od == 0) {
             continue;
         }
         ldx = ldx < in ? (int) in : ldx;        /* one-row views */

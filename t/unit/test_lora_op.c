@@ -51,6 +51,21 @@ op_rand(void)
 }
 
 
+/* The op with one output (every segment's out = 0). */
+static int
+lora1(llm_backend *be, llm_tensor *out, const llm_tensor *x,
+      llm_lora_seg *segs, int n_segs)
+{
+    llm_tensor *outs[] = { out };
+    int         i;
+
+    for (i = 0; i < n_segs; i++) {
+        segs[i].out = 0;
+    }
+    return be->ops->lora(be, outs, 1, x, segs, n_segs);
+}
+
+
 /* Weights as the backend stores them, and as the reference reads them. */
 static void *
 make_weights(int type, size_t n, float *exact)
@@ -175,7 +190,7 @@ run_case(llm_backend *be, int type, int T, int in, int od, const op_seg *sg,
     ot.data = o;
     ot.ne[0] = od;
     ot.nb = os * sizeof(float);
-    rc = be->ops->lora(be, &ot, &xt, segs, n_segs);
+    rc = lora1(be, &ot, &xt, segs, n_segs);
 
     for (t = 0; rc == 0 && t < T; t++) {
         inside = 0;
@@ -302,7 +317,7 @@ op_cases(const char *isa)
         sg[0].b = wb2;
         sg[0].type = types[k];
         ot.data = oa;
-        ok &= be->ops->lora(be, &ot, &xt, sg, 1) == 0;
+        ok &= lora1(be, &ot, &xt, sg, 1) == 0;
         /* one segment per row, one call */
         for (r = 0; r < R; r++) {
             sg[r] = sg[0];
@@ -310,17 +325,94 @@ op_cases(const char *isa)
             sg[r].n = 1;
         }
         ot.data = ob;
-        ok &= be->ops->lora(be, &ot, &xt, sg, R) == 0;
+        ok &= lora1(be, &ot, &xt, sg, R) == 0;
         /* each row alone */
         ot.data = oc;
         for (r = 0; r < R; r++) {
-            ok &= be->ops->lora(be, &ot, &xt, &sg[r], 1) == 0;
+            ok &= lora1(be, &ot, &xt, &sg[r], 1) == 0;
         }
         ok &= memcmp(oa, ob, sizeof(oa)) == 0
               && memcmp(oa, oc, sizeof(oa)) == 0;
         test_cond(ok);
         free(wa2);
         free(wb2);
+    }
+
+    test(op_name("%s: one call for q, k, v (576, 192, 192 wide) gives the "
+                 "bits of a call per output%s", isa, ""));
+    for (k = 0; k < 2; k++) {
+        enum { R = 9, IN = 576, NS = 4 };
+        static const int  od[3] = { 576, 192, 192 };
+        static float      xa[R * IN], og[3][R * 576], os[3][R * 576];
+        static float      ex[16 * 576];
+        void             *wa[3][NS], *wb[3][NS];
+        llm_tensor        xt, ot[3], *outs[3];
+        llm_lora_seg      sg[3 * NS], one[NS];
+        int               j, s, n = 0, ok = 1;
+
+        for (i = 0; i < R * IN; i++) {
+            xa[i] = op_rand();
+        }
+        memset(&xt, 0, sizeof(xt));
+        xt.data = xa;
+        xt.type = LLM_F32;
+        xt.ne[0] = IN;
+        xt.ne[1] = R;
+        xt.nb = IN * sizeof(float);
+        memset(sg, 0, sizeof(sg));
+        for (j = 0; j < 3; j++) {
+            for (i = 0; i < R * od[j]; i++) {
+                og[j][i] = os[j][i] = op_rand();
+            }
+            ot[j] = xt;
+            ot[j].ne[0] = od[j];
+            ot[j].nb = (size_t) od[j] * sizeof(float);
+            outs[j] = &ot[j];
+            /* rows 0-2 one adapter, 3-4, 5, 6-8 others (v skips 5) */
+            for (s = 0; s < NS; s++) {
+                static const int first[NS] = { 0, 3, 5, 6 };
+                static const int rows[NS] = { 3, 2, 1, 3 };
+
+                if (j == 2 && s == 2) {
+                    wa[j][s] = wb[j][s] = NULL;
+                    continue;
+                }
+                wa[j][s] = make_weights(types[k], 16 * IN, ex);
+                wb[j][s] = make_weights_b(types[k], od[j], 4 + 4 * s, ex);
+                sg[n].first = first[s];
+                sg[n].n = rows[s];
+                sg[n].rank = 4 + 4 * s;
+                sg[n].scale = 0.5f + j;
+                sg[n].a = wa[j][s];
+                sg[n].b = wb[j][s];
+                sg[n].type = types[k];
+                sg[n].out = j;
+                n++;
+            }
+        }
+        for (j = 0; j < 3; j++) {
+            ot[j].data = og[j];
+        }
+        ok &= be->ops->lora(be, outs, 3, &xt, sg, n) == 0;
+        for (j = 0, s = 0; j < 3; j++) {
+            int m = 0;
+
+            ot[j].data = os[j];
+            while (s < n && sg[s].out == j) {
+                one[m++] = sg[s++];
+            }
+            ok &= lora1(be, &ot[j], &xt, one, m) == 0;
+            ok &= memcmp(og[j], os[j], sizeof(float) * R * od[j]) == 0;
+        }
+        test_cond(ok);
+        sg[0].out = 3;
+        test_cond(be->ops->lora(be, outs, 3, &xt, sg, n) == LLM_EINVAL);
+        for (j = 0; j < 3; j++) {
+            for (s = 0; s < NS; s++) {
+                free(wa[j][s]);
+                free(wb[j][s]);
+            }
+        }
     }
 
     test(op_name("%s: bad segments are refused%s", isa, ""));
@@ -348,19 +440,19 @@ op_cases(const char *isa)
         sg.scale = 1;
         sg.a = w;
         sg.b = w;
-        test_cond(be->ops->lora(be, &ot, &xt, &sg, 1) == 0);
+        test_cond(lora1(be, &ot, &xt, &sg, 1) == 0);
         sg.type = LLM_BF16;
-        test_cond(be->ops->lora(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
+        test_cond(lora1(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
         sg.type = LLM_F32;
         sg.first = 3;
         sg.n = 2;
-        test_cond(be->ops->lora(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
+        test_cond(lora1(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
         sg.first = 0;
         sg.rank = 0;
-        test_cond(be->ops->lora(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
+        test_cond(lora1(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
         sg.rank = 2;
         sg.b = NULL;
-        test_cond(be->ops->lora(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
+        test_cond(lora1(be, &ot, &xt, &sg, 1) == LLM_EINVAL);
         test_cond(strstr(llm_backend_error(be), "segment") != NULL);
     }
     be->ops->free(be);

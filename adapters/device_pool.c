@@ -21,7 +21,7 @@ typedef struct {
 
 struct llm_lora_pool {
     llm_backend    *be;
-    int             type;       /* LLM_F32 or LLM_F16 */
+    int             type;       /* LLM_F32, LLM_F16 or LLM_LORA_I8 */
     size_t          budget;
     size_t          bytes;
     pool_entry     *e;
@@ -61,7 +61,9 @@ llm_lora_pool_set_type(llm_lora_pool *p, int type)
     if (p->n > 0 || p->uploads > 0) {
         return LLM_ESTATE;
     }
-    if (type != LLM_F32 && !(type == LLM_F16 && p->be->ops->lora_f16)) {
+    if (type != LLM_F32 && !(type == LLM_F16 && p->be->ops->lora_f16)
+        && !(type == LLM_LORA_I8 && p->be->ops->lora_i8))
+    {
         return LLM_EUNSUP;
     }
     p->type = type;
@@ -72,12 +74,92 @@ llm_lora_pool_set_type(llm_lora_pool *p, int type)
 size_t
 llm_lora_pool_need(const llm_lora_pool *p, const llm_lora *lora)
 {
-    return p->type == LLM_F16 ? lora->bytes / 2 : lora->bytes;
+    return p->type == LLM_F16 ? lora->bytes / 2
+           : p->type == LLM_LORA_I8 ? lora->q_bytes : lora->bytes;
 }
 
 
-/* Copies h's weights to d in the pool's format: f32 as they are, or f16
- * with every B transposed to [rank, out] (backend.h, llm_lora_seg). */
+void
+llm_lora_pool_seg(int type, const uint8_t *dev, const llm_lora_weight *w,
+                  llm_lora_seg *seg)
+{
+    seg->type = type;
+    seg->rank = w->rank;
+    seg->scale = w->scale;
+    seg->a_scale = NULL;
+    seg->b_scale = NULL;
+    if (type == LLM_LORA_I8) {
+        llm_lora_q_layout q = llm_lora_q_layout_of(w->rank, w->in, w->out);
+        const uint8_t    *m = dev + w->q_off;
+
+        seg->a = m;
+        seg->b = m + q.bt;
+        seg->a_scale = (const float *) (m + q.a_scale);
+        seg->b_scale = (const float *) (m + q.b_scale);
+        return;
+    }
+    seg->a = dev + w->a_off * (type == LLM_F16 ? 2 : sizeof(float));
+    seg->b = dev + w->b_off * (type == LLM_F16 ? 2 : sizeof(float));
+}
+
+
+/* n values at stride st from src to int8 at dst, scale = max |v| / 127
+ * (0 for a row of zeros); returns the scale. */
+static float
+quant_row_i8(const float *src, size_t st, size_t n, int8_t *dst)
+{
+    float  amax = 0.0f, inv;
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        float v = src[i * st] < 0 ? -src[i * st] : src[i * st];
+        amax = v > amax ? v : amax;
+    }
+    inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (i = 0; i < n; i++) {
+        float q = src[i * st] * inv;
+        dst[i] = (int8_t) (q < 0 ? q - 0.5f : q + 0.5f);
+    }
+    return amax / 127.0f;
+}
+
+
+/* The int8 layout (lora.h, llm_lora_q_layout) of every matrix: A's rows,
+ * and B's columns as the rows of B^T, each with its own scale. */
+static void
+pool_quantize(const llm_lora *lora, uint8_t *h)
+{
+    const llm_lora_weight *w;
+    llm_lora_q_layout      q;
+    uint8_t               *m;
+    float                 *as, *bs;
+    int                    k, j;
+
+    for (k = 0; k < lora->n_layers * LLM_LORA_N_TARGETS; k++) {
+        w = &lora->w[k];
+        if (w->rank == 0) {
+            continue;
+        }
+        q = llm_lora_q_layout_of(w->rank, w->in, w->out);
+        m = h + w->q_off;
+        as = (float *) (m + q.a_scale);
+        bs = (float *) (m + q.b_scale);
+        for (j = 0; j < w->rank; j++) {
+            as[j] = quant_row_i8(lora->data + w->a_off + (size_t) j * w->in,
+                                 1, (size_t) w->in,
+                                 (int8_t *) m + (size_t) j * w->in);
+            /* B [out, rank]: column j is row j of B^T */
+            bs[j] = quant_row_i8(lora->data + w->b_off + j, (size_t) w->rank,
+                                 (size_t) w->out,
+                                 (int8_t *) m + q.bt + (size_t) j * w->out);
+        }
+    }
+}
+
+
+/* Copies h's weights to d in the pool's format: f32 as they are, f16
+ * with every B transposed to [rank, out] (backend.h, llm_lora_seg), or
+ * the int8 layout. */
 static int
 pool_upload(llm_lora_pool *p, void *d, const llm_lora *lora, size_t need)
 {
@@ -89,6 +171,17 @@ pool_upload(llm_lora_pool *p, void *d, const llm_lora *lora, size_t need)
 
     if (p->type == LLM_F32) {
         return p->be->ops->upload(p->be, d, lora->data, need);
+    }
+    if (p->type == LLM_LORA_I8) {
+        uint8_t *q = llm_calloc(1, need ? need : 1);
+
+        if (q == NULL) {
+            return LLM_ENOMEM;
+        }
+        pool_quantize(lora, q);
+        rc = p->be->ops->upload(p->be, d, q, need);
+        llm_free(q);
+        return rc;
     }
     n = lora->bytes / sizeof(float);
     h = llm_malloc(n * sizeof(uint16_t));

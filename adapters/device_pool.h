@@ -7,7 +7,10 @@
  * The copy is f32 as on the host, or f16 (converted at upload, half the
  * bytes) on backends whose lora op takes it (ops->lora_f16): the offsets
  * of llm_lora_weight then count f16 elements, and each B is stored
- * transposed ([rank, out], backend.h) in its place.
+ * transposed ([rank, out], backend.h) in its place.  Or, where the
+ * operator asks for it and the backend takes it (ops->lora_i8), int8
+ * with a scale per row (lora.h, llm_lora_q_layout): a quarter of the
+ * bytes of f32, lossy.  llm_lora_pool_seg finds a matrix in a copy.
  */
 #ifndef LLM_LORA_DEVICE_POOL_H
 #define LLM_LORA_DEVICE_POOL_H
@@ -48,12 +51,18 @@ void llm_lora_pool_get_stats(const llm_lora_pool *p,
 /* 1 if the load of registry serial has a copy on the backend. */
 int  llm_lora_pool_has(const llm_lora_pool *p, uint64_t serial);
 
-/* The element type of the copies (LLM_F32 or LLM_F16), and the bytes a
- * copy of lora takes. */
+/* The element type of the copies (LLM_F32, LLM_F16 or LLM_LORA_I8), and
+ * the bytes a copy of lora takes. */
 int    llm_lora_pool_type(const llm_lora_pool *p);
 size_t llm_lora_pool_need(const llm_lora_pool *p, const llm_lora *lora);
-/* LLM_F32 always works; LLM_F16 where the backend takes it.  Only
- * before the first copy is made (LLM_ESTATE after). */
+/* LLM_F32 always works; LLM_F16 and LLM_LORA_I8 where the backend takes
+ * them (LLM_EUNSUP).  Only before the first copy is made (LLM_ESTATE
+ * after). */
 int    llm_lora_pool_set_type(llm_lora_pool *p, int type);
+
+/* The weights of matrix w in a copy at dev of type: seg's a, b, a_scale,
+ * b_scale, type, rank and scale. */
+void   llm_lora_pool_seg(int type, const uint8_t *dev,
+                         const llm_lora_weight *w, llm_lora_seg *seg);
 
 #endif /* LLM_LORA_DEVICE_POOL_H */

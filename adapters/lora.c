@@ -1149,6 +1149,9 @@ llm_lora_load(const char *dir, const llm_model_config *cfg, llm_lora **out,
             off += pad_floats((size_t) s->rank * (size_t) s->in);
             w->b_off = off;
             off += pad_floats((size_t) s->rank * (size_t) s->out);
+            w->q_off = lo->q_bytes;
+            lo->q_bytes += llm_lora_q_layout_of(s->rank, s->in,
+                                                s->out).bytes;
             w->a = lo->data + w->a_off;
             w->b = lo->data + w->b_off;
             /* A: [rank, in]; B: [out, rank] */

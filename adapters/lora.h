@@ -90,7 +90,35 @@ typedef struct llm_lora_weight {
     float  *b;              /* [out, rank], rows in the base's layout */
     size_t  a_off, b_off;   /* offsets of a and b in llm_lora.data, in
                                floats (multiples of 16) */
+    size_t  q_off;          /* offset in bytes of this matrix in the
+                               int8 layout (llm_lora_q_layout) */
 } llm_lora_weight;
+
+/*
+ * The int8 layout of an adapter (device pools that store int8, e.g.
+ * `--adapter-dtype int8`): per matrix, from q_off, each part 64-byte
+ * aligned: A [rank, in] int8, B^T [rank, out] int8, then the rank f32
+ * scales of A's rows and the rank of B^T's rows (a row's value =
+ * scale * int8).  lora->q_bytes in all.
+ */
+typedef struct llm_lora_q_layout {
+    size_t  bt;             /* B^T, from q_off */
+    size_t  a_scale;        /* A's row scales, from q_off */
+    size_t  b_scale;        /* B^T's row scales, from q_off */
+    size_t  bytes;          /* the whole matrix block */
+} llm_lora_q_layout;
+
+static inline llm_lora_q_layout
+llm_lora_q_layout_of(int rank, int in, int out)
+{
+    llm_lora_q_layout q;
+
+    q.bt = ((size_t) rank * (size_t) in + 63) / 64 * 64;
+    q.a_scale = q.bt + ((size_t) rank * (size_t) out + 63) / 64 * 64;
+    q.b_scale = q.a_scale + (size_t) rank * sizeof(float);
+    q.bytes = (q.b_scale + (size_t) rank * sizeof(float) + 63) / 64 * 64;
+    return q;
+}
 
 typedef struct llm_lora {
     char            *dir;
@@ -103,6 +131,7 @@ typedef struct llm_lora {
                                        target present in some layer */
     int              permuted;      /* q/k B rows permuted (GGUF llama) */
     size_t           bytes;         /* bytes of data */
+    size_t           q_bytes;       /* bytes of the int8 layout */
     float           *data;          /* every A and B, one block */
     llm_lora_weight *w;             /* [n_layers * LLM_LORA_N_TARGETS] */
     uint8_t          version[LLM_LORA_VERSION_LEN];

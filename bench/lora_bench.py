@@ -82,6 +82,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default=os.environ.get("BUILD", "build"))
     ap.add_argument("--work", default="/tmp/lora-bench")
+    ap.add_argument("--adapter-dtype", default="f16",
+                    choices=["f16", "f32", "int8"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=32)
@@ -120,13 +122,15 @@ def main():
 
     cmd = [binary, "--model", model, "--adapters", adir, "--seqs",
            str(a.seqs), "--prompt", str(a.prompt), "--gen", str(a.gen),
-           "--repeat", str(a.repeat), "--threads", str(a.threads), "--json"]
+           "--repeat", str(a.repeat), "--threads", str(a.threads),
+           "--adapter-dtype", a.adapter_dtype, "--json"]
     for n in naive:
         cmd += ["--naive", n]
     print(" ".join(cmd), file=sys.stderr)
     res = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                     check=True).stdout)
     res["targets"] = a.targets
+    res["adapter_dtype"] = a.adapter_dtype
     res["machine"] = "%s, %d CPUs" % (platform.processor() or
                                       platform.machine(), os.cpu_count())
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -134,8 +138,8 @@ def main():
 
     b = res["base"]
     print()
-    print("| %d sequences, %s | decode tok/s | vs base |" % (a.seqs,
-                                                           a.targets))
+    print("| %d sequences, %s, adapters in %s | decode tok/s | vs base |"
+          % (a.seqs, a.targets, a.adapter_dtype))
     print("|---|---:|---:|")
     for k, label in (("base", "base only"), ("adapters_1", "1 adapter"),
                      ("adapters_8", "8 adapters"),
@@ -146,9 +150,10 @@ def main():
     print("| naive, with the model switch (open + prefill) | %.1f | %.0f%% |"
           % (res["naive_with_switch"], 100 * res["naive_with_switch"] / b))
     print()
-    print("32 adapters / naive: %.1fx (decode only), %.1fx (with switch)"
-          % (res["adapters_32"] / res["naive_decode"],
-             res["adapters_32"] / max(res["naive_with_switch"], 1e-9)))
+    if res["naive_decode"] > 0:
+        print("32 adapters / naive: %.1fx (decode only), %.1fx (with switch)"
+              % (res["adapters_32"] / res["naive_decode"],
+                 res["adapters_32"] / max(res["naive_with_switch"], 1e-9)))
     # within-round ratios: runs seconds apart see the same machine
     rounds = np.array(res["rounds"])
     ratios = rounds[:, 1:] / rounds[:, :1]

@@ -331,6 +331,15 @@ llm_engine_set_wake(llm_engine *e, void (*wake)(void *ud), void *ud)
 
 /* ---- life cycle --------------------------------------------------- */
 
+int
+llm_adapter_dtype_parse(const char *s)
+{
+    return strcmp(s, "f16") == 0 ? LLM_ADAPTER_F16
+           : strcmp(s, "f32") == 0 ? LLM_ADAPTER_F32
+           : strcmp(s, "int8") == 0 ? LLM_ADAPTER_INT8 : -1;
+}
+
+
 llm_engine *
 llm_engine_new(const llm_engine_params *p, llm_err *err)
 {
@@ -444,8 +453,20 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                                          ? e->p.adapter_device_memory
                                          : (size_t) 512 << 20, err)
                      : NULL;
-    if (e->pool != NULL && e->p.adapter_f32) {
-        llm_lora_pool_set_type(e->pool, LLM_F32);
+    if (e->pool != NULL && e->p.adapter_dtype != LLM_ADAPTER_DEFAULT) {
+        static const int types[] = { 0, LLM_F32, LLM_F16, LLM_LORA_I8 };
+        static const char *names[] = { "", "f32", "f16", "int8" };
+        int d = e->p.adapter_dtype;
+
+        if (d < 0 || d > LLM_ADAPTER_INT8
+            || llm_lora_pool_set_type(e->pool, types[d]) != 0)
+        {
+            llm_err_set(err, LLM_EUNSUP, "adapter weights in %s: not "
+                        "supported by the %s backend",
+                        d >= 0 && d <= LLM_ADAPTER_INT8 ? names[d] : "?",
+                        e->be->ops->name);
+            goto failed;
+        }
     }
     e->spans = llm_calloc((size_t) e->p.max_seqs, sizeof(llm_lora_span));
     if (e->reg == NULL || e->pool == NULL || e->spans == NULL) {

@@ -17,6 +17,20 @@
 
 typedef struct llm_engine llm_engine;
 
+/* Adapter weights on the device (llm_engine_params.adapter_dtype). */
+enum {
+    LLM_ADAPTER_DEFAULT = 0,    /* f16 where the backend's LoRA op takes
+                                   it (half the bytes of f32 to read per
+                                   step), else f32 */
+    LLM_ADAPTER_F32,            /* as loaded */
+    LLM_ADAPTER_F16,
+    LLM_ADAPTER_INT8            /* a scale per row, a quarter of the bytes
+                                   of f32; lossy, opt-in */
+};
+
+/* "f16", "f32" or "int8" as LLM_ADAPTER_*, or -1. */
+int llm_adapter_dtype_parse(const char *s);
+
 typedef struct llm_engine_params {
     const char *model_path;
     const char *device;         /* "cpu" (default) or "cuda:N" */
@@ -36,10 +50,8 @@ typedef struct llm_engine_params {
     const char *adapter_dir;
     size_t      adapter_host_memory;    /* host cache budget; 0: 1 GiB */
     size_t      adapter_device_memory;  /* device pool budget; 0: 512 MiB */
-    int         adapter_f32;    /* 1: adapter weights stay f32 on the
-                                   device (default: f16 where the
-                                   backend's LoRA op takes it, half the
-                                   bytes to read per step) */
+    int         adapter_dtype;  /* LLM_ADAPTER_*: adapter weights on
+                                   the device */
     /* told about each adapter_dir folder refused (may be NULL) */
     void      (*adapter_refused)(void *ud, const char *name,
                                  const llm_err *err);

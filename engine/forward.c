@@ -13,6 +13,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "../adapters/device_pool.h"
 #include "../adapters/lora.h"
 
 
@@ -146,7 +147,6 @@ forward_lora(llm_forward *fw, llm_tensor *const *outs, const int *targets,
              const llm_lora_span *spans, int n_spans, llm_err *err)
 {
     int    i, j, n = 0, rc;
-    size_t esize;
 
     for (j = 0; j < n_outs; j++) {
         for (i = 0; i < n_spans; i++) {
@@ -156,16 +156,10 @@ forward_lora(llm_forward *fw, llm_tensor *const *outs, const int *targets,
             if (w == NULL || w->rank == 0) {
                 continue;
             }
-            /* the pool's copy may be f16 (device_pool.h): the offsets
-             * count elements of its type */
-            esize = spans[i].type == LLM_F16 ? 2 : sizeof(float);
+            /* the pool's copy: f32, f16 or int8 (device_pool.h) */
+            llm_lora_pool_seg(spans[i].type, spans[i].dev, w, &fw->segs[n]);
             fw->segs[n].first = spans[i].first;
             fw->segs[n].n = spans[i].n;
-            fw->segs[n].rank = w->rank;
-            fw->segs[n].scale = w->scale;
-            fw->segs[n].a = spans[i].dev + w->a_off * esize;
-            fw->segs[n].b = spans[i].dev + w->b_off * esize;
-            fw->segs[n].type = spans[i].type;
             fw->segs[n].out = j;
             n++;
         }

@@ -93,6 +93,10 @@ typedef struct llm_rope_params {
     const float *freq_factors;
 } llm_rope_params;
 
+/* Adapter weights in int8, for the lora op: a scale per row of A and of
+ * B^T (a row's values = scale * int8), B transposed.  Not a GGUF type. */
+#define LLM_LORA_I8  64
+
 /* One adapter's share of a batch, for the lora op (host array). */
 typedef struct llm_lora_seg {
     int32_t     first;      /* first token row */
@@ -101,9 +105,12 @@ typedef struct llm_lora_seg {
     float       scale;
     const void *a;          /* backend address, [rank, in] */
     const void *b;          /* backend address, [out, rank]; with
-                               LLM_F16, B^T: [rank, out] */
-    int32_t     type;       /* of a and b: LLM_F32 (0), or LLM_F16 where
-                               the backend sets lora_f16 */
+                               LLM_F16 or LLM_LORA_I8, B^T: [rank, out] */
+    const float *a_scale;   /* LLM_LORA_I8: [rank] per row of A, and */
+    const float *b_scale;   /* [rank] per row of B^T; else NULL */
+    int32_t     type;       /* of a and b: LLM_F32 (0), or LLM_F16 /
+                               LLM_LORA_I8 where the backend sets
+                               lora_f16 / lora_i8 */
     int32_t     out;        /* index of the output in the call's outs */
 } llm_lora_seg;
 
@@ -190,6 +197,9 @@ typedef struct llm_backend_ops {
      * B transposed, [rank, out]), and adapters are then stored so on
      * this backend: half the bytes of f32, and B^T rows stream. */
     int   lora_f16;
+    /* 1: lora also takes LLM_LORA_I8 weights (half the bytes of f16,
+     * lossy: for operators who choose it, --adapter-dtype int8). */
+    int   lora_i8;
 
     /* Copies whole KV blocks between pools' block ids (same layout),
      * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */

@@ -5,6 +5,7 @@
  *
  *   build-x/lora-bench --model BASE.gguf --adapters DIR [--seqs 32]
  *                      [--prompt 32] [--gen 64] [--repeat 3] [--threads N]
+ *                      [--adapter-dtype f16|f32|int8]
  *                      [--naive MERGED.gguf]... [--json]
  *
  * One engine, one process, the same 32 (--seqs) concurrent sequences in
@@ -55,6 +56,7 @@ typedef struct {
     const char *naive[MAX_NAIVE];
     int         n_naive;
     int         json;
+    int         adapter_dtype;      /* LLM_ADAPTER_* */
 } bench_opts;
 
 typedef struct {
@@ -112,6 +114,7 @@ open_engine(const bench_opts *o, const char *model, const char *adapters,
     p.adapter_dir = adapters;
     p.adapter_host_memory = (size_t) 2 << 30;
     p.adapter_device_memory = (size_t) 2 << 30;
+    p.adapter_dtype = o->adapter_dtype;
     e = llm_engine_new(&p, &err);
     if (e == NULL) {
         fprintf(stderr, "lora-bench: %s: %s\n", model, err.msg);
@@ -348,7 +351,7 @@ usage(void)
 {
     fprintf(stderr, "usage: lora-bench --model BASE --adapters DIR "
             "[--seqs N] [--prompt N] [--gen N] [--repeat N] [--threads N] "
-            "[--naive MERGED]... [--json]\n");
+            "[--adapter-dtype f16|f32|int8] [--naive MERGED]... [--json]\n");
 }
 
 
@@ -395,6 +398,12 @@ main(int argc, char **argv)
             o.repeat = atoi(v);
         } else if (strcmp(a, "--threads") == 0) {
             o.threads = atoi(v);
+        } else if (strcmp(a, "--adapter-dtype") == 0) {
+            o.adapter_dtype = llm_adapter_dtype_parse(v);
+            if (o.adapter_dtype < 0) {
+                usage();
+                return 2;
+            }
         } else if (strcmp(a, "--naive") == 0 && o.n_naive < MAX_NAIVE) {
             o.naive[o.n_naive++] = v;
         } else {

@@ -8,7 +8,7 @@
  *              [--ctx N] [--max-queue N] [--max-conns N]
  *              [--socket-mode OCTAL] [--drain-timeout SEC]
  *              [--adapters DIR] [--adapter-host-memory SIZE]
- *              [--adapter-device-memory SIZE] [--adapter-dtype f16|f32]
+ *              [--adapter-device-memory SIZE] [--adapter-dtype f16|f32|int8]
  *              [--log-level error|warn|info|debug]
  *
  * --adapters DIR registers every subfolder of DIR holding a peft adapter
@@ -64,10 +64,11 @@ usage(FILE *f)
         "(default 1G)\n"
         "  --adapter-device-memory SIZE device pool of adapter weights "
         "(default 512M)\n"
-        "  --adapter-dtype f16|f32 adapter weights on the device (default "
-        "f16\n"
-        "                         where the backend takes it: half the "
-        "bytes)\n"
+        "  --adapter-dtype f16|f32|int8  adapter weights on the device "
+        "(default\n"
+        "                         f16 where the backend takes it: half the "
+        "bytes;\n"
+        "                         int8: a quarter, lossy, CPU backend)\n"
         "  --prefix-cache on|off  reuse the KV blocks of known prefixes "
         "(default on)\n"
         "  --kv-redis ADDR        Redis tier of the prefix cache: "
@@ -337,11 +338,10 @@ main(int argc, char **argv)
                 ep.adapter_device_memory = size;
             }
         } else if (strcmp(a, "--adapter-dtype") == 0) {
-            if (strcmp(v, "f16") == 0 || strcmp(v, "f32") == 0) {
-                ep.adapter_f32 = strcmp(v, "f32") == 0;
-            } else {
-                fprintf(stderr, "llm-engine: --adapter-dtype: f16 or "
-                        "f32\n");
+            ep.adapter_dtype = llm_adapter_dtype_parse(v);
+            if (ep.adapter_dtype < 0) {
+                fprintf(stderr, "llm-engine: --adapter-dtype: f16, f32 or "
+                        "int8\n");
                 return 2;
             }
         } else if (strcmp(a, "--log-level") == 0) {

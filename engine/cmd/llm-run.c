@@ -4,13 +4,16 @@
  *   llm-run --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N]
  *           [--temperature T] [--top-k K] [--top-p P] [--min-p P]
  *           [--seed S] [--threads N] [--kv-type f16|f32] [--ignore-eos]
- *           [--adapter DIR] [--tokens] [--logits-out F.npy] [--quiet]
+ *           [--adapter DIR] [--adapter-dtype f16|f32|int8] [--tokens]
+ *           [--logits-out F.npy] [--quiet]
  *
  * --tokens prints the prompt's token ids and exits; --logits-out writes
  * the teacher-forced logits of every prompt position as a float32 .npy
  * array [n_tokens, vocab] and exits.  --adapter applies a PEFT LoRA
- * adapter through the engine's batched multi-LoRA path.  The generated text goes to stdout,
- * the model description and timings to stderr.
+ * adapter through the engine's batched multi-LoRA path, its weights on
+ * the device in --adapter-dtype (as llm-engine's flag: compare the
+ * logits of int8 with f16 before serving int8).  The generated text goes
+ * to stdout, the model description and timings to stderr.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -36,6 +39,7 @@ typedef struct {
     int             quiet;
     const char     *logits_out;
     const char     *adapter;
+    int             adapter_dtype;
     llm_sampling    sampling;
 } run_opts;
 
@@ -60,7 +64,8 @@ usage(void)
         "               [--max-tokens N] [--temperature T] [--top-k K]\n"
         "               [--top-p P] [--min-p P] [--seed S] [--threads N]\n"
         "               [--kv-type f16|f32] [--ignore-eos] [--tokens]\n"
-        "               [--adapter DIR] [--logits-out FILE.npy] [--quiet]\n");
+        "               [--adapter DIR] [--adapter-dtype f16|f32|int8]\n"
+        "               [--logits-out FILE.npy] [--quiet]\n");
 }
 
 
@@ -124,6 +129,14 @@ parse_args(int argc, char **argv, run_opts *o)
         }
         else if (strcmp(a, "--adapter") == 0) {
             NEEDV(); o->adapter = v;
+        }
+        else if (strcmp(a, "--adapter-dtype") == 0) {
+            NEEDV();
+            o->adapter_dtype = llm_adapter_dtype_parse(v);
+            if (o->adapter_dtype < 0) {
+                fprintf(stderr, "--adapter-dtype: f16, f32 or int8\n");
+                return -1;
+            }
         }
         else if (strcmp(a, "--ignore-eos") == 0) { o->ignore_eos = 1; }
         else if (strcmp(a, "--tokens") == 0) { o->print_tokens = 1; }
@@ -265,6 +278,7 @@ main(int argc, char **argv)
     ep.kv_type = o.kv_type;
     ep.max_seqs = 1;
     ep.max_step_tokens = 512;
+    ep.adapter_dtype = o.adapter_dtype;
 
     t0 = llm_now_ns();
     e = llm_engine_new(&ep, &err);

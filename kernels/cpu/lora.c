@@ -16,10 +16,13 @@
  *
  * Weights are f32, B [out, r], or f16 with B transposed, [r, out]
  * (seg->type; the adapter pool stores f16 on this backend, lora_f16 =
- * 1): decoding with many distinct adapters reads every adapter's A and B
- * once per step, so the step is bound by those bytes; f16 halves them
- * and B^T lets expand stream its rows.  Sums are f32 either way, and a
- * row's sums do not depend on the other rows of the call.
+ * 1), or int8 with B transposed and a scale per row of A and of B^T
+ * (LLM_LORA_I8, lora_i8 = 1, when the operator asks for it): decoding
+ * with many distinct adapters reads every adapter's A and B once per
+ * step, so the step is bound by those bytes; f16 halves them, int8
+ * halves them again, and B^T lets expand stream its rows.  Sums are f32
+ * in every case, and a row's sums do not depend on the other rows of
+ * the call.
  *
  * The row kernels below are the portable ones; lora_avx512.c has the
  * same with AVX-512 (F16C conversions), chosen by the ISA at run time.
@@ -46,8 +49,6 @@ typedef void (*lora_expand_fn)(const void *b, int type, int rank,
 void llm_cpu_lora_shrink_avx512(const void *a, int type, int64_t in,
                                 const float *const *x, int n, float *t,
                                 int64_t ts);
-void llm_cpu_lora_shrink1_avx512(const void *a, int type, int64_t in,
-                                 const float *x, int rank, float *t);
 void llm_cpu_lora_expand_avx512(const void *b, int type, int rank,
                                 int64_t od, const float *t, int n,
                                 float scale, float *out, int64_t os,
@@ -81,11 +82,19 @@ typedef struct {
 
 /* ---- portable row kernels ----------------------------------------- */
 
+/* Element i of w; int8 unscaled (the row scales are applied around the
+ * kernels, in lora_item_run). */
 static float
 weight_at(const void *w, int type, int64_t i)
 {
-    return type == LLM_F16 ? llm_f16_to_f32(((const uint16_t *) w)[i])
-                           : ((const float *) w)[i];
+    switch (type) {
+    case LLM_F16:
+        return llm_f16_to_f32(((const uint16_t *) w)[i]);
+    case LLM_LORA_I8:
+        return (float) ((const int8_t *) w)[i];
+    default:
+        return ((const float *) w)[i];
+    }
 }
 
 
@@ -139,10 +148,10 @@ expand_scalar(const void *b, int type, int rank, int64_t od, const float *t,
             float sum = 0.0f;
 
             for (j = 0; j < rank; j++) {
-                /* f16: B^T, [rank, od] */
+                /* f16, int8: B^T, [rank, od] */
                 sum += t[r * rank + j]
-                       * weight_at(b, type, type == LLM_F16 ? j * od + o
-                                                            : o * rank + j);
+                       * weight_at(b, type, type == LLM_F32 ? o * rank + j
+                                                            : j * od + o);
             }
             out[r * os + o] += scale * sum;
         }
@@ -155,19 +164,7 @@ expand_scalar(const void *b, int type, int rank, int64_t od, const float *t,
 static size_t
 elt_size(int type)
 {
-    return type == LLM_F16 ? 2 : 4;
-}
-
-
-/* Asks for n bytes at p to be brought into L2 ahead of use. */
-static inline void
-prefetch_l2(const void *p, size_t n)
-{
-    size_t i;
-
-    for (i = 0; i < n; i += 64) {
-        __builtin_prefetch((const uint8_t *) p + i, 0, 2);
-    }
+    return type == LLM_F16 ? 2 : type == LLM_LORA_I8 ? 1 : 4;
 }
 
 
@@ -205,7 +202,18 @@ lora_item_run(const lora_task *tk, const lora_item *it)
             tk->shrink(a, sg->type, tk->in, xr, n,
                        t + (int64_t) row * sg->rank + j, sg->rank);
         }
-        prefetch_l2((const uint8_t *) sg->b + (size_t) j * b_row, b_row);
+        llm_cpu_prefetch((const uint8_t *) sg->b + (size_t) j * b_row,
+                         b_row);
+    }
+    if (sg->type == LLM_LORA_I8) {
+        /* int8 rows: t[row, j] times A row j's scale, and times B^T row
+         * j's scale, which expand would otherwise apply per output */
+        for (row = 0; row < it->rows; row++) {
+            for (j = 0; j < sg->rank; j++) {
+                t[(int64_t) row * sg->rank + j] *= sg->a_scale[j]
+                                                   * sg->b_scale[j];
+            }
+        }
     }
 
     /* expand: out[row] += scale * t[row] B^T over every output */
@@ -273,10 +281,13 @@ llm_cpu_lora(llm_cpu_ctx *c, llm_tensor *const *outs, int n_outs,
                                 (long long) x->ne[1], segs[s].rank,
                                 segs[s].out);
         }
-        if (segs[s].type != LLM_F32 && segs[s].type != LLM_F16) {
+        if (segs[s].type != LLM_F32 && segs[s].type != LLM_F16
+            && !(segs[s].type == LLM_LORA_I8 && segs[s].a_scale != NULL
+                 && segs[s].b_scale != NULL))
+        {
             return llm_cpu_fail(c, LLM_EINVAL, "lora: segment %d: weights "
-                                "of type %d (f32 or f16 expected)", s,
-                                segs[s].type);
+                                "of type %d (f32, f16, or int8 with row "
+                                "scales expected)", s, segs[s].type);
         }
         t_total += (int64_t) segs[s].n * segs[s].rank;
         n_items += (segs[s].n + LORA_ROWS - 1) / LORA_ROWS;

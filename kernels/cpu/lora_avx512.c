@@ -1,12 +1,13 @@
 /*
- * The row kernels of the multi-LoRA op (lora.c) with AVX-512: f32 or f16
- * weights (converted with vcvtph2ps as they are loaded), f32 sums.
+ * The row kernels of the multi-LoRA op (lora.c) with AVX-512: f32, f16
+ * or int8 weights (converted to f32 as they are loaded; int8 unscaled,
+ * lora.c applies the row scales), f32 sums.
  *
  *   shrink: t[r * ts] = dot(x[r], a)              r < n <= 4 rows
  *   expand: out[r][o] += scale * dot(t[r], B row o), o in [o0, o1), for
  *           the n rows of a segment
  *
- * Expand: f16 weights come with B transposed ([rank, out], packed so at
+ * Expand: f16 and int8 weights come with B transposed ([rank, out], packed so at
  * upload), and each B^T row is read in memory order into a tile of
  * deltas kept in registers / L1.  f32 weights keep B's [out, rank]
  * layout: each 16 x 16 block of B is transposed in registers, then each
@@ -21,23 +22,38 @@
 #include "cpu.h"
 
 
-/* 16 weights from element i of w (f16 or f32), or the first of them that
- * mask m selects (the others 0). */
-static inline __m512
-ld16(const void *w, int f16, int64_t i)
+/* 16 weights from element i of w (type LLM_F32, LLM_F16 or LLM_LORA_I8:
+ * the int8 values, unscaled), or the first of them that mask m selects
+ * (the others 0).  type is a constant where these are inlined. */
+static inline __attribute__((always_inline)) __m512
+ld16(const void *w, int type, int64_t i)
 {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                     (const __m256i *) ((const uint16_t *) w + i)))
-               : _mm512_loadu_ps((const float *) w + i);
+    switch (type) {
+    case LLM_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256(
+                   (const __m256i *) ((const uint16_t *) w + i)));
+    case LLM_LORA_I8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                   (const __m128i *) ((const int8_t *) w + i))));
+    default:
+        return _mm512_loadu_ps((const float *) w + i);
+    }
 }
 
 
-static inline __m512
-ld16_mask(const void *w, int f16, int64_t i, __mmask16 m)
+static inline __attribute__((always_inline)) __m512
+ld16_mask(const void *w, int type, int64_t i, __mmask16 m)
 {
-    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                     m, (const uint16_t *) w + i))
-               : _mm512_maskz_loadu_ps(m, (const float *) w + i);
+    switch (type) {
+    case LLM_F16:
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                   m, (const uint16_t *) w + i));
+    case LLM_LORA_I8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                   _mm_maskz_loadu_epi8(m, (const int8_t *) w + i)));
+    default:
+        return _mm512_maskz_loadu_ps(m, (const float *) w + i);
+    }
 }
 
 
@@ -48,9 +64,9 @@ tail_mask(int64_t n)
 }
 
 
-/* n rows against one weight row; n a constant after inlining. */
+/* n rows against one weight row; n and type constants after inlining. */
 static inline __attribute__((always_inline)) void
-shrink_n(const void *a, int f16, int64_t in, const float *const *x,
+shrink_n(const void *a, const int type, int64_t in, const float *const *x,
          const int n, float *t, int64_t ts)
 {
     __m512  acc0[4], acc1[4], w0, w1;
@@ -62,8 +78,8 @@ shrink_n(const void *a, int f16, int64_t in, const float *const *x,
         acc1[r] = _mm512_setzero_ps();
     }
     for (; i + 32 <= in; i += 32) {
-        w0 = ld16(a, f16, i);
-        w1 = ld16(a, f16, i + 16);
+        w0 = ld16(a, type, i);
+        w1 = ld16(a, type, i + 16);
         for (r = 0; r < n; r++) {
             acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[r] + i),
                                       acc0[r]);
@@ -74,7 +90,7 @@ shrink_n(const void *a, int f16, int64_t in, const float *const *x,
     for (; i < in; i += 16) {
         __mmask16 m = in - i >= 16 ? (__mmask16) 0xffff : tail_mask(in - i);
 
-        w0 = ld16_mask(a, f16, i, m);
+        w0 = ld16_mask(a, type, i, m);
         for (r = 0; r < n; r++) {
             acc0[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x[r] + i),
                                       acc0[r]);
@@ -86,25 +102,28 @@ shrink_n(const void *a, int f16, int64_t in, const float *const *x,
 }
 
 
+#define SHRINK_ROWS(type)                                                   \
+    switch (n) {                                                            \
+    case 1: shrink_n(a, type, in, x, 1, t, ts); break;                      \
+    case 2: shrink_n(a, type, in, x, 2, t, ts); break;                      \
+    case 3: shrink_n(a, type, in, x, 3, t, ts); break;                      \
+    default: shrink_n(a, type, in, x, 4, t, ts); break;                     \
+    }
+
 void
 llm_cpu_lora_shrink_avx512(const void *a, int type, int64_t in,
                            const float *const *x, int n, float *t,
                            int64_t ts)
 {
-    int f16 = type == LLM_F16;
-
-    switch (n) {
-    case 1:
-        shrink_n(a, f16, in, x, 1, t, ts);
+    switch (type) {
+    case LLM_F16:
+        SHRINK_ROWS(LLM_F16);
         break;
-    case 2:
-        shrink_n(a, f16, in, x, 2, t, ts);
-        break;
-    case 3:
-        shrink_n(a, f16, in, x, 3, t, ts);
+    case LLM_LORA_I8:
+        SHRINK_ROWS(LLM_LORA_I8);
         break;
     default:
-        shrink_n(a, f16, in, x, 4, t, ts);
+        SHRINK_ROWS(LLM_F32);
         break;
     }
 }
@@ -171,7 +190,8 @@ expand_f32(const void *b, int rank, const float *t, int n, float scale,
             cw = rank - c < 16 ? rank - c : 16;
             cm = cw == 16 ? (__mmask16) 0xffff : tail_mask(cw);
             for (k = 0; k < 16; k++) {
-                col[k] = k < rows ? ld16_mask(b, 0, (ob + k) * rank + c, cm)
+                col[k] = k < rows ? ld16_mask(b, LLM_F32, (ob + k) * rank + c,
+                                              cm)
                                   : _mm512_setzero_ps();
             }
             transpose16(col);
@@ -203,7 +223,7 @@ expand_f32(const void *b, int rank, const float *t, int n, float scale,
 
 
 /*
- * f16, B^T [rank, od]: for a tile of outputs and up to EXP_ROWS rows,
+ * f16 or int8, B^T [rank, od]: for a tile of outputs and up to EXP_ROWS rows,
  * d[r] = sum_j t[r][j] * B^T row j, walking each B^T row's tile in
  * memory order (one stream at a time, a tile's delta in L1), then
  * out[r] += scale * d[r].  Sums run over j in order, whatever the rows.
@@ -211,9 +231,10 @@ expand_f32(const void *b, int rank, const float *t, int n, float scale,
 #define EXP_TILE  2048
 #define EXP_ROWS  4
 
-static void
-expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
-           float scale, float *out, int64_t os, int64_t o0, int64_t o1)
+static inline __attribute__((always_inline)) void
+expand_t(const void *bt, const int type, int rank, int64_t od,
+         const float *t, int n, float scale, float *out, int64_t os,
+         int64_t o0, int64_t o1)
 {
     __m512     d[EXP_ROWS][EXP_TILE / 16], sc = _mm512_set1_ps(scale), w;
     __m512     tj[EXP_ROWS], tj1[EXP_ROWS], tj2[EXP_ROWS], tj3[EXP_ROWS];
@@ -235,7 +256,7 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
              * flight and one load / store of a delta per four FMAs; each
              * delta still sums over j in order */
             for (j = 0; j + 4 <= rank; j += 4) {
-                const uint16_t *row = bt + (int64_t) j * od + tb;
+                int64_t         row = (int64_t) j * od + tb;
                 __m512          w1, w2, w3;
 
                 for (r = 0; r < nr; r++) {
@@ -250,13 +271,10 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
                     o = 16 * v;
                     m = len - o >= 16 ? (__mmask16) 0xffff
                                       : tail_mask(len - o);
-                    w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + o));
-                    w1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
-                                                            row + od + o));
-                    w2 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
-                                                        row + 2 * od + o));
-                    w3 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
-                                                        row + 3 * od + o));
+                    w = ld16_mask(bt, type, row + o, m);
+                    w1 = ld16_mask(bt, type, row + od + o, m);
+                    w2 = ld16_mask(bt, type, row + 2 * od + o, m);
+                    w3 = ld16_mask(bt, type, row + 3 * od + o, m);
                     for (r = 0; r < nr; r++) {
                         __m512 acc = _mm512_fmadd_ps(tj[r], w, d[r][v]);
 
@@ -267,7 +285,7 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
                 }
             }
             for (; j < rank; j++) {
-                const uint16_t *row = bt + (int64_t) j * od + tb;
+                int64_t row = (int64_t) j * od + tb;
 
                 for (r = 0; r < nr; r++) {
                     tj[r] = _mm512_set1_ps(t[(int64_t) (r0 + r) * rank + j]);
@@ -276,8 +294,7 @@ expand_f16(const uint16_t *bt, int rank, int64_t od, const float *t, int n,
                     o = 16 * v;
                     m = len - o >= 16 ? (__mmask16) 0xffff
                                       : tail_mask(len - o);
-                    w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m,
-                                                                 row + o));
+                    w = ld16_mask(bt, type, row + o, m);
                     for (r = 0; r < nr; r++) {
                         d[r][v] = _mm512_fmadd_ps(tj[r], w, d[r][v]);
                     }
@@ -305,9 +322,16 @@ llm_cpu_lora_expand_avx512(const void *b, int type, int rank, int64_t od,
                            const float *t, int n, float scale, float *out,
                            int64_t os, int64_t o0, int64_t o1)
 {
-    if (type == LLM_F16) {
-        expand_f16(b, rank, od, t, n, scale, out, os, o0, o1);
-    } else {
+    switch (type) {
+    case LLM_F16:
+        expand_t(b, LLM_F16, rank, od, t, n, scale, out, os, o0, o1);
+        break;
+    case LLM_LORA_I8:
+        /* t comes scaled by the rows' scales (lora.c) */
+        expand_t(b, LLM_LORA_I8, rank, od, t, n, scale, out, os, o0, o1);
+        break;
+    default:
         expand_f32(b, rank, t, n, scale, out, os, o0, o1);
+        break;
     }
 }

@@ -500,3 +500,45 @@ def test_sequence_waits_for_its_adapter(device_stack, alone):
     s = st.stats()
     assert s["adapter_device_evictions"] >= 1
     assert s["adapter_device_bytes"] <= DEVICE_BUDGET
+
+
+# ---- int8 adapter weights (--adapter-dtype int8) -------------------------
+
+@pytest.fixture(scope="module")
+def int8_stack(nginx_module, engine_bin, model_path, lora_dirs,  # noqa: F811
+               tmp_path_factory):
+    st = start_stack(engine_bin, model_path, tmp_path_factory,
+                     ["--adapters", lora_dirs["root"],
+                      "--adapter-dtype", "int8"])
+    try:
+        yield st
+    finally:
+        stop_stack(st)
+
+
+def test_int8_adapters_serve_in_a_quarter_of_the_bytes(int8_stack, alone):
+    """int8 copies: concurrent streams give each model's text alone on the
+    int8 engine, the base's text is the f16 engine's, and the device holds
+    a quarter of the host (f32) bytes."""
+    st = int8_stack
+    c = st.nginx.openai()
+    own = {m: complete(c, m) for m in ("smollm2", "a8", "b16", "c4")}
+    assert own["smollm2"] == alone["smollm2"]
+    for m in ("a8", "b16", "c4"):
+        assert own[m] != own["smollm2"], m
+    models = ["a8", "b16", "c4", "smollm2"] * 2
+    with futures.ThreadPoolExecutor(len(models)) as ex:
+        got = list(ex.map(lambda m: complete(c, m), models))
+    for m, text in zip(models, got):
+        assert text == own[m], m
+    s = st.stats()
+    assert s["adapters_resident"] == 3
+    assert 0 < s["adapter_device_bytes"] * 3.5 < s["adapter_host_bytes"]
+
+
+def test_bad_adapter_dtype_refused(engine_bin, model_path):
+    r = subprocess.run([engine_bin, "--model", model_path,
+                        "--adapter-dtype", "int4"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--adapter-dtype" in r.stderr

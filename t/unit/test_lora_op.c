@@ -113,6 +113,32 @@ make_weights_b(int type, int od, int rank, float *exact)
 }
 
 
+/* int8 rows [rows, cols] and their f32 scales after them (at a multiple
+ * of 4 bytes), as LLM_LORA_I8 stores A and B^T; exact[r * cols + c] or,
+ * with tr, exact[c * rows + r] (B's own layout) = scale[r] * int8. */
+static void *
+make_weights_i8(int rows, int cols, int tr, float *exact, float **scales)
+{
+    size_t  qb = ((size_t) rows * cols + 3) / 4 * 4;
+    int8_t *q = malloc(qb + sizeof(float) * rows);
+    float  *sc = (float *) ((uint8_t *) q + qb);
+    int     r, c;
+
+    for (r = 0; r < rows; r++) {
+        sc[r] = (0.5f + 0.5f * (op_rand() + 1.0f)) / 256.0f;
+        for (c = 0; c < cols; c++) {
+            int8_t v = (int8_t) (op_rand() * 127.0f);
+
+            q[(size_t) r * cols + c] = v;
+            exact[tr ? (size_t) c * rows + r : (size_t) r * cols + c] =
+                sc[r] * (float) v;
+        }
+    }
+    *scales = sc;
+    return q;
+}
+
+
 /*
  * One call of the op: rows T, dims in -> od, the segments given; x and
  * out rows padded by pad floats.  Returns the worst error relative to the
@@ -153,8 +179,17 @@ run_case(llm_backend *be, int type, int T, int in, int od, const op_seg *sg,
     for (s = 0; s < n_segs; s++) {
         ea[s] = malloc(sizeof(float) * sg[s].rank * in);
         eb[s] = malloc(sizeof(float) * od * sg[s].rank);
-        wa[s] = make_weights(type, (size_t) sg[s].rank * in, ea[s]);
-        wb[s] = make_weights_b(type, od, sg[s].rank, eb[s]);
+        if (type == LLM_LORA_I8) {
+            float *as, *bs;
+
+            wa[s] = make_weights_i8(sg[s].rank, in, 0, ea[s], &as);
+            wb[s] = make_weights_i8(sg[s].rank, od, 1, eb[s], &bs);
+            segs[s].a_scale = as;
+            segs[s].b_scale = bs;
+        } else {
+            wa[s] = make_weights(type, (size_t) sg[s].rank * in, ea[s]);
+            wb[s] = make_weights_b(type, od, sg[s].rank, eb[s]);
+        }
         segs[s].first = sg[s].first;
         segs[s].n = sg[s].n;
         segs[s].rank = sg[s].rank;
@@ -236,14 +271,15 @@ op_cases(const char *isa)
     op_seg      dec[32];
     llm_backend *be;
     llm_err     err = { 0, "" };
-    int         types[2] = { LLM_F32, LLM_F16 }, k, i;
+    int         types[3] = { LLM_F32, LLM_F16, LLM_LORA_I8 }, k, i;
     double      e;
 
     setenv("LLM_CPU_ISA", isa, 1);
     be = llm_backend_cpu_new(2, &err);
     unsetenv("LLM_CPU_ISA");
     test(op_name("%s: backend with the lora op%s", isa, ""));
-    test_cond(be != NULL && be->ops->lora != NULL && be->ops->lora_f16);
+    test_cond(be != NULL && be->ops->lora != NULL && be->ops->lora_f16
+              && be->ops->lora_i8);
     if (be == NULL) {
         return;
     }
@@ -254,8 +290,9 @@ op_cases(const char *isa)
         dec[i].scale = 0.25f * (1 + i % 3);
     }
 
-    for (k = 0; k < 2; k++) {
-        const char *tn = types[k] == LLM_F16 ? "f16" : "f32";
+    for (k = 0; k < 3; k++) {
+        const char *tn = types[k] == LLM_F16 ? "f16"
+                         : types[k] == LLM_LORA_I8 ? "int8" : "f32";
 
         test(op_name("%s %s: 3 segments, ranks 8/16/4, 576 -> 192, a row "
                      "between segments", isa, tn));

@@ -23,7 +23,7 @@ LDLIBS  += -lopenblas -ljansson -lhiredis -lm -lpthread
 # Kernels built per instruction set; chosen at run time (cpu_features.c).
 AVX2_FLAGS   := -mavx2 -mfma -mf16c
 AVX512_FLAGS := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl \
-                -mavx512dq -mavx512vnni -mavx512bf16
+                -mavx512dq -mavx512vnni -mavx512bf16 -mamx-tile -mamx-int8
 
 ENGINE_SRCS := $(wildcard engine/*.c)
 KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)

@@ -43,7 +43,9 @@ void llm_cpu_split(int64_t n, int ith, int nth, int64_t align,
 enum {
     LLM_ISA_SCALAR = 0,
     LLM_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C */
-    LLM_ISA_AVX512 = 2      /* F, BW, VL, DQ, VNNI, BF16 */
+    LLM_ISA_AVX512 = 2,     /* F, BW, VL, DQ, VNNI, BF16 */
+    LLM_ISA_AMX = 3         /* AVX-512 and AMX-INT8 tiles (the OS lets
+                               this process use them) */
 };
 
 /* The best instruction set of this CPU, lowered by the environment
@@ -135,6 +137,7 @@ typedef struct llm_cpu_gemm {
     size_t          out_nb;
     const float    *bias;       /* [m] or NULL */
     int             batched;    /* x is in the table's batch layout */
+    int             amx;        /* AMX tiles may compute the products */
 } llm_cpu_gemm;
 
 typedef void (*llm_cpu_gemm_fn)(const llm_cpu_gemm *g, int64_t m0,

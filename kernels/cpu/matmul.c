@@ -673,6 +673,7 @@ llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
     j.g.out_nb = out->nb;
     j.g.bias = bias != NULL ? bias->data : NULL;
     j.align = 16;
+    j.g.amx = c->isa >= LLM_ISA_AMX;
 
     kind = c->kern.xq_kind[w->type];
     if (c->kern.batch_rows > 0 && n >= c->kern.batch_rows

@@ -825,6 +825,126 @@ t_rows_out(const t_tile *t, int type, int nb, int64_t b0, int last,
 }
 
 
+/* ------------------------------------------ quantized: AMX tiles */
+
+/*
+ * With AMX (LLM_ISA_AMX), 16 activation rows of blocks of 32 (Q4_0, Q4_1,
+ * Q8_0) take the integer dot products of a whole block from one tile
+ * instruction instead of 8 x 16 VNNI ones:
+ *
+ *   A (tile 1): the 16 rows' int8 quants of block b, straight from the
+ *               quantized activations (32 bytes per row, x_nb apart);
+ *   B (tile 2): the 16 weight rows' unsigned quants of the block, which
+ *               t_repack already lays out as AMX wants them (row u: each
+ *               weight row's quants 4u .. 4u + 3, a dword per row);
+ *   C (tile 0): C[r][j] = sum_k A[r][k] B[k][j] (TDPBSUD: signed A,
+ *               unsigned B), row r = what t_dots gives for activation
+ *               row r, lanes = the weight rows.
+ *
+ * The integer sums are exact either way and the float steps are
+ * step_b32's, in the same order, so a row's output has the same bits as
+ * on the VNNI path (and in any batch).  Two C tiles let one block's
+ * product run while the previous block's sums are scaled.
+ */
+typedef struct amx_cfg {
+    uint8_t     palette;
+    uint8_t     start_row;
+    uint8_t     reserved[14];
+    uint16_t    colsb[16];
+    uint8_t     rows[16];
+} amx_cfg;
+
+static __thread int amx_ready;      /* this thread's tiles configured */
+
+
+static void
+amx_configure(void)
+{
+    amx_cfg c;
+
+    memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    c.rows[0] = 16;                 /* C, two of them: 16 x 16 int32 */
+    c.colsb[0] = 64;
+    c.rows[3] = 16;
+    c.colsb[3] = 64;
+    c.rows[1] = 16;                 /* A: 16 rows x 32 int8 */
+    c.colsb[1] = 32;
+    c.rows[2] = 8;                  /* B: 8 x (16 rows x 4 quants) */
+    c.colsb[2] = 64;
+    _tile_loadconfig(&c);
+    amx_ready = 1;
+}
+
+
+#define AMX_PRODUCT(ct, b)                                                  \
+    do {                                                                    \
+        _tile_loadd(1, xa[0].q + 32 * (b), (long) g->x_nb);                 \
+        _tile_loadd(2, &t->q[(b)][0], 64);                                  \
+        _tile_zero(ct);                                                     \
+        _tile_dpbsud(ct, 1, 2);                                             \
+    } while (0)
+
+
+INLINE void
+t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
+               const llm_cpu_gemm *g, int64_t r0, int64_t j0, __mmask16 rm,
+               __m512 bias)
+{
+    int32_t  c[2][16][16] __attribute__((aligned(64)));
+    __m512   acc[16];
+    t_act    xa[16];
+    int      r, b;
+
+    if (!amx_ready) {
+        amx_configure();
+    }
+#pragma GCC unroll 16
+    for (r = 0; r < 16; r++) {
+        xa[r] = act_of(g, type, r0 + r, b0);
+        acc[r] = b0 == 0 ? _mm512_setzero_ps()
+                         : _mm512_maskz_loadu_ps(rm, out_row(g, r0 + r) + j0);
+    }
+    /* block b + 1's product runs and block b's sums are stored while
+     * block b - 1's, stored one block earlier, are scaled: the loads
+     * never wait for the tile store just issued */
+    AMX_PRODUCT(0, 0);
+    for (b = 0; b <= nb; b++) {
+        if (b < nb) {
+            if (b + 1 < nb) {
+                if (b % 2 == 0) {
+                    AMX_PRODUCT(3, b + 1);
+                } else {
+                    AMX_PRODUCT(0, b + 1);
+                }
+            }
+            if (b % 2 == 0) {
+                _tile_stored(0, c[0], 64);
+            } else {
+                _tile_stored(3, c[1], 64);
+            }
+        }
+        if (b == 0) {
+            continue;
+        }
+#pragma GCC unroll 16
+        for (r = 0; r < 16; r++) {
+            acc[r] = step_b32(type, acc[r],
+                              _mm512_load_si512(c[(b - 1) % 2][r]),
+                              xa[r].sum[b - 1], t->d[b - 1], t->m[b - 1],
+                              xa[r].d[b - 1], xa[r].s1[b - 1]);
+        }
+    }
+#pragma GCC unroll 16
+    for (r = 0; r < 16; r++) {
+        if (last) {
+            acc[r] = _mm512_add_ps(acc[r], bias);
+        }
+        _mm512_mask_storeu_ps(out_row(g, r0 + r) + j0, rm, acc[r]);
+    }
+}
+
+
 INLINE void
 gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 {
@@ -852,7 +972,14 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
             } else {
                 t_repack(type, base, g->w_nb, rm, ns, 1, &t);
             }
-            for (r = 0; r + 8 <= g->n; r += 8) {
+            r = 0;
+            if (g->amx && !kq) {
+                for (; r + 16 <= g->n; r += 16) {
+                    t_rows_out_amx(&t, type, ns, s0, last, g, r, j0, rm,
+                                   bias);
+                }
+            }
+            for (; r + 8 <= g->n; r += 8) {
                 t_rows_out(&t, type, ns, s0, last, g, r, 8, j0, rm, bias);
             }
             switch (g->n - r) {

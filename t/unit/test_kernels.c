@@ -60,7 +60,7 @@ kt_fill(float *x, int64_t n, float scale)
 }
 
 
-static const char *kt_isa_name[] = { "scalar", "avx2", "avx512" };
+static const char *kt_isa_name[] = { "scalar", "avx2", "avx512", "amx" };
 
 
 /* Test names built at run time: the runner prints a name when the next
@@ -612,7 +612,31 @@ TEST_SUITE(kernels_matmul)
         }
     }
 
-    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AVX512; isa++) {
+    test("quantized matmul: AMX tiles and AVX-512 (VNNI) bit-identical");
+    {
+        llm_backend *bv = kt_open(LLM_ISA_AVX512, 2);
+        llm_backend *ba = kt_open(LLM_ISA_AMX, 2);
+        if (ba == NULL || bv == NULL) {
+            test_skip("this CPU (or OS) gives no AMX tiles");
+        } else {
+            int ok = 1;
+            for (ti = 3; ti < (int) (sizeof(types) / sizeof(types[0])); ti++) {
+                int64_t k = llm_dtype_get(types[ti])->block == 256 ? 768
+                                                                   : 2080;
+                ok &= kt_cross_isa(bv, ba, types[ti], 16, k, 37)
+                      && kt_cross_isa(bv, ba, types[ti], 53, k, 21);
+            }
+            test_cond(ok);
+        }
+        if (bv != NULL) {
+            bv->ops->free(bv);
+        }
+        if (ba != NULL) {
+            ba->ops->free(ba);
+        }
+    }
+
+    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AMX; isa++) {
         threads = isa == LLM_ISA_AVX2 ? 3 : 2;      /* odd splits too */
         llm_backend *be = kt_open(isa, threads);
 
@@ -922,7 +946,7 @@ TEST_SUITE(kernels_ops)
 {
     int isa;
 
-    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AVX512; isa++) {
+    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AMX; isa++) {
         llm_backend *be = kt_open(isa, 2);
 
         if (be == NULL) {
@@ -1298,7 +1322,7 @@ TEST_SUITE(kernels_attention)
 {
     int  isa;
 
-    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AVX512; isa++) {
+    for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AMX; isa++) {
         llm_backend *be = kt_open(isa, 2);
 
         test(kt_name("attention, F16 pages, GQA 9/3,"

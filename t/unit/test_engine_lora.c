@@ -609,6 +609,67 @@ TEST_SUITE(engine_lora_mixed_batch)
 }
 
 
+/*
+ * Every (model, prompt) pair of the fixtures in one batch, on an engine
+ * whose adapters are kept in adapter_dtype (folder sub of the test tmp
+ * dir): *worst = the worst logits error against llama.cpp, *same = the
+ * sequences whose greedy tokens are llama.cpp's.  NULL (the test skipped
+ * or failed) or the engine, for the caller to free.
+ */
+static llm_engine *
+dtype_mix(const char *sub, int adapter_dtype, lref *r, lbatch *mix,
+          int (*pairs)[2], int *n, double *worst, int *same)
+{
+    char        dir[512], cmd[600];
+    llm_engine *e;
+    int         i, m, p, checked, rows;
+
+    if (lref_load(r) != 0 || access(F32_MODEL, R_OK) != 0) {
+        test_skip("needs " F32_MODEL " (make models) and "
+                  LREF_DIR " fixtures");
+        return NULL;
+    }
+    snprintf(dir, sizeof(dir), "%s/%s", llm_test_tmp_dir(), sub);
+    snprintf(cmd, sizeof(cmd), "mkdir -p %s", dir);
+    if (system(cmd) != 0 || make_adapters(r, dir) != 0) {
+        test_skip("tools/make_lora.py failed");
+        return NULL;
+    }
+    e = lora_engine(dir, LMAX_SEQS, adapter_dtype);
+    test_cond(e != NULL);
+    if (e == NULL) {
+        return NULL;
+    }
+    *n = 0;
+    for (p = 0; p < r->n_prompts; p++) {
+        for (m = 0; m < r->n_models; m++) {
+            pairs[*n][0] = m;
+            pairs[*n][1] = p;
+            (*n)++;
+        }
+    }
+    if (run_batch(e, r, (const int (*)[2]) pairs, *n, 1, mix) != 0) {
+        test_cond(0);
+        llm_engine_free(e);
+        return NULL;
+    }
+    *worst = 0;
+    *same = 0;
+    for (i = 0; i < mix->n; i++) {
+        lseq    *s = &mix->s[i];
+        int32_t  ref[N_GEN];
+
+        *worst = fmax(*worst, logits_error(r, s, mix->n_vocab, &checked));
+        *same += lref_greedy(r->models[s->model].name,
+                             r->prompts[s->prompt].name, ref, N_GEN, &rows)
+                 == N_GEN
+                 && s->n_out == N_GEN
+                 && memcmp(ref, s->out, sizeof(ref)) == 0;
+    }
+    return e;
+}
+
+
 /* The same batch with the adapters kept in f32: llama.cpp's arithmetic up
  * to summation order. */
 TEST_SUITE(engine_lora_f32)
@@ -616,51 +677,20 @@ TEST_SUITE(engine_lora_f32)
     static lref   r;
     static lbatch mix;
     static int    pairs[LMAX_SEQS][2];
-    char          dir[512], cmd[600];
     llm_engine   *e;
-    int           n = 0, i, m, p, checked, ok = 1;
-    double        worst = 0;
+    int           n, same;
+    double        worst;
 
     test("adapters kept f32 (adapter_f32): logits within 1e-4 of "
          "llama.cpp, greedy tokens identical");
-    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
-        return;
-    }
-    snprintf(dir, sizeof(dir), "%s/lora-f32", llm_test_tmp_dir());
-    snprintf(cmd, sizeof(cmd), "mkdir -p %s", dir);
-    if (system(cmd) != 0 || make_adapters(&r, dir) != 0) {
-        test_skip("tools/make_lora.py failed");
-        return;
-    }
-    e = lora_engine(dir, LMAX_SEQS, LLM_ADAPTER_F32);
-    test_cond(e != NULL);
+    e = dtype_mix("lora-f32", LLM_ADAPTER_F32, &r, &mix, pairs, &n, &worst,
+                  &same);
     if (e == NULL) {
         return;
     }
-    for (p = 0; p < r.n_prompts; p++) {
-        for (m = 0; m < r.n_models; m++) {
-            pairs[n][0] = m;
-            pairs[n][1] = p;
-            n++;
-        }
-    }
-    test_cond(run_batch(e, &r, (const int (*)[2]) pairs, n, 1, &mix) == 0);
-    for (i = 0; i < mix.n; i++) {
-        lseq    *s = &mix.s[i];
-        int32_t  ref[N_GEN];
-        int      rows;
-
-        worst = fmax(worst, logits_error(&r, s, mix.n_vocab, &checked));
-        ok &= lref_greedy(r.models[s->model].name,
-                          r.prompts[s->prompt].name, ref, N_GEN, &rows)
-              == N_GEN
-              && s->n_out == N_GEN && memcmp(ref, s->out, sizeof(ref)) == 0;
-    }
     printf("       worst rel err %.2e\n", worst);
     test_cond(worst <= 1e-4);
-    test_cond(ok);
+    test_cond(same == mix.n);
     lbatch_free(&mix);
     llm_engine_free(e);
 }
@@ -674,49 +704,17 @@ TEST_SUITE(engine_lora_int8)
     static lref       r;
     static lbatch     mix, one;
     static int        pairs[LMAX_SEQS][2];
-    char              dir[512], cmd[600];
     llm_engine       *e;
     llm_engine_stats  st;
-    int               n = 0, i, m, p, checked, ok = 1, same = 0;
-    double            worst = 0;
+    int               n, i, m, ok = 1, same;
+    double            worst;
 
     test("adapters in int8: a quarter of the f32 bytes on the device, "
          "logits within 2e-2 of llama.cpp on the merged F32 models");
-    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
-        return;
-    }
-    snprintf(dir, sizeof(dir), "%s/lora-int8", llm_test_tmp_dir());
-    snprintf(cmd, sizeof(cmd), "mkdir -p %s", dir);
-    if (system(cmd) != 0 || make_adapters(&r, dir) != 0) {
-        test_skip("tools/make_lora.py failed");
-        return;
-    }
-    e = lora_engine(dir, LMAX_SEQS, LLM_ADAPTER_INT8);
-    test_cond(e != NULL);
+    e = dtype_mix("lora-int8", LLM_ADAPTER_INT8, &r, &mix, pairs, &n,
+                  &worst, &same);
     if (e == NULL) {
         return;
-    }
-    for (p = 0; p < r.n_prompts; p++) {
-        for (m = 0; m < r.n_models; m++) {
-            pairs[n][0] = m;
-            pairs[n][1] = p;
-            n++;
-        }
-    }
-    test_cond(run_batch(e, &r, (const int (*)[2]) pairs, n, 1, &mix) == 0);
-    for (i = 0; i < mix.n; i++) {
-        lseq    *s = &mix.s[i];
-        int32_t  ref[N_GEN];
-        int      rows;
-
-        worst = fmax(worst, logits_error(&r, s, mix.n_vocab, &checked));
-        same += lref_greedy(r.models[s->model].name,
-                            r.prompts[s->prompt].name, ref, N_GEN, &rows)
-                == N_GEN
-                && s->n_out == N_GEN
-                && memcmp(ref, s->out, sizeof(ref)) == 0;
     }
     llm_engine_get_stats(e, &st);
     printf("       worst rel err %.2e; greedy tokens identical to "

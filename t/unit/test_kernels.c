@@ -563,7 +563,7 @@ kt_cross_isa(llm_backend *a, llm_backend *b, int type, int64_t n, int64_t k,
     to = kt_tensor(ob, LLM_F32, m, n);
     ok &= b->ops->matmul(b, &to, &tx, &tw, &tb) == 0;
     if (ok && memcmp(oa, ob, (size_t) n * m * 4) != 0) {
-        printf("       %s n=%lld: scalar and avx512 differ\n",
+        printf("       %s n=%lld: the two paths differ\n",
                llm_dtype_get(type)->name, (long long) n);
         ok = 0;
     }
@@ -574,6 +574,37 @@ kt_cross_isa(llm_backend *a, llm_backend *b, int type, int64_t n, int64_t k,
     free(ob);
     free(bias);
     return ok;
+}
+
+
+/* Each of the n types, on backends of instruction sets isa_a and isa_b:
+ * the same bits for n0 and n1 activation rows, k = k32 (blocks of 32)
+ * or 768 (of 256), m weight rows.  Skipped where the CPU lacks isa_b. */
+static void
+kt_cross_isas(int isa_a, int isa_b, const int *types, int n, int64_t k32,
+              int64_t n0, int64_t n1, int64_t m)
+{
+    llm_backend *a = kt_open(isa_a, 2);
+    llm_backend *b = kt_open(isa_b, 2);
+    int          i, ok = a != NULL;
+
+    if (b == NULL) {
+        test_skip("this CPU (or OS) lacks the instructions");
+    } else {
+        for (i = 0; i < n; i++) {
+            int64_t k = llm_dtype_get(types[i])->block == 256 ? 768 : k32;
+
+            ok &= kt_cross_isa(a, b, types[i], n0, k, m)
+                  && kt_cross_isa(a, b, types[i], n1, k, m);
+        }
+        test_cond(ok);
+    }
+    if (a != NULL) {
+        a->ops->free(a);
+    }
+    if (b != NULL) {
+        b->ops->free(b);
+    }
 }
 
 
@@ -590,51 +621,14 @@ TEST_SUITE(kernels_matmul)
     int          isa, ti, ni, mi, ki, ok, threads;
 
     test("quantized matmul: scalar and AVX-512 paths bit-identical");
-    {
-        llm_backend *bs = kt_open(LLM_ISA_SCALAR, 2);
-        llm_backend *bv = kt_open(LLM_ISA_AVX512, 2);
-        if (bv == NULL) {
-            test_skip("this CPU lacks AVX-512");
-        } else {
-            int ok = bs != NULL;
-            for (ti = 3; ti < (int) (sizeof(types) / sizeof(types[0])); ti++) {
-                int64_t k = llm_dtype_get(types[ti])->block == 256 ? 768 : 160;
-                ok &= kt_cross_isa(bs, bv, types[ti], 1, k, 37)
-                      && kt_cross_isa(bs, bv, types[ti], 5, k, 37);
-            }
-            test_cond(ok);
-        }
-        if (bs != NULL) {
-            bs->ops->free(bs);
-        }
-        if (bv != NULL) {
-            bv->ops->free(bv);
-        }
-    }
+    kt_cross_isas(LLM_ISA_SCALAR, LLM_ISA_AVX512, types + 3,
+                  (int) (sizeof(types) / sizeof(types[0])) - 3, 160, 1, 5,
+                  37);
 
     test("quantized matmul: AMX tiles and AVX-512 (VNNI) bit-identical");
-    {
-        llm_backend *bv = kt_open(LLM_ISA_AVX512, 2);
-        llm_backend *ba = kt_open(LLM_ISA_AMX, 2);
-        if (ba == NULL || bv == NULL) {
-            test_skip("this CPU (or OS) gives no AMX tiles");
-        } else {
-            int ok = 1;
-            for (ti = 3; ti < (int) (sizeof(types) / sizeof(types[0])); ti++) {
-                int64_t k = llm_dtype_get(types[ti])->block == 256 ? 768
-                                                                   : 2080;
-                ok &= kt_cross_isa(bv, ba, types[ti], 16, k, 37)
-                      && kt_cross_isa(bv, ba, types[ti], 53, k, 21);
-            }
-            test_cond(ok);
-        }
-        if (bv != NULL) {
-            bv->ops->free(bv);
-        }
-        if (ba != NULL) {
-            ba->ops->free(ba);
-        }
-    }
+    kt_cross_isas(LLM_ISA_AVX512, LLM_ISA_AMX, types + 3,
+                  (int) (sizeof(types) / sizeof(types[0])) - 3, 2080, 16,
+                  53, 37);
 
     for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AMX; isa++) {
         threads = isa == LLM_ISA_AVX2 ? 3 : 2;      /* odd splits too */

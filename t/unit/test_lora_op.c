@@ -51,6 +51,22 @@ op_rand(void)
 }
 
 
+/* An f32 tensor of rows x cols, rows stride floats apart. */
+static llm_tensor
+op_tensor(float *data, int64_t cols, int64_t rows, size_t stride)
+{
+    llm_tensor t;
+
+    memset(&t, 0, sizeof(t));
+    t.data = data;
+    t.type = LLM_F32;
+    t.ne[0] = cols;
+    t.ne[1] = rows;
+    t.nb = stride * sizeof(float);
+    return t;
+}
+
+
 /* The op with one output (every segment's out = 0). */
 static int
 lora1(llm_backend *be, llm_tensor *out, const llm_tensor *x,
@@ -215,12 +231,7 @@ run_case(llm_backend *be, int type, int T, int in, int od, const op_seg *sg,
         }
     }
 
-    memset(&xt, 0, sizeof(xt));
-    xt.data = x;
-    xt.type = LLM_F32;
-    xt.ne[0] = in;
-    xt.ne[1] = T;
-    xt.nb = xs * sizeof(float);
+    xt = op_tensor(x, in, T, xs);
     ot = xt;
     ot.data = o;
     ot.ne[0] = od;
@@ -335,12 +346,7 @@ op_cases(const char *isa)
         for (i = 0; i < R * OD; i++) {
             oa[i] = ob[i] = oc[i] = op_rand();
         }
-        memset(&xt, 0, sizeof(xt));
-        xt.data = xa;
-        xt.type = LLM_F32;
-        xt.ne[0] = IN;
-        xt.ne[1] = R;
-        xt.nb = IN * sizeof(float);
+        xt = op_tensor(xa, IN, R, IN);
         ot = xt;
         ot.ne[0] = OD;
         ot.nb = OD * sizeof(float);
@@ -390,12 +396,7 @@ op_cases(const char *isa)
         for (i = 0; i < R * IN; i++) {
             xa[i] = op_rand();
         }
-        memset(&xt, 0, sizeof(xt));
-        xt.data = xa;
-        xt.type = LLM_F32;
-        xt.ne[0] = IN;
-        xt.ne[1] = R;
-        xt.nb = IN * sizeof(float);
+        xt = op_tensor(xa, IN, R, IN);
         memset(sg, 0, sizeof(sg));
         for (j = 0; j < 3; j++) {
             for (i = 0; i < R * od[j]; i++) {
@@ -461,12 +462,7 @@ op_cases(const char *isa)
         memset(x, 0, sizeof(x));
         memset(o, 0, sizeof(o));
         memset(w, 0, sizeof(w));
-        memset(&xt, 0, sizeof(xt));
-        xt.data = x;
-        xt.type = LLM_F32;
-        xt.ne[0] = 16;
-        xt.ne[1] = 4;
-        xt.nb = 16 * sizeof(float);
+        xt = op_tensor(x, 16, 4, 16);
         ot = xt;
         ot.data = o;
         ot.ne[0] = 8;

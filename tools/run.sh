@@ -14,6 +14,8 @@
 # ADAPTERS=DIR: every LoRA adapter folder inside DIR (peft layout) is
 # registered under its folder name ("model": "NAME" or "smollm2:NAME",
 # for the tenants whose "adapters" list it); /admin/adapters loads more.
+# ADAPTER_DTYPE=f16|f32|int8: adapter weights on the device (llm-engine
+# --adapter-dtype; f16 by default).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -45,6 +47,9 @@ adapter_args=()
 if [ -n "$ADAPTERS" ]; then
     [ -d "$ADAPTERS" ] || { echo "make run: ADAPTERS=$ADAPTERS is not a folder" >&2; exit 1; }
     adapter_args=(--adapters "$(cd "$ADAPTERS" && pwd)")
+fi
+if [ -n "${ADAPTER_DTYPE:-}" ]; then
+    adapter_args+=(--adapter-dtype "$ADAPTER_DTYPE")
 fi
 
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/tmp"

@@ -24,6 +24,11 @@ void llm_sha256_final(llm_sha256_ctx *s, uint8_t out[LLM_SHA256_LEN]);
 /* One-shot digest of data. */
 void llm_sha256(const void *data, size_t n, uint8_t out[LLM_SHA256_LEN]);
 
+/* 1: the blocks go through the x86 SHA extensions (the default where the
+ * CPU has them); 0: the portable code (asked for, or no extensions).  For
+ * tests and benchmarks; every digest is the same either way. */
+int llm_sha256_use_extensions(int on);
+
 /* Lower-case hex of a digest: writes 64 characters and a NUL. */
 char *llm_sha256_hex(const uint8_t d[LLM_SHA256_LEN], char out[65]);
 

@@ -560,6 +560,31 @@ TEST_SUITE(loader_sha256)
         }
         test_cond(ok);
     }
+
+    test("sha256 with the x86 SHA extensions == the portable code "
+         "(random data, 0 to 4 KB)");
+    if (!llm_sha256_use_extensions(1)) {
+        test_skip("this CPU has no SHA extensions");
+    } else {
+        static uint8_t data[4096];
+        uint32_t       x = 12345;
+        size_t         n;
+
+        for (i = 0; i < sizeof(data); i++) {
+            x = x * 1103515245u + 12345u;
+            data[i] = (uint8_t) (x >> 24);
+        }
+        ok = 1;
+        for (n = 0; n <= sizeof(data); n += n < 200 ? 1 : 61) {
+            llm_sha256_use_extensions(1);
+            llm_sha256(data, n, d1);
+            llm_sha256_use_extensions(0);
+            llm_sha256(data, n, d2);
+            ok = ok && memcmp(d1, d2, 32) == 0;
+        }
+        llm_sha256_use_extensions(1);
+        test_cond(ok);
+    }
 }
 
 

@@ -138,6 +138,8 @@ async def read_chunked_sse(reader, on_event):
     buf = b""
     while True:
         line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed in the body")
         size = int(line.split(b";")[0].strip(), 16)
         if size == 0:
             await reader.readline()            # the last CRLF (no trailers)

@@ -69,6 +69,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import llm_proto as P  # noqa: E402
+from loadgen import pct, read_chunked_sse  # noqa: E402  (bench/)
 
 MODEL = "smollm2"
 
@@ -157,25 +158,6 @@ class Req:
 
     def ttft(self):
         return None if self.first is None else self.first - self.t0
-
-
-async def read_chunked_sse(reader, on_event):
-    buf = b""
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed in the body")
-        size = int(line.split(b";")[0].strip(), 16)
-        if size == 0:
-            await reader.readline()
-            return
-        buf += await reader.readexactly(size)
-        await reader.readexactly(2)
-        while b"\n\n" in buf:
-            ev, buf = buf.split(b"\n\n", 1)
-            for ln in ev.split(b"\n"):
-                if ln.startswith(b"data:"):
-                    on_event(ln[5:].strip())
 
 
 class Conn:
@@ -273,16 +255,6 @@ async def cancel_all(tasks):
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def pct(xs, q):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100.0
-    f = int(k)
-    c = min(f + 1, len(xs) - 1)
-    return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
 def loadavg():

@@ -125,6 +125,20 @@ lref_load(lref *r)
 }
 
 
+/* 1 when the fixtures and the F32 model are there (r loaded); else the
+ * current test is skipped. */
+static int
+lref_ready(lref *r)
+{
+    if (lref_load(r) != 0 || access(F32_MODEL, R_OK) != 0) {
+        test_skip("needs " F32_MODEL " (make models) and "
+                  LREF_DIR " fixtures");
+        return 0;
+    }
+    return 1;
+}
+
+
 static int
 lref_greedy(const char *model, const char *prompt, int32_t *out, int cap,
             int *subset_rows)
@@ -433,9 +447,7 @@ TEST_SUITE(engine_lora_mixed_batch)
     double        worst = 0, err;
 
     test("adapters from the fixtures' seeds (tools/make_lora.py)");
-    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
+    if (!lref_ready(&r)) {
         return;
     }
     snprintf(dir, sizeof(dir), "%s/lora-mixed", llm_test_tmp_dir());
@@ -624,9 +636,7 @@ dtype_mix(const char *sub, int adapter_dtype, lref *r, lbatch *mix,
     llm_engine *e;
     int         i, m, p, checked, rows;
 
-    if (lref_load(r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
+    if (!lref_ready(r)) {
         return NULL;
     }
     snprintf(dir, sizeof(dir), "%s/%s", llm_test_tmp_dir(), sub);
@@ -766,9 +776,7 @@ TEST_SUITE(engine_lora_admin)
     FILE                   *f;
 
     test("llm_engine_adapter_load: register, version, reload, refusal");
-    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
+    if (!lref_ready(&r)) {
         return;
     }
     snprintf(dir, sizeof(dir), "%s/lora-admin", llm_test_tmp_dir());
@@ -942,9 +950,7 @@ TEST_SUITE(engine_lora_background_load)
     int           i;
 
     test("an adapter loads in the background while the batch runs");
-    if (lref_load(&r) != 0 || access(F32_MODEL, R_OK) != 0) {
-        test_skip("needs " F32_MODEL " (make models) and "
-                  LREF_DIR " fixtures");
+    if (!lref_ready(&r)) {
         return;
     }
     /* rank 64 on every projection: tens of MB to read and convert */

@@ -331,12 +331,29 @@ llm_engine_set_wake(llm_engine *e, void (*wake)(void *ud), void *ud)
 
 /* ---- life cycle --------------------------------------------------- */
 
+/* LLM_ADAPTER_*: its name, and the device pool's element type */
+static const struct {
+    const char *name;
+    int         pool_type;
+} adapter_dtypes[] = {
+    [LLM_ADAPTER_DEFAULT] = { "", 0 },
+    [LLM_ADAPTER_F32] = { "f32", LLM_F32 },
+    [LLM_ADAPTER_F16] = { "f16", LLM_F16 },
+    [LLM_ADAPTER_INT8] = { "int8", LLM_LORA_I8 },
+};
+
+
 int
 llm_adapter_dtype_parse(const char *s)
 {
-    return strcmp(s, "f16") == 0 ? LLM_ADAPTER_F16
-           : strcmp(s, "f32") == 0 ? LLM_ADAPTER_F32
-           : strcmp(s, "int8") == 0 ? LLM_ADAPTER_INT8 : -1;
+    int d;
+
+    for (d = LLM_ADAPTER_F32; d <= LLM_ADAPTER_INT8; d++) {
+        if (strcmp(s, adapter_dtypes[d].name) == 0) {
+            return d;
+        }
+    }
+    return -1;
 }
 
 
@@ -454,17 +471,19 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                                          : (size_t) 512 << 20, err)
                      : NULL;
     if (e->pool != NULL && e->p.adapter_dtype != LLM_ADAPTER_DEFAULT) {
-        static const int types[] = { 0, LLM_F32, LLM_F16, LLM_LORA_I8 };
-        static const char *names[] = { "", "f32", "f16", "int8" };
         int d = e->p.adapter_dtype;
 
-        if (d < 0 || d > LLM_ADAPTER_INT8
-            || llm_lora_pool_set_type(e->pool, types[d]) != 0)
+        if (d < 0 || d > LLM_ADAPTER_INT8) {
+            llm_err_set(err, LLM_EINVAL, "adapter_dtype %d: not one of "
+                        "LLM_ADAPTER_*", d);
+            goto failed;
+        }
+        if (llm_lora_pool_set_type(e->pool, adapter_dtypes[d].pool_type)
+            != 0)
         {
             llm_err_set(err, LLM_EUNSUP, "adapter weights in %s: not "
                         "supported by the %s backend",
-                        d >= 0 && d <= LLM_ADAPTER_INT8 ? names[d] : "?",
-                        e->be->ops->name);
+                        adapter_dtypes[d].name, e->be->ops->name);
             goto failed;
         }
     }

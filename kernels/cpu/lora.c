@@ -186,8 +186,9 @@ lora_item_run(const lora_task *tk, const lora_item *it)
      * meanwhile B's bytes are asked for, a rank's share per A row.  A
      * decode item is two short streams (A, then B), each far too short
      * for the hardware prefetcher to reach full speed alone: this keeps
-     * B's stream going while A's is read (8.6 ms instead of 10.8 for the
-     * LoRA terms of a 32-adapter decode step, bench/RESULTS.md). */
+     * B's stream going while A's is read (the LoRA terms of a 32-adapter
+     * decode step: 10.8 ms without, 8.6 ms with, on the 2-core VM of
+     * bench/RESULTS.md, 2026-11-25). */
     for (j = 0; j < sg->rank; j++) {
         const void *a = (const uint8_t *) sg->a + (size_t) j * tk->in * esz;
 

@@ -160,7 +160,7 @@ test: deps
 	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; exit $$rc
 
 # ADAPTERS=DIR registers every LoRA adapter folder inside DIR; ADAPTER_DTYPE=
-# f16|f32|int8 sets their device copies (llm-engine --adapter-dtype).
+# auto|f16|f32|int8 sets their device copies (llm-engine --adapter-dtype).
 run: deps
 	$(MAKE) all
 	BUILD=$(BUILD) ADAPTERS="$(ADAPTERS)" ADAPTER_DTYPE="$(ADAPTER_DTYPE)" \

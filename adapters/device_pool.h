@@ -8,7 +8,8 @@
  * bytes) on backends whose lora op takes it (ops->lora_f16): the offsets
  * of llm_lora_weight then count f16 elements, and each B is stored
  * transposed ([rank, out], backend.h) in its place.  Or, where the
- * operator asks for it and the backend takes it (ops->lora_i8), int8
+ * engine asks for it (engine.h, LLM_ADAPTER_*) and the backend takes it
+ * (ops->lora_i8), int8
  * with a scale per row (lora.h, llm_lora_q_layout): a quarter of the
  * bytes of f32, lossy.  llm_lora_pool_seg finds a matrix in a copy.
  */

@@ -83,7 +83,7 @@ def main():
     ap.add_argument("--build", default=os.environ.get("BUILD", "build"))
     ap.add_argument("--work", default="/tmp/lora-bench")
     ap.add_argument("--adapter-dtype", default="f16",
-                    choices=["f16", "f32", "int8"])
+                    choices=["auto", "f16", "f32", "int8"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=32)

@@ -4,19 +4,24 @@
 
     bench/lora_dtype_quality.py [--build build] [--work /tmp/lora-bench]
                                 [--adapters 8] [--gen 64]
+                                [--quantized [MODEL.gguf]]
 
 For the first --adapters adapters written by bench/lora_bench.py (ranks 8
 and 16, every projection, for the default model) and a few chat prompts,
 runs llm-run with the adapter's device copy in f32 (the exact reference),
-f16 (the default) and int8, on the F32 copy of the default model that
-`make models` writes (on the Q4_1 file the 8-bit activations of every
-product turn any last-bit difference into a different rounding, which
-would hide what the adapter copy itself costs):
+f16 and int8, on the F32 copy of the default model that `make models`
+writes: there only the adapter copy differs.  With --quantized, also on
+the quantized base (by default the default model's own Q4_1 file), where
+8-bit activations before every product turn any last-bit difference into
+a different rounding: each copy there against the exact pair (F32 base,
+f32 adapter: what a user gets against the ideal) and against the f32
+copy on the same quantized base.
 
-- teacher-forced logits: per position max |x - ref| / max |ref|, the
-  worst over positions (the measure of the unit tests against llama.cpp);
+- teacher-forced logits: per position max |x - ref| / max |ref| (the
+  measure of the unit tests against llama.cpp), worst and mean; the share
+  of positions whose top token is the reference's;
 - greedy continuations of --gen tokens (EOS ignored): identical, or the
-  number of leading tokens that agree.
+  share of the text that agrees before the first difference.
 """
 import argparse
 import os
@@ -41,6 +46,28 @@ def run(binary, args):
                           check=True).stdout
 
 
+def default_model():
+    return subprocess.run([os.path.join(REPO, "tools", "default-model.sh")],
+                          capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def compare(logits, tokens, ref, dt):
+    """dt against ref: teacher-forced rel. logit error per position (max
+    |x - ref| / max |ref|), its worst and its mean; the share of positions
+    whose top token is ref's; whether the greedy texts are identical, and
+    the share of ref's text before the first difference."""
+    d = np.abs(logits[dt] - logits[ref]).max(axis=1)
+    e = d / np.abs(logits[ref]).max(axis=1)
+    top = np.mean(logits[dt].argmax(axis=1) == logits[ref].argmax(axis=1))
+    k = 0
+    while (k < min(len(tokens[dt]), len(tokens[ref]))
+           and tokens[dt][k] == tokens[ref][k]):
+        k += 1
+    return (float(e.max()), float(e.mean()), float(top),
+            tokens[dt] == tokens[ref], k / max(len(tokens[ref]), 1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default="build")
@@ -49,11 +76,18 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--model", default=os.path.join(
         REPO, ".models", "smollm2-135m-f32.gguf"))
+    ap.add_argument("--quantized", nargs="?", const="default", default=None,
+                    help="also run the quantized base (default: the "
+                         "default model's own file)")
     a = ap.parse_args()
 
     model = a.model
     if not os.path.exists(model):
         sys.exit("%s: missing (make models writes it)" % model)
+    bases = {"F32": model}
+    if a.quantized is not None:
+        bases["Q"] = (default_model() if a.quantized == "default"
+                      else a.quantized)
     binary = os.path.join(REPO, a.build, "llm-run")
     adir = os.path.join(a.work, "adapters-qkvogateupdown")
     names = sorted(os.listdir(adir))[:a.adapters] if os.path.isdir(adir) \
@@ -62,47 +96,56 @@ def main():
         sys.exit("run bench/lora_bench.py first (it writes the adapters "
                  "into %s)" % adir)
 
-    worst = {"f16": 0.0, "int8": 0.0}
-    same = {"f16": 0, "int8": 0}
-    lead = {"f16": [], "int8": []}
+    # (compared, reference): the adapter copy on the F32 base against
+    # the exact f32 one; with --quantized also each copy on the
+    # quantized base against the exact F32 pair (what the user gets vs
+    # the ideal) and against the f32 copy on the same quantized base
+    rows = [(("F32", "f16"), ("F32", "f32")),
+            (("F32", "int8"), ("F32", "f32"))]
+    if "Q" in bases:
+        rows += [(("Q", dt), ("F32", "f32")) for dt in ("f32", "f16", "int8")]
+        rows += [(("Q", dt), ("Q", "f32")) for dt in ("f16", "int8")]
+    configs = sorted({c for row in rows for c in row})
+    stats = {row: ([], [], [], [], []) for row in rows}
     n = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             for i, prompt in enumerate(PROMPTS):
-                common = ["--model", model, "--adapter",
-                          os.path.join(adir, name), "--chat", prompt,
-                          "--threads", "2", "--quiet"]
                 logits, tokens = {}, {}
-                for dt in ("f32", "f16", "int8"):
-                    npy = os.path.join(tmp, "%s-%d-%s.npy" % (name, i, dt))
-                    run(binary, common + ["--adapter-dtype", dt,
-                                          "--logits-out", npy])
-                    logits[dt] = np.load(npy)
-                    tokens[dt] = run(binary, common + [
-                        "--adapter-dtype", dt, "--max-tokens", str(a.gen),
-                        "--ignore-eos", "--temperature", "0"])
-                ref = logits["f32"]
-                for dt in ("f16", "int8"):
-                    d = np.abs(logits[dt] - ref).max(axis=1)
-                    e = float((d / np.abs(ref).max(axis=1)).max())
-                    worst[dt] = max(worst[dt], e)
-                    if tokens[dt] == tokens["f32"]:
-                        same[dt] += 1
-                    k = 0
-                    while (k < min(len(tokens[dt]), len(tokens["f32"]))
-                           and tokens[dt][k] == tokens["f32"][k]):
-                        k += 1
-                    lead[dt].append(k / max(len(tokens["f32"]), 1))
+                for base, dt in configs:
+                    common = ["--model", bases[base], "--adapter",
+                              os.path.join(adir, name), "--chat", prompt,
+                              "--threads", "2", "--quiet",
+                              "--adapter-dtype", dt]
+                    npy = os.path.join(tmp, "%s-%d-%s-%s.npy"
+                                       % (name, i, base, dt))
+                    run(binary, common + ["--logits-out", npy])
+                    logits[base, dt] = np.load(npy)
+                    tokens[base, dt] = run(binary, common + [
+                        "--max-tokens", str(a.gen), "--ignore-eos",
+                        "--temperature", "0"])
+                for row in rows:
+                    for acc, v in zip(stats[row],
+                                      compare(logits, tokens, row[1],
+                                              row[0])):
+                        acc.append(v)
                 n += 1
-    print("%d adapters x %d prompts = %d runs, greedy %d tokens, "
-          "reference: adapters in f32" % (len(names), len(PROMPTS), n, a.gen))
+    print("%d adapters x %d prompts = %d runs, greedy %d tokens; bases: %s"
+          % (len(names), len(PROMPTS), n, a.gen,
+             ", ".join("%s = %s" % (k, os.path.basename(v))
+                       for k, v in bases.items())))
     print()
-    print("| device copy | worst logit rel err | greedy text identical | "
-          "mean share of the text (characters) before the first difference |")
-    print("|---|---:|---:|---:|")
-    for dt in ("f16", "int8"):
-        print("| %s | %.2e | %d / %d | %.0f%% |"
-              % (dt, worst[dt], same[dt], n, 100 * np.mean(lead[dt])))
+    print("| base, device copy | against | logit rel err: worst / mean | "
+          "same top token (teacher-forced) | greedy text identical | "
+          "mean share of the text (characters) before the first "
+          "difference |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        worst, mean, top, same, lead = stats[row]
+        print("| %s, %s | %s, %s | %.2e / %.2e | %.1f%% | %d / %d | %.0f%% |"
+              % (row[0] + row[1] + (max(worst), np.mean(mean),
+                                    100 * np.mean(top), sum(same), n,
+                                    100 * np.mean(lead))))
     return 0
 
 

@@ -32,6 +32,7 @@ struct llm_engine {
     llm_scheduler       sched;
     llm_lora_registry  *reg;            /* adapters: names, host cache */
     llm_lora_pool      *pool;           /* adapters: device copies */
+    int                 adapter_dtype;  /* of those: LLM_ADAPTER_* */
     llm_lora_span      *spans;          /* [max_seqs] per-step scratch */
     int                 n_ctx;
     uint64_t            next_id;
@@ -336,7 +337,7 @@ static const struct {
     const char *name;
     int         pool_type;
 } adapter_dtypes[] = {
-    [LLM_ADAPTER_DEFAULT] = { "", 0 },
+    [LLM_ADAPTER_DEFAULT] = { "auto", 0 },
     [LLM_ADAPTER_F32] = { "f32", LLM_F32 },
     [LLM_ADAPTER_F16] = { "f16", LLM_F16 },
     [LLM_ADAPTER_INT8] = { "int8", LLM_LORA_I8 },
@@ -348,12 +349,65 @@ llm_adapter_dtype_parse(const char *s)
 {
     int d;
 
-    for (d = LLM_ADAPTER_F32; d <= LLM_ADAPTER_INT8; d++) {
+    for (d = LLM_ADAPTER_DEFAULT; d <= LLM_ADAPTER_INT8; d++) {
         if (strcmp(s, adapter_dtypes[d].name) == 0) {
             return d;
         }
     }
     return -1;
+}
+
+
+const char *
+llm_adapter_dtype_name(int d)
+{
+    return d >= LLM_ADAPTER_DEFAULT && d <= LLM_ADAPTER_INT8
+           ? adapter_dtypes[d].name : "?";
+}
+
+
+/* Whether every projection of every layer holds fewer than 8 bits per
+ * weight (Q4_*, Q5_K, Q6_K): then the base's own rounding, and its 8-bit
+ * activations, swamp what an int8 copy of an adapter changes (bench/
+ * RESULTS.md: on SmolLM2 Q4_1 the f16 and int8 copies agree with the
+ * exact model equally often), and half the bytes per step are worth
+ * having. */
+static int
+base_below_8_bits(const llm_model *m)
+{
+    int l, i;
+
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const llm_layer_weights *w = &m->layers[l];
+        const llm_tensor        *proj[] = { &w->wq, &w->wk, &w->wv, &w->wo,
+                                            &w->w_gate, &w->w_up,
+                                            &w->w_down };
+
+        for (i = 0; i < (int) (sizeof(proj) / sizeof(proj[0])); i++) {
+            const llm_dtype_info *ti = llm_dtype_get(proj[i]->type);
+
+            if (ti == NULL || !ti->is_quant
+                || ti->type_size * 8 >= (size_t) 8 * ti->block)
+            {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+
+/* The adapter copies' LLM_ADAPTER_* for the asked one (DEFAULT: auto). */
+static int
+adapter_dtype_pick(const llm_engine *e, int asked)
+{
+    if (asked != LLM_ADAPTER_DEFAULT) {
+        return asked;
+    }
+    if (e->be->ops->lora_i8 && base_below_8_bits(e->model)) {
+        return LLM_ADAPTER_INT8;
+    }
+    return e->be->ops->lora_f16 ? LLM_ADAPTER_F16 : LLM_ADAPTER_F32;
 }
 
 
@@ -470,7 +524,7 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                                          ? e->p.adapter_device_memory
                                          : (size_t) 512 << 20, err)
                      : NULL;
-    if (e->pool != NULL && e->p.adapter_dtype != LLM_ADAPTER_DEFAULT) {
+    if (e->pool != NULL) {
         int d = e->p.adapter_dtype;
 
         if (d < 0 || d > LLM_ADAPTER_INT8) {
@@ -478,6 +532,8 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
                         "LLM_ADAPTER_*", d);
             goto failed;
         }
+        d = adapter_dtype_pick(e, d);
+        e->adapter_dtype = d;
         if (llm_lora_pool_set_type(e->pool, adapter_dtypes[d].pool_type)
             != 0)
         {
@@ -951,6 +1007,7 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->adapters_loaded = rs.loaded;
         st->adapter_host_bytes = rs.bytes;
         st->adapters_resident = ps.resident;
+        st->adapter_dtype = e->adapter_dtype;
         st->adapter_device_bytes = ps.bytes;
         st->adapter_loads = rs.loads;
         st->adapter_uploads = ps.uploads;

@@ -19,17 +19,22 @@ typedef struct llm_engine llm_engine;
 
 /* Adapter weights on the device (llm_engine_params.adapter_dtype). */
 enum {
-    LLM_ADAPTER_DEFAULT = 0,    /* f16 where the backend's LoRA op takes
-                                   it (half the bytes of f32 to read per
-                                   step), else f32 */
+    LLM_ADAPTER_DEFAULT = 0,    /* "auto": int8 on a base whose projections
+                                   hold fewer than 8 bits per weight (its
+                                   own rounding hides the copy's: bench/
+                                   RESULTS.md, "int8 adapters on the
+                                   quantized base"), else f16, where the
+                                   backend's LoRA op takes them; else f32 */
     LLM_ADAPTER_F32,            /* as loaded */
-    LLM_ADAPTER_F16,
+    LLM_ADAPTER_F16,            /* half the bytes of f32 to read per step */
     LLM_ADAPTER_INT8            /* a scale per row, a quarter of the bytes
-                                   of f32; lossy, opt-in */
+                                   of f32; lossy */
 };
 
-/* "f16", "f32" or "int8" as LLM_ADAPTER_*, or -1. */
+/* "auto", "f16", "f32" or "int8" as LLM_ADAPTER_*, or -1. */
 int llm_adapter_dtype_parse(const char *s);
+/* The name of an LLM_ADAPTER_* ("auto" for LLM_ADAPTER_DEFAULT). */
+const char *llm_adapter_dtype_name(int d);
 
 typedef struct llm_engine_params {
     const char *model_path;
@@ -161,6 +166,8 @@ typedef struct llm_engine_stats {
     int         adapters_registered;
     int         adapters_loaded;        /* in the host cache */
     int         adapters_resident;      /* on the device */
+    int         adapter_dtype;          /* LLM_ADAPTER_* of the device
+                                           copies (never _DEFAULT) */
     size_t      adapter_host_bytes;
     size_t      adapter_device_bytes;
     uint64_t    adapter_loads;          /* host loads from disk */

@@ -198,7 +198,8 @@ typedef struct llm_backend_ops {
      * this backend: half the bytes of f32, and B^T rows stream. */
     int   lora_f16;
     /* 1: lora also takes LLM_LORA_I8 weights (half the bytes of f16,
-     * lossy: for operators who choose it, --adapter-dtype int8). */
+     * lossy: --adapter-dtype int8, and auto's choice on a base quantized
+     * below 8 bits). */
     int   lora_i8;
 
     /* Copies whole KV blocks between pools' block ids (same layout),

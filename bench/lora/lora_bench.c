@@ -5,7 +5,7 @@
  *
  *   build-x/lora-bench --model BASE.gguf --adapters DIR [--seqs 32]
  *                      [--prompt 32] [--gen 64] [--repeat 3] [--threads N]
- *                      [--adapter-dtype f16|f32|int8]
+ *                      [--adapter-dtype auto|f16|f32|int8]
  *                      [--naive MERGED.gguf]... [--json]
  *
  * One engine, one process, the same 32 (--seqs) concurrent sequences in
@@ -351,7 +351,7 @@ usage(void)
 {
     fprintf(stderr, "usage: lora-bench --model BASE --adapters DIR "
             "[--seqs N] [--prompt N] [--gen N] [--repeat N] [--threads N] "
-            "[--adapter-dtype f16|f32|int8] [--naive MERGED]... [--json]\n");
+            "[--adapter-dtype auto|f16|f32|int8] [--naive MERGED]... [--json]\n");
 }
 
 

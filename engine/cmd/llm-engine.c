@@ -8,7 +8,8 @@
  *              [--ctx N] [--max-queue N] [--max-conns N]
  *              [--socket-mode OCTAL] [--drain-timeout SEC]
  *              [--adapters DIR] [--adapter-host-memory SIZE]
- *              [--adapter-device-memory SIZE] [--adapter-dtype f16|f32|int8]
+ *              [--adapter-device-memory SIZE]
+ *              [--adapter-dtype auto|f16|f32|int8]
  *              [--log-level error|warn|info|debug]
  *
  * --adapters DIR registers every subfolder of DIR holding a peft adapter
@@ -64,11 +65,15 @@ usage(FILE *f)
         "(default 1G)\n"
         "  --adapter-device-memory SIZE device pool of adapter weights "
         "(default 512M)\n"
-        "  --adapter-dtype f16|f32|int8  adapter weights on the device "
-        "(default\n"
-        "                         f16 where the backend takes it: half the "
-        "bytes;\n"
-        "                         int8: a quarter, lossy, CPU backend)\n"
+        "  --adapter-dtype auto|f16|f32|int8  adapter weights on the "
+        "device:\n"
+        "                         f16 half the bytes of f32, int8 (CPU "
+        "backend) a\n"
+        "                         quarter, lossy; auto (default): int8 on "
+        "a base\n"
+        "                         quantized below 8 bits, else f16 where "
+        "the\n"
+        "                         backend takes it\n"
         "  --prefix-cache on|off  reuse the KV blocks of known prefixes "
         "(default on)\n"
         "  --kv-redis ADDR        Redis tier of the prefix cache: "
@@ -340,8 +345,8 @@ main(int argc, char **argv)
         } else if (strcmp(a, "--adapter-dtype") == 0) {
             ep.adapter_dtype = llm_adapter_dtype_parse(v);
             if (ep.adapter_dtype < 0) {
-                fprintf(stderr, "llm-engine: --adapter-dtype: f16, f32 or "
-                        "int8\n");
+                fprintf(stderr, "llm-engine: --adapter-dtype: auto, f16, "
+                        "f32 or int8\n");
                 return 2;
             }
         } else if (strcmp(a, "--log-level") == 0) {
@@ -407,6 +412,10 @@ main(int argc, char **argv)
             llm_log(LLM_LOG_INFO, "%d adapters registered from %s",
                     st.adapters_registered, ep.adapter_dir);
         }
+        llm_log(LLM_LOG_INFO, "adapter weights on the device in %s%s",
+                llm_adapter_dtype_name(st.adapter_dtype),
+                ep.adapter_dtype == LLM_ADAPTER_DEFAULT
+                ? " (--adapter-dtype auto)" : "");
         llm_log(LLM_LOG_INFO, "prefix cache %s%s%s",
                 ep.prefix_cache_off ? "off" : "on",
                 !ep.prefix_cache_off && ep.kv_tier_addr != NULL

@@ -4,7 +4,7 @@
  *   llm-run --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N]
  *           [--temperature T] [--top-k K] [--top-p P] [--min-p P]
  *           [--seed S] [--threads N] [--kv-type f16|f32] [--ignore-eos]
- *           [--adapter DIR] [--adapter-dtype f16|f32|int8] [--tokens]
+ *           [--adapter DIR] [--adapter-dtype auto|f16|f32|int8] [--tokens]
  *           [--logits-out F.npy] [--quiet]
  *
  * --tokens prints the prompt's token ids and exits; --logits-out writes
@@ -64,7 +64,7 @@ usage(void)
         "               [--max-tokens N] [--temperature T] [--top-k K]\n"
         "               [--top-p P] [--min-p P] [--seed S] [--threads N]\n"
         "               [--kv-type f16|f32] [--ignore-eos] [--tokens]\n"
-        "               [--adapter DIR] [--adapter-dtype f16|f32|int8]\n"
+        "               [--adapter DIR] [--adapter-dtype auto|f16|f32|int8]\n"
         "               [--logits-out FILE.npy] [--quiet]\n");
 }
 
@@ -134,7 +134,7 @@ parse_args(int argc, char **argv, run_opts *o)
             NEEDV();
             o->adapter_dtype = llm_adapter_dtype_parse(v);
             if (o->adapter_dtype < 0) {
-                fprintf(stderr, "--adapter-dtype: f16, f32 or int8\n");
+                fprintf(stderr, "--adapter-dtype: auto, f16, f32 or int8\n");
                 return -1;
             }
         }
@@ -298,6 +298,14 @@ main(int argc, char **argv)
         llm_model_describe(llm_engine_model(e), desc, sizeof(desc));
         fprintf(stderr, "%s(loaded in %.2f s)\n", desc,
                 (double) (llm_now_ns() - t0) / 1e9);
+        if (o.adapter != NULL) {
+            llm_engine_stats st;
+
+            llm_engine_get_stats(e, &st);
+            fprintf(stderr, "adapter %s, on the device in %s%s\n",
+                    o.adapter, llm_adapter_dtype_name(st.adapter_dtype),
+                    o.adapter_dtype == LLM_ADAPTER_DEFAULT ? " (auto)" : "");
+        }
     }
 
     memset(&st, 0, sizeof(st));

@@ -425,9 +425,10 @@ def test_corrupted_adapter_refused(stack, alone, lora_dirs):
 # ---- memory budgets ----------------------------------------------------------
 
 # Sizes: host copies are f32 (a8 3.7 MB, c4 1.9 MB, b16 12.2 MB), device
-# copies f16 on the CPU backend (a8 1.8 MB, c4 1.0 MB, b16 6.1 MB).
+# copies int8 (--adapter-dtype auto on the Q4_1 default model: a8 0.93 MB,
+# c4 0.48 MB, b16 3.1 MB).
 HOST_BUDGET = 4 << 20       # a8 or c4, not both; never b16
-DEVICE_BUDGET = 2 << 20     # likewise
+DEVICE_BUDGET = 1 << 20     # likewise
 
 
 @pytest.fixture
@@ -502,25 +503,34 @@ def test_sequence_waits_for_its_adapter(device_stack, alone):
     assert s["adapter_device_bytes"] <= DEVICE_BUDGET
 
 
-# ---- int8 adapter weights (--adapter-dtype int8) -------------------------
+# ---- the adapters' device dtype (--adapter-dtype) ------------------------
+
+def test_default_engine_keeps_int8_copies(stack, alone):
+    """--adapter-dtype auto on the Q4_1 default model: int8 device copies
+    (a quarter of the f32 bytes: t/unit engine_lora_int8), said in the
+    log at start."""
+    assert complete(stack.nginx.openai(), "a8") == alone["a8"]
+    assert "adapter weights on the device in int8 (--adapter-dtype auto)" \
+        in stack.engine.log_text()
+
 
 @pytest.fixture(scope="module")
-def int8_stack(nginx_module, engine_bin, model_path, lora_dirs,  # noqa: F811
-               tmp_path_factory):
+def f16_stack(nginx_module, engine_bin, model_path, lora_dirs,  # noqa: F811
+              tmp_path_factory):
     st = start_stack(engine_bin, model_path, tmp_path_factory,
                      ["--adapters", lora_dirs["root"],
-                      "--adapter-dtype", "int8"])
+                      "--adapter-dtype", "f16"])
     try:
         yield st
     finally:
         stop_stack(st)
 
 
-def test_int8_adapters_serve_in_a_quarter_of_the_bytes(int8_stack, alone):
-    """int8 copies: concurrent streams give each model's text alone on the
-    int8 engine, the base's text is the f16 engine's, and the device holds
-    a quarter of the host (f32) bytes."""
-    st = int8_stack
+def test_f16_adapters_serve_in_half_the_bytes(f16_stack, alone):
+    """f16 copies (asked for): concurrent streams give each model's text
+    alone on the f16 engine, the base's text is the default engine's, and
+    the device holds half of the host (f32) bytes."""
+    st = f16_stack
     c = st.nginx.openai()
     own = {m: complete(c, m) for m in ("smollm2", "a8", "b16", "c4")}
     assert own["smollm2"] == alone["smollm2"]
@@ -533,7 +543,9 @@ def test_int8_adapters_serve_in_a_quarter_of_the_bytes(int8_stack, alone):
         assert text == own[m], m
     s = st.stats()
     assert s["adapters_resident"] == 3
-    assert 0 < s["adapter_device_bytes"] * 3.5 < s["adapter_host_bytes"]
+    assert 0 < s["adapter_device_bytes"] * 1.9 < s["adapter_host_bytes"] \
+        < s["adapter_device_bytes"] * 2.1
+    assert "adapter weights on the device in f16\n" in st.engine.log_text()
 
 
 def test_bad_adapter_dtype_refused(engine_bin, model_path):

@@ -766,6 +766,76 @@ TEST_SUITE(engine_lora_int8)
 }
 
 
+/* The device copies' dtype that --adapter-dtype auto (the default)
+ * picks for a model at path, or -1 if the engine does not start. */
+static int
+auto_dtype(const char *path, int asked)
+{
+    llm_engine_params p;
+    llm_engine_stats  st;
+    llm_err           err = { 0, "" };
+    llm_engine       *e;
+
+    memset(&p, 0, sizeof(p));
+    p.model_path = path;
+    p.max_seqs = 2;
+    p.kv_memory = (size_t) 8 << 20;
+    p.adapter_dtype = asked;
+    e = llm_engine_new(&p, &err);
+    if (e == NULL) {
+        printf("       %s: %s\n", path, err.msg);
+        return -1;
+    }
+    llm_engine_get_stats(e, &st);
+    llm_engine_free(e);
+    return st.adapter_dtype;
+}
+
+
+/* auto: int8 copies on a base quantized below 8 bits per weight, f16 on
+ * any other; an explicit choice is kept. */
+TEST_SUITE(engine_lora_auto_dtype)
+{
+    const char *q4 = llm_test_default_model();
+    char        dir[512], cmd[1200], q8[600];
+
+    test("--adapter-dtype auto: f16 on an F32 base");
+    if (access(F32_MODEL, R_OK) != 0) {
+        test_skip("needs " F32_MODEL " (make models)");
+    } else {
+        test_cond(auto_dtype(F32_MODEL, LLM_ADAPTER_DEFAULT)
+                  == LLM_ADAPTER_F16);
+    }
+
+    test("--adapter-dtype auto: int8 on the Q4_1 default model; an "
+         "explicit f16 or f32 is kept");
+    if (q4 == NULL) {
+        test_skip("default model not installed");
+    } else {
+        test_cond(auto_dtype(q4, LLM_ADAPTER_DEFAULT) == LLM_ADAPTER_INT8);
+        test_cond(auto_dtype(q4, LLM_ADAPTER_F16) == LLM_ADAPTER_F16);
+        test_cond(auto_dtype(q4, LLM_ADAPTER_F32) == LLM_ADAPTER_F32);
+    }
+
+    test("--adapter-dtype auto: f16 on a Q8_0 base (8.5 bits per weight)");
+    snprintf(dir, sizeof(dir), "%s/auto-dtype-q8", llm_test_tmp_dir());
+    snprintf(q8, sizeof(q8), "%s/model.gguf", dir);
+    snprintf(cmd, sizeof(cmd), "python3 tools/make_tiny_model.py --layers 2 "
+             "--dim 64 --heads 4 --kv-heads 2 --ffn 128 --gguf-type q8_0 "
+             "--no-hf --seed 7 --out %s >/dev/null 2>&1", dir);
+    if (system(cmd) != 0) {
+        test_skip("tools/make_tiny_model.py failed (python3 with gguf?)");
+    } else {
+        test_cond(auto_dtype(q8, LLM_ADAPTER_DEFAULT) == LLM_ADAPTER_F16);
+    }
+    test("llm_adapter_dtype_parse: auto and the names round-trip");
+    test_cond(llm_adapter_dtype_parse("auto") == LLM_ADAPTER_DEFAULT
+              && llm_adapter_dtype_parse("int8") == LLM_ADAPTER_INT8
+              && llm_adapter_dtype_parse("int4") == -1
+              && strcmp(llm_adapter_dtype_name(LLM_ADAPTER_F16), "f16")
+                 == 0);
+}
+
 TEST_SUITE(engine_lora_admin)
 {
     static lref             r;

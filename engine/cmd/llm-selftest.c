@@ -1194,6 +1194,154 @@ test_lora(void)
 }
 
 
+/*
+ * The op as the engine calls it: a group of two outputs sharing x, many
+ * segments (decode rows alone, prefill runs of several tiles; more than
+ * one launch's worth), ranks 1 to 256, in the pool's formats (f32; f16
+ * and int8 with B transposed), against the CPU op on the same bytes.
+ */
+static void
+lora_group_case(int type, int in)
+{
+    enum { T = 64, NS = 2 * T };
+    static const int od[2] = { 192, 320 };
+    static const int ranks[] = { 1, 8, 16, 3, 64, 256, 12 };
+    llm_lora_seg  gs[NS], cs[NS];
+    void         *gb[NS], *cb[NS];
+    llm_tensor    xg, xc, og[2], oc[2];
+    llm_tensor   *go[2] = { &og[0], &og[1] }, *co[2] = { &oc[0], &oc[1] };
+    float        *x, *o[2];
+    size_t        esz = type == LLM_F32 ? 4 : type == LLM_F16 ? 2 : 1;
+    int           n = 0, j, r, out, rc_g, rc_c;
+    double        err = 0.0;
+
+    x = xmalloc(sizeof(float) * T * in);
+    fill(x, (size_t) T * in, 1.0f);
+    xg = put_f32(gpu, in, T, x);
+    xc = put_f32(cpu, in, T, x);
+    for (out = 0; out < 2; out++) {
+        o[out] = xmalloc(sizeof(float) * T * od[out]);
+        fill(o[out], (size_t) T * od[out], 1.0f);
+        og[out] = put_f32(gpu, od[out], T, o[out]);
+        oc[out] = put_f32(cpu, od[out], T, o[out]);
+    }
+    /* output 0: 40 single rows, then runs of 13 and 11; output 1: a run
+     * of 20, then single rows */
+    for (out = 0; out < 2; out++) {
+        for (r = 0; r < T; n++) {
+            int     len = out == 0 ? (r < 40 ? 1 : r < 53 ? 13 : 11)
+                                   : (r == 0 ? 20 : 1);
+            int     rank = ranks[n % (int) (sizeof(ranks) / sizeof(ranks[0]))];
+            size_t  na = (size_t) rank * in, nb = (size_t) rank * od[out];
+            size_t  bytes = (na + nb) * esz + 2 * (size_t) rank * 4 + 64;
+            size_t  bo = (na * esz + 15) / 16 * 16, so = bo + nb * esz;
+            uint8_t *h = xmalloc(bytes);
+            float   *w = xmalloc(sizeof(float) * (na + nb));
+
+            so = (so + 15) / 16 * 16;
+            fill(w, na + nb, 0.1f);
+            memset(h, 0, bytes);
+            for (j = 0; j < (int) (na + nb); j++) {
+                uint8_t *d = h + (j < (int) na ? (size_t) j * esz
+                                               : bo + (size_t) (j - na) * esz);
+                if (type == LLM_F32) {
+                    memcpy(d, &w[j], 4);
+                } else if (type == LLM_F16) {
+                    uint16_t v = llm_f32_to_f16(w[j]);
+                    memcpy(d, &v, 2);
+                } else {
+                    *(int8_t *) d = (int8_t) (w[j] * 1270.0f);
+                }
+            }
+            for (j = 0; j < 2 * rank; j++) {
+                float sc = (1.0f + 0.01f * (float) j) / 1270.0f;
+                memcpy(h + so + (size_t) j * 4, &sc, 4);
+            }
+            memset(&gs[n], 0, sizeof(gs[n]));
+            gs[n].type = type;
+            gs[n].first = r;
+            gs[n].n = len;
+            gs[n].rank = rank;
+            gs[n].scale = 0.25f + 0.125f * (float) (n % 5);
+            gs[n].out = out;
+            cs[n] = gs[n];
+            gb[n] = gpu->ops->alloc(gpu, bytes);
+            cb[n] = cpu->ops->alloc(cpu, bytes);
+            if (gb[n] == NULL || cb[n] == NULL
+                || gpu->ops->upload(gpu, gb[n], h, bytes) != 0
+                || cpu->ops->upload(cpu, cb[n], h, bytes) != 0)
+            {
+                fprintf(stderr, "llm-selftest: lora: cannot place %zu "
+                        "bytes\n", bytes);
+                exit(2);
+            }
+            gs[n].a = gb[n];
+            gs[n].b = (uint8_t *) gb[n] + bo;
+            cs[n].a = cb[n];
+            cs[n].b = (uint8_t *) cb[n] + bo;
+            if (type == LLM_LORA_I8) {
+                gs[n].a_scale = (const float *) ((uint8_t *) gb[n] + so);
+                gs[n].b_scale = gs[n].a_scale + rank;
+                cs[n].a_scale = (const float *) ((uint8_t *) cb[n] + so);
+                cs[n].b_scale = cs[n].a_scale + rank;
+            }
+            free(h);
+            free(w);
+            r += len;
+        }
+    }
+    rc_g = gpu->ops->lora(gpu, go, 2, &xg, gs, n);
+    rc_c = cpu->ops->lora(cpu, co, 2, &xc, cs, n);
+    if (rc_g != 0) {
+        op_failed(gpu, "lora");
+    }
+    if (rc_c != 0) {
+        op_failed(cpu, "lora");
+    }
+    for (out = 0; rc_g == 0 && rc_c == 0 && out < 2; out++) {
+        float  *got = get_f32(gpu, &og[out]), *want = get_f32(cpu, &oc[out]);
+        double  e = rel_err(got, want, (size_t) T * od[out]);
+
+        err = e > err ? e : err;
+        free(got);
+        free(want);
+    }
+    row("lora", type == LLM_LORA_I8 ? "I8" : tname(type),
+        rc_g == 0 && rc_c == 0 ? err : -1.0, 1e-5,
+        "%d segs, 2 outputs, ranks 1-256, k %d, vs cpu", n, in);
+    for (j = 0; j < n; j++) {
+        gpu->ops->release(gpu, gb[j]);
+        cpu->ops->release(cpu, cb[j]);
+    }
+    llm_tensor_release(gpu, &xg);
+    llm_tensor_release(cpu, &xc);
+    for (out = 0; out < 2; out++) {
+        llm_tensor_release(gpu, &og[out]);
+        llm_tensor_release(cpu, &oc[out]);
+        free(o[out]);
+    }
+    free(x);
+}
+
+
+static void
+test_lora_group(void)
+{
+    if (gpu->ops->lora == NULL || cpu->ops->lora == NULL) {
+        return;
+    }
+    if (gpu->ops->lora_f16 && cpu->ops->lora_f16) {
+        lora_group_case(LLM_F16, 576);
+        lora_group_case(LLM_F16, 100);
+    }
+    if (gpu->ops->lora_i8 && cpu->ops->lora_i8) {
+        lora_group_case(LLM_LORA_I8, 576);
+        lora_group_case(LLM_LORA_I8, 100);
+    }
+    lora_group_case(LLM_F32, 576);
+}
+
+
 /* ------------------------------------------------------------ refusals */
 
 /* Bad arguments come back as errors with a message, never a crash. */
@@ -1928,6 +2076,7 @@ main(int argc, char **argv)
     test_rope();
     test_rowwise();
     test_lora();
+    test_lora_group();
     test_refusals();
     header("paged KV cache and attention (per kernel: auto, split-K, tiled)");
     test_attention(o.quick);

@@ -1017,6 +1017,8 @@ make_ops(void)
     o.add = cuda_add;
     o.gather_out_rows = cuda_gather_out_rows;
     o.lora = cuda_lora;
+    o.lora_f16 = 1;             /* lora.cu: f16 and int8 with B^T */
+    o.lora_i8 = 1;
     o.kv_copy_blocks = cuda_kv_copy_blocks;
     o.kv_block_to_host = cuda_kv_block_to_host;
     o.kv_block_from_host = cuda_kv_block_from_host;

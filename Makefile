@@ -92,9 +92,11 @@ $(BUILD)/bench-kernels: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/kernels
 # The CUDA backend built with g++ for the CPU emulator (t/cuda_emu): its
 # host logic and kernels checked against the CPU backend without a GPU.
 #   make cuda-emu && $(BUILD)/cuda-emu/llm-selftest-emu --quick
-.PHONY: cuda-emu
+.PHONY: cuda-emu cuda-emu-check
 cuda-emu: lib
 	BUILD=$(BUILD) t/cuda_emu/build.sh
+cuda-emu-check: cuda-emu
+	$(BUILD)/cuda-emu/llm-selftest-emu --quick
 
 # Multi-LoRA benchmark (bench/RESULTS.md): bench/lora_bench.py runs it
 .PHONY: bench-lora
@@ -154,10 +156,13 @@ integration: all
 	LLM_BUILD=$(BUILD) $(PYTHON) -m pytest $(PYTEST_ARGS) t/integration; \
 	    rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-# Both suites run even if the first fails; either failing fails the target.
+# The suites run even if one fails; any failing fails the target.  The
+# last runs the CUDA backend's self-test under the CPU emulator (cuda-emu,
+# below): no GPU here, but its host logic and kernels are checked.
 test: deps
 	$(MAKE) all models
-	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; exit $$rc
+	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; \
+	    $(MAKE) cuda-emu-check || rc=1; exit $$rc
 
 # ADAPTERS=DIR registers every LoRA adapter folder inside DIR; ADAPTER_DTYPE=
 # auto|f16|f32|int8 sets their device copies (llm-engine --adapter-dtype).

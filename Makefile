@@ -86,7 +86,7 @@ $(TEST_BIN): $(TEST_SRCS:%.c=$(BUILD)/obj/%.o) $(BUILD)/libllm.a
 # Kernel micro-benchmark (bench/kernels/RESULTS.md): make bench-kernels
 .PHONY: bench-kernels
 bench-kernels: $(BUILD)/bench-kernels
-$(BUILD)/bench-kernels: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/kernels/*.c)) $(BUILD)/libllm.a
+$(BUILD)/bench-kernels: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/kernels/*.c bench/common/*.c)) $(BUILD)/libllm.a
 	$(CC) $(CFLAGS) -o $@ $(filter %.o,$^) $(BUILD)/libllm.a $(LDLIBS)
 
 # The CUDA backend built with g++ for the CPU emulator (t/cuda_emu): its

@@ -4,7 +4,7 @@
  *
  *   gpubench --model PATH [--device cuda:0] [--batches 1,2,4,...,256]
  *            [--context 512] [--steps 32] [--prefill 512,2048]
- *            [--kv-type f16|f32]
+ *            [--kv-type f16|f32] [--lora 32,128]
  *
  * decode: B sequences already holding --context tokens each take --steps
  *   steps of one token each; tokens/s = B * steps / time.  Every step
@@ -14,6 +14,10 @@
  *   copy bandwidth measured on the same device.
  * prefill: one chunk of P tokens of a new sequence; tokens/s = P / time;
  *   TFLOP/s counts 2 * (matrix parameters) per token.
+ * lora: the multi-LoRA op alone of one decode step of N sequences over N
+ *   distinct adapters (ranks 8/16, all seven projections, the model's
+ *   shapes; bench/common/lora_step.c), per adapter dtype the backend
+ *   takes; GB/s of adapter weights read, against the copy bandwidth.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +27,7 @@
 #include "engine/forward.h"
 #include "engine/model.h"
 #include "kernels/backend.h"
+#include "bench/common/lora_step.h"
 
 
 #define MAX_LIST 32
@@ -201,7 +206,8 @@ int
 main(int argc, char **argv)
 {
     const char  *model = NULL, *device = "cuda:0";
-    int          batches[MAX_LIST], prefill[MAX_LIST], nb, np;
+    int          batches[MAX_LIST], prefill[MAX_LIST], loras[MAX_LIST];
+    int          nb, np, nl;
     int          ctx = 512, steps = 32, kv_type = LLM_F16, i, j, s;
     llm_err      err;
     llm_backend *be;
@@ -211,6 +217,7 @@ main(int argc, char **argv)
 
     nb = parse_list("1,2,4,8,16,32,64,128,256", batches, MAX_LIST);
     np = parse_list("512,2048", prefill, MAX_LIST);
+    nl = parse_list("32,128", loras, MAX_LIST);
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 
@@ -230,6 +237,8 @@ main(int argc, char **argv)
             ctx = atoi(v);
         } else if (strcmp(a, "--steps") == 0) {
             steps = atoi(v);
+        } else if (strcmp(a, "--lora") == 0) {
+            nl = strcmp(v, "0") == 0 ? 0 : parse_list(v, loras, MAX_LIST);
         } else if (strcmp(a, "--kv-type") == 0) {
             kv_type = strcmp(v, "f32") == 0 ? LLM_F32 : LLM_F16;
         } else {
@@ -383,6 +392,44 @@ main(int argc, char **argv)
         free(table);
         free(logits);
     }
+
+    /* ---- multi-LoRA op */
+    if (nl > 0 && be->ops->lora != NULL) {
+        static const struct { const char *name; int type; } dts[] = {
+            { "f16", LLM_F16 }, { "int8", LLM_LORA_I8 }, { "f32", LLM_F32 },
+        };
+
+        printf("\n# multi-LoRA op of a decode step: N rows over N distinct"
+               " adapters, ranks 8/16, all projections, %d layers\n",
+               m->cfg.n_layers);
+        printf("%6s %6s %10s %10s %10s %9s\n", "N", "dtype", "MB", "ms",
+               "GB/s", "of copy");
+        for (j = 0; j < nl; j++) {
+            for (i = 0; i < 3; i++) {
+                llm_lora_step_shape  sh;
+                llm_lora_step_result r;
+
+                if ((dts[i].type == LLM_F16 && !be->ops->lora_f16)
+                    || (dts[i].type == LLM_LORA_I8 && !be->ops->lora_i8))
+                {
+                    continue;
+                }
+                sh.n_layers = m->cfg.n_layers;
+                sh.dim = m->cfg.dim;
+                sh.q_dim = m->cfg.n_heads * m->cfg.head_dim;
+                sh.kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+                sh.ffn = m->cfg.ffn_dim;
+                sh.n_adapters = loras[j];
+                if (llm_bench_lora_step(be, dts[i].type, &sh, 10, &r) == 0) {
+                    printf("%6d %6s %10.1f %10.3f %10.1f %8.0f%%\n",
+                           loras[j], dts[i].name, r.bytes * 1e-6,
+                           r.median_s * 1e3, r.bytes / r.median_s * 1e-9,
+                           bw > 0 ? 100.0 * r.bytes / r.median_s / bw : 0);
+                }
+                fflush(stdout);
+            }
+        }
+    }
     llm_model_free(m);
     be->ops->free(be);
     return 0;
@@ -391,6 +438,6 @@ usage:
     fprintf(stderr,
             "usage: gpubench --model PATH [--device cuda:0] [--batches LIST]"
             "\n                [--context N] [--steps N] [--prefill LIST]"
-            " [--kv-type f16|f32]\n");
+            " [--kv-type f16|f32]\n                [--lora LIST|0]\n");
     return 2;
 }

@@ -35,10 +35,11 @@ LIBS="-L$CUDA_HOME/lib64 -Wl,-rpath,/usr/local/cuda/lib64 \
       -lgfortran -lquadmath -Wl,-Bdynamic -lcublas -static-libgcc \
       -lm -lpthread -ldl -lrt"
 CFLAGS="-O2 -std=gnu11 -D_GNU_SOURCE -DLLM_HAVE_CUDA -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread"
-for prog in engine/cmd/llm-selftest.c bench/gpu/gpubench.c; do
-    name=$(basename "$prog" .c)
+for prog in engine/cmd/llm-selftest.c \
+            "bench/gpu/gpubench.c bench/common/lora_step.c"; do
+    name=$(basename "${prog%% *}" .c)
     # shellcheck disable=SC2086
-    gcc $CFLAGS "$prog" "$BUILD/libllm.a" -o "$PACK/bin/$name" $LIBS
+    gcc $CFLAGS $prog "$BUILD/libllm.a" -o "$PACK/bin/$name" $LIBS
     strip "$PACK/bin/$name"
     xz -9 -T0 -f "$PACK/bin/$name"
 done

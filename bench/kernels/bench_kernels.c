@@ -22,6 +22,7 @@
 
 #include "engine/common.h"
 #include "kernels/backend.h"
+#include "bench/common/lora_step.h"
 
 #define N_LAYERS  30
 #define DIM       576
@@ -333,111 +334,23 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
 
 /*
  * -L: the multi-LoRA op of one decode step with 32 distinct adapters
- * (bench/RESULTS.md, "Multi-LoRA"): 32 rows, one segment each, ranks 8
- * and 16 alternating, all seven projections in the forward pass's four
- * calls per layer (q k v; o; gate up; down), 30 layers, every adapter's
- * weights in their own copy, in the device format of type (f16 or
- * int8).  Memory bound: reported as bytes of weights per second.
+ * (bench/RESULTS.md, "Multi-LoRA"): SmolLM2's shapes, 30 layers, ranks
+ * 8/16, all seven projections (bench/common/lora_step.c).
  */
 static void
 bench_lora(llm_backend *be, int type, int passes)
 {
-    enum { S = 32, G = 4 };
-    static const int in[G] = { DIM, DIM, DIM, FFN };
-    static const int n_out[G] = { 3, 1, 2, 1 };
-    static const int od[G][3] = { { DIM, 192, 192 }, { DIM }, { FFN, FFN },
-                                  { DIM } };
-    llm_lora_seg *segs[N_LAYERS][G];
-    llm_tensor    x, o[3];
-    size_t        esz = type == LLM_F16 ? 2 : 1, total = 0;
-    double        best = 1e30;
-    int           l, g, j, s, p, n;
+    static const llm_lora_step_shape sh = { N_LAYERS, DIM, DIM, 192, FFN,
+                                            32 };
+    llm_lora_step_result             r;
 
-    llm_tensor_alloc(be, &x, LLM_F32, FFN, S);
-    for (j = 0; j < 3; j++) {
-        llm_tensor_alloc(be, &o[j], LLM_F32, FFN, S);
-        memset(o[j].data, 0, (size_t) FFN * S * 4);
-    }
-    for (j = 0; j < FFN * S; j++) {
-        ((float *) x.data)[j] = frand() * 0.1f;
-    }
-    for (l = 0; l < N_LAYERS; l++) {
-        for (g = 0; g < G; g++) {
-            segs[l][g] = calloc(S * 3, sizeof(llm_lora_seg));
-            for (j = 0, n = 0; j < n_out[g]; j++) {
-                for (s = 0; s < S; s++) {
-                    llm_lora_seg *sg = &segs[l][g][n++];
-                    int           r = s % 2 ? 16 : 8;
-                    size_t        na = (size_t) r * in[g] * esz;
-                    size_t        nb = (size_t) r * od[g][j] * esz;
-                    uint8_t      *a = be->ops->alloc(be, na + nb + 8 * r);
-                    size_t        i;
-
-                    for (i = 0; i < na + nb; i++) {
-                        /* small f16 values, or int8 ones */
-                        a[i] = esz == 2 ? (i % 2 ? 0x20 : (uint8_t) i)
-                                        : (uint8_t) (i % 61) - 30;
-                    }
-                    sg->first = s;
-                    sg->n = 1;
-                    sg->rank = r;
-                    sg->scale = 0.5f;
-                    sg->a = a;
-                    sg->b = a + na;
-                    sg->a_scale = (const float *) (a + na + nb);
-                    sg->b_scale = sg->a_scale + r;
-                    for (i = 0; i < (size_t) 2 * r; i++) {
-                        ((float *) (a + na + nb))[i] = 1.0f / 512;
-                    }
-                    sg->type = type;
-                    sg->out = j;
-                    total += na + nb;
-                }
-            }
-        }
-    }
-    for (p = 0; p < passes; p++) {
-        double t0 = now_s();
-
-        for (l = 0; l < N_LAYERS; l++) {
-            for (g = 0; g < G; g++) {
-                llm_tensor  xv = x, ov[3], *outs[3];
-
-                xv.ne[0] = in[g];
-                xv.nb = (size_t) in[g] * 4;
-                for (j = 0; j < n_out[g]; j++) {
-                    ov[j] = o[j];
-                    ov[j].ne[0] = od[g][j];
-                    ov[j].nb = (size_t) od[g][j] * 4;
-                    outs[j] = &ov[j];
-                }
-                if (be->ops->lora(be, outs, n_out[g], &xv, segs[l][g],
-                                  S * n_out[g]) != 0)
-                {
-                    printf("lora: %s\n", llm_backend_error(be));
-                    return;
-                }
-            }
-        }
-        t0 = now_s() - t0;
-        best = t0 < best ? t0 : best;
+    if (llm_bench_lora_step(be, type, &sh, passes, &r) != 0) {
+        return;
     }
     printf("  lora decode step, 32 adapters (ranks 8/16, all projections), "
            "%s: %.1f MB, %7.3f ms, %5.1f GB/s\n",
-           type == LLM_F16 ? "f16 " : "int8", total * 1e-6, best * 1e3,
-           total / best * 1e-9);
-    for (l = 0; l < N_LAYERS; l++) {
-        for (g = 0; g < G; g++) {
-            for (j = 0; j < S * n_out[g]; j++) {
-                be->ops->release(be, (void *) segs[l][g][j].a);
-            }
-            free(segs[l][g]);
-        }
-    }
-    llm_tensor_release(be, &x);
-    for (j = 0; j < 3; j++) {
-        llm_tensor_release(be, &o[j]);
-    }
+           type == LLM_F16 ? "f16 " : "int8", r.bytes * 1e-6,
+           r.best_s * 1e3, r.bytes / r.best_s * 1e-9);
 }
 
 

@@ -138,6 +138,27 @@ opt_bias(const llm_tensor *b)
 }
 
 
+/* outs[i] = x ws[i]^T (+ biases[i]): the products of one x, in one call
+ * where the backend has one (x prepared once). */
+static int
+forward_matmuls(llm_backend *be, llm_tensor *const *outs, const llm_tensor *x,
+                const llm_tensor *const *ws, const llm_tensor *const *biases,
+                int n)
+{
+    int i, rc;
+
+    if (be->ops->matmul_n != NULL) {
+        return be->ops->matmul_n(be, outs, x, ws, biases, n);
+    }
+    for (i = 0; i < n; i++) {
+        if ((rc = be->ops->matmul(be, outs[i], x, ws[i], biases[i])) != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+
 /* Adds the LoRA terms of the projections outs[i] (targets[i]) that read
  * the same x, for the spans whose adapter has that target: one backend
  * call for the group. */
@@ -243,9 +264,14 @@ llm_forward_run(llm_forward *fw, const llm_batch *b,
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->attn_norm, c->norm_eps),
                "attn_norm");
-        FW_TRY(ops->matmul(be, &q, &h, &w->wq, opt_bias(&w->bq)), "wq");
-        FW_TRY(ops->matmul(be, &k, &h, &w->wk, opt_bias(&w->bk)), "wk");
-        FW_TRY(ops->matmul(be, &v, &h, &w->wv, opt_bias(&w->bv)), "wv");
+        {
+            llm_tensor       *outs[] = { &q, &k, &v };
+            const llm_tensor *ws[] = { &w->wq, &w->wk, &w->wv };
+            const llm_tensor *bs[] = { opt_bias(&w->bq), opt_bias(&w->bk),
+                                       opt_bias(&w->bv) };
+
+            FW_TRY(forward_matmuls(be, outs, &h, ws, bs, 3), "wq, wk, wv");
+        }
         FW_LORA(&h, lora_qkv, &q, &k, &v);
         FW_TRY(ops->rope(be, &q, c->n_heads, c->head_dim, &c->rope),
                "rope q");
@@ -260,8 +286,14 @@ llm_forward_run(llm_forward *fw, const llm_batch *b,
 
         FW_TRY(ops->rmsnorm(be, &h, &x, &w->ffn_norm, c->norm_eps),
                "ffn_norm");
-        FW_TRY(ops->matmul(be, &gate, &h, &w->w_gate, NULL), "w_gate");
-        FW_TRY(ops->matmul(be, &up, &h, &w->w_up, NULL), "w_up");
+        {
+            llm_tensor       *outs[] = { &gate, &up };
+            const llm_tensor *ws[] = { &w->w_gate, &w->w_up };
+            const llm_tensor *bs[] = { NULL, NULL };
+
+            FW_TRY(forward_matmuls(be, outs, &h, ws, bs, 2),
+                   "w_gate, w_up");
+        }
         FW_LORA(&h, lora_gate_up, &gate, &up);
         FW_TRY(ops->silu_mul(be, &gate, &gate, &up), "silu_mul");
         FW_TRY(ops->matmul(be, &o, &gate, &w->w_down, NULL), "w_down");

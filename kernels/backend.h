@@ -150,6 +150,15 @@ typedef struct llm_backend_ops {
     int (*matmul)(llm_backend *be, llm_tensor *out, const llm_tensor *x,
                   const llm_tensor *w, const llm_tensor *bias);
 
+    /* outs[i] = x ws[i]^T (+ biases[i]) for i < n (1 to 4): the
+     * products of one x (q, k and v; gate and up) in one call, so that x
+     * is prepared once (the CPU quantizes it) and the threads share one
+     * job.  Each output as matmul would give it.  biases may be NULL, as
+     * may its entries.  Optional: NULL makes callers use matmul. */
+    int (*matmul_n)(llm_backend *be, llm_tensor *const *outs,
+                    const llm_tensor *x, const llm_tensor *const *ws,
+                    const llm_tensor *const *biases, int n);
+
     /* In place rotary embedding of x: [n_tokens, n_heads * head_dim] f32,
      * at positions batch.pos. */
     int (*rope)(llm_backend *be, llm_tensor *x, int n_heads, int head_dim,

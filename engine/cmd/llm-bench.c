@@ -284,21 +284,16 @@ PR_WRAP(set_batch, PR_SET_BATCH,
         (llm_backend *be, const llm_batch *b), (be, b))
 
 
-static int
-prof_matmul(llm_backend *be, llm_tensor *out, const llm_tensor *x,
-            const llm_tensor *w, const llm_tensor *bias)
+/* A product of weights [m, k] of type took dt; q, k and v in one call
+ * count as one product of their rows together. */
+static void
+prof_mm_note(int64_t m, int64_t k, int type, uint64_t dt)
 {
-    uint64_t t0 = llm_now_ns(), dt;
-    int      rc = prof_st.orig->matmul(be, out, x, w, bias), i;
+    int i;
 
-    prof_st.orig->synchronize(be);
-    dt = llm_now_ns() - t0;
-    if (!prof_st.on) {
-        return rc;
-    }
     for (i = 0; i < prof_st.n_mm; i++) {
-        if (prof_st.mm_m[i] == w->ne[1] && prof_st.mm_k[i] == w->ne[0]
-            && prof_st.mm_type[i] == w->type)
+        if (prof_st.mm_m[i] == m && prof_st.mm_k[i] == k
+            && prof_st.mm_type[i] == type)
         {
             break;
         }
@@ -308,13 +303,47 @@ prof_matmul(llm_backend *be, llm_tensor *out, const llm_tensor *x,
             i = PR_MM_MAX - 1;          /* lumps the rest together */
         } else {
             prof_st.n_mm++;
-            prof_st.mm_m[i] = w->ne[1];
-            prof_st.mm_k[i] = w->ne[0];
-            prof_st.mm_type[i] = w->type;
+            prof_st.mm_m[i] = m;
+            prof_st.mm_k[i] = k;
+            prof_st.mm_type[i] = type;
         }
     }
     prof_st.ns[PR_N + i] += dt;
     prof_st.mm_calls[i]++;
+}
+
+
+static int
+prof_matmul(llm_backend *be, llm_tensor *out, const llm_tensor *x,
+            const llm_tensor *w, const llm_tensor *bias)
+{
+    uint64_t t0 = llm_now_ns();
+    int      rc = prof_st.orig->matmul(be, out, x, w, bias);
+
+    prof_st.orig->synchronize(be);
+    if (prof_st.on) {
+        prof_mm_note(w->ne[1], w->ne[0], w->type, llm_now_ns() - t0);
+    }
+    return rc;
+}
+
+
+static int
+prof_matmul_n(llm_backend *be, llm_tensor *const *outs, const llm_tensor *x,
+              const llm_tensor *const *ws, const llm_tensor *const *biases,
+              int n)
+{
+    uint64_t t0 = llm_now_ns();
+    int      rc = prof_st.orig->matmul_n(be, outs, x, ws, biases, n), i;
+    int64_t  m = 0;
+
+    prof_st.orig->synchronize(be);
+    if (prof_st.on) {
+        for (i = 0; i < n; i++) {
+            m += ws[i]->ne[1];
+        }
+        prof_mm_note(m, ws[0]->ne[0], ws[0]->type, llm_now_ns() - t0);
+    }
     return rc;
 }
 
@@ -405,6 +434,9 @@ profile(const char *model, const char *device, int threads, int c, int P,
     ops.embed = prof_embed;
     ops.rmsnorm = prof_rmsnorm;
     ops.matmul = prof_matmul;
+    if (ops.matmul_n != NULL) {
+        ops.matmul_n = prof_matmul_n;
+    }
     ops.rope = prof_rope;
     ops.kv_store = prof_kv_store;
     ops.attention = prof_attention;

@@ -273,6 +273,9 @@ void  llm_cpu_aligned_free(void *p);
 /* Ops (matmul.c, ops.c, attention.c). */
 int llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
                    const llm_tensor *w, const llm_tensor *bias);
+int llm_cpu_matmul_n(llm_cpu_ctx *c, llm_tensor *const *outs,
+                     const llm_tensor *x, const llm_tensor *const *ws,
+                     const llm_tensor *const *biases, int n);
 int llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table);
 int llm_cpu_rmsnorm(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
                     const llm_tensor *w, float eps);

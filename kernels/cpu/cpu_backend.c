@@ -224,6 +224,15 @@ cpu_matmul(llm_backend *be, llm_tensor *out, const llm_tensor *x,
 
 
 static int
+cpu_matmul_n(llm_backend *be, llm_tensor *const *outs, const llm_tensor *x,
+             const llm_tensor *const *ws, const llm_tensor *const *biases,
+             int n)
+{
+    return llm_cpu_matmul_n(ctx_of(be), outs, x, ws, biases, n);
+}
+
+
+static int
 cpu_rope(llm_backend *be, llm_tensor *x, int n_heads, int head_dim,
          const llm_rope_params *rp)
 {
@@ -316,6 +325,7 @@ static const llm_backend_ops cpu_ops = {
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
+    .matmul_n = cpu_matmul_n,
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,
     .attention = cpu_attention,

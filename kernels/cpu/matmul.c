@@ -509,18 +509,37 @@ llm_cpu_kernels_scalar(llm_cpu_kernels *k)
 
 /* ------------------------------------------------------------ driver */
 
-typedef struct mm_job {
-    llm_cpu_ctx        *c;
+/*
+ * One job: the products of one x with up to MM_MAX_PARTS weights (q, k
+ * and v; gate and up), x prepared once.  The threads split the parts'
+ * output features as one range of units of `align` features; a unit never
+ * straddles two parts, so each part is computed exactly as it would be
+ * alone (same chunk boundaries within it, same sums).
+ */
+#define MM_MAX_PARTS  4
+
+typedef struct mm_part {
     llm_cpu_gemm        g;
     llm_cpu_gemm_fn     fn;
     int64_t             m;
+    int64_t             unit0;      /* first unit of this part */
+    int                 use_blas;
+} mm_part;
+
+typedef struct mm_job {
+    llm_cpu_ctx        *c;
+    mm_part             part[MM_MAX_PARTS];
+    int                 n_parts;
+    int64_t             units;      /* of all parts */
     int64_t             align;
 
     /* activation quantization (when parallel) */
     const float        *x;
     size_t              x_nb;
+    void               *xq;
+    size_t              xq_nb;
+    int64_t             n, k;
     int                 kind;
-    int                 use_blas;
 } mm_job;
 
 
@@ -530,12 +549,12 @@ mm_quant_task(void *arg, int ith, int nth)
     mm_job  *j = arg;
     int64_t  r0, r1, r;
 
-    llm_cpu_split(j->g.n, ith, nth, 1, &r0, &r1);
+    llm_cpu_split(j->n, ith, nth, 1, &r0, &r1);
     for (r = r0; r < r1; r++) {
         j->c->kern.quant_x((const float *) ((const uint8_t *) j->x
                                             + (size_t) r * j->x_nb),
-                           (uint8_t *) j->g.x + (size_t) r * j->g.x_nb,
-                           j->g.k, j->kind);
+                           (uint8_t *) j->xq + (size_t) r * j->xq_nb,
+                           j->k, j->kind);
     }
 }
 
@@ -546,25 +565,18 @@ mm_quant_task(void *arg, int ith, int nth)
 static int
 mm_chunks(llm_cpu_ctx *c, const mm_job *j)
 {
-    int64_t units = (j->m + j->align - 1) / j->align;
-    int64_t n = (j->g.n >= 3 ? 16 : 3) * (int64_t) c->n_threads;
+    int64_t n = (j->n >= 3 ? 16 : 3) * (int64_t) c->n_threads;
 
-    return (int) (units < n ? units : n);
+    return (int) (j->units < n ? j->units : n);
 }
 
 
+/* Features [m0, m1) of one part. */
 static void
-mm_task(void *arg, int ith, int nth)
+mm_part_run(const mm_part *p, int64_t m0, int64_t m1)
 {
-    mm_job  *j = arg;
-    int64_t  m0, m1;
-
-    llm_cpu_split(j->m, ith, nth, j->align, &m0, &m1);
-    if (m0 >= m1) {
-        return;
-    }
-    if (j->use_blas) {
-        const llm_cpu_gemm *g = &j->g;
+    if (p->use_blas) {
+        const llm_cpu_gemm *g = &p->g;
         int64_t             r, col;
 
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
@@ -584,7 +596,30 @@ mm_task(void *arg, int ith, int nth)
         }
         return;
     }
-    j->fn(&j->g, m0, m1);
+    p->fn(&p->g, m0, m1);
+}
+
+
+static void
+mm_task(void *arg, int ith, int nth)
+{
+    mm_job  *j = arg;
+    int64_t  u0, u1;
+    int      i;
+
+    llm_cpu_split(j->units, ith, nth, 1, &u0, &u1);
+    for (i = 0; i < j->n_parts && u0 < u1; i++) {
+        const mm_part *p = &j->part[i];
+        int64_t        pu = (p->m + j->align - 1) / j->align;
+        int64_t        a = u0 > p->unit0 ? u0 : p->unit0;
+        int64_t        b = u1 < p->unit0 + pu ? u1 : p->unit0 + pu;
+
+        if (a < b) {
+            int64_t m1 = (b - p->unit0) * j->align;
+
+            mm_part_run(p, (a - p->unit0) * j->align, m1 < p->m ? m1 : p->m);
+        }
+    }
 }
 
 
@@ -609,15 +644,13 @@ check_f32(llm_cpu_ctx *c, const llm_tensor *t, const char *op,
 }
 
 
-int
-llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
-               const llm_tensor *w, const llm_tensor *bias)
+/* The checks of one product out = x w^T (+ bias). */
+static int
+mm_check(llm_cpu_ctx *c, const llm_tensor *out, const llm_tensor *x,
+         const llm_tensor *w, const llm_tensor *bias)
 {
-    mm_job   j;
-    int64_t  k, m, n, r;
-    int      rc, kind;
-    size_t   xq_nb;
-    uint8_t *xq;
+    int64_t k, m, n;
+    int     rc;
 
     if ((rc = check_f32(c, x, "matmul", "x")) != 0
         || (rc = check_f32(c, out, "matmul", "out")) != 0)
@@ -657,62 +690,149 @@ llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul: bias must be [%lld]"
                             " F32", (long long) m);
     }
-    if (n == 0 || m == 0) {
-        return 0;
-    }
+    return 0;
+}
 
-    memset(&j, 0, sizeof(j));
-    j.c = c;
-    j.m = m;
-    j.fn = c->kern.gemm[w->type];
-    j.g.k = k;
-    j.g.n = n;
-    j.g.w = w->data;
-    j.g.w_nb = w->nb;
-    j.g.out = out->data;
-    j.g.out_nb = out->nb;
-    j.g.bias = bias != NULL ? bias->data : NULL;
-    j.align = 16;
-    j.g.amx = c->isa >= LLM_ISA_AMX;
 
-    kind = c->kern.xq_kind[w->type];
+/* How x is prepared for w at n rows: LLM_XQ* (LLM_XQ_NONE: as it is);
+ * *batched: in the batch layout. */
+static int
+mm_kind(const llm_cpu_ctx *c, const llm_tensor *w, int64_t n, int *batched)
+{
+    *batched = 0;
     if (c->kern.batch_rows > 0 && n >= c->kern.batch_rows
         && c->kern.xq_kind_batch[w->type] != LLM_XQ_NONE
         && w->nb <= (size_t) 1 << 26)
     {
-        kind = c->kern.xq_kind_batch[w->type];
-        j.g.batched = 1;
+        *batched = 1;
+        return c->kern.xq_kind_batch[w->type];
     }
-    if (kind == LLM_XQ_NONE) {
-        j.g.x = x->data;
-        j.g.x_nb = x->nb;
-        j.use_blas = w->type == LLM_F32 && c->blas && n >= BLAS_MIN_ROWS
-                     && k >= BLAS_MIN_K
-                     && k < (1 << 30) && m < (1 << 30) && n < (1 << 30);
-        llm_cpu_pool_run(c->pool, mm_task, &j, mm_chunks(c, &j));
+    return c->kern.xq_kind[w->type];
+}
+
+
+/* out[i] = x ws[i]^T (+ biases[i]); the parts share kind and batched. */
+static int
+mm_run(llm_cpu_ctx *c, llm_tensor *const *outs, const llm_tensor *x,
+       const llm_tensor *const *ws, const llm_tensor *const *biases,
+       int n_parts, int kind, int batched)
+{
+    mm_job   j;
+    int64_t  r;
+    int      i;
+
+    memset(&j, 0, sizeof(j));
+    j.c = c;
+    j.n = x->ne[1];
+    j.k = x->ne[0];
+    j.align = 16;
+    j.n_parts = n_parts;
+    for (i = 0; i < n_parts; i++) {
+        mm_part           *p = &j.part[i];
+        const llm_tensor  *w = ws[i], *bias = biases ? biases[i] : NULL;
+
+        p->m = w->ne[1];
+        p->fn = c->kern.gemm[w->type];
+        p->g.k = j.k;
+        p->g.n = j.n;
+        p->g.w = w->data;
+        p->g.w_nb = w->nb;
+        p->g.x = x->data;
+        p->g.x_nb = x->nb;
+        p->g.out = outs[i]->data;
+        p->g.out_nb = outs[i]->nb;
+        p->g.bias = bias != NULL ? bias->data : NULL;
+        p->g.amx = c->isa >= LLM_ISA_AMX;
+        p->g.batched = batched;
+        p->use_blas = kind == LLM_XQ_NONE && w->type == LLM_F32 && c->blas
+                      && j.n >= BLAS_MIN_ROWS && j.k >= BLAS_MIN_K
+                      && j.k < (1 << 30) && p->m < (1 << 30)
+                      && j.n < (1 << 30);
+        p->unit0 = j.units;
+        j.units += (p->m + j.align - 1) / j.align;
+    }
+    if (j.units == 0 || j.n == 0) {
         return 0;
     }
 
-    /* quantize the activations once into the scratch buffer */
-    xq_nb = llm_xq_row_bytes(kind, k);
-    xq = llm_cpu_scratch(c, xq_nb * (size_t) n);
-    if (xq == NULL) {
-        return LLM_ENOMEM;
-    }
-    j.g.x = xq;
-    j.g.x_nb = xq_nb;
-    j.x = x->data;
-    j.x_nb = x->nb;
-    j.kind = kind;
-    if (n * k <= QUANT_SERIAL_MAX || c->n_threads == 1) {
-        for (r = 0; r < n; r++) {
-            c->kern.quant_x((const float *) ((const uint8_t *) x->data
-                                             + (size_t) r * x->nb),
-                            xq + (size_t) r * xq_nb, k, kind);
+    if (kind != LLM_XQ_NONE) {
+        /* quantize the activations once into the scratch buffer */
+        j.xq_nb = llm_xq_row_bytes(kind, j.k);
+        j.xq = llm_cpu_scratch(c, j.xq_nb * (size_t) j.n);
+        if (j.xq == NULL) {
+            return LLM_ENOMEM;
         }
-    } else {
-        llm_cpu_pool_run(c->pool, mm_quant_task, &j, c->n_threads);
+        j.x = x->data;
+        j.x_nb = x->nb;
+        j.kind = kind;
+        if (j.n * j.k <= QUANT_SERIAL_MAX || c->n_threads == 1) {
+            for (r = 0; r < j.n; r++) {
+                c->kern.quant_x((const float *) ((const uint8_t *) x->data
+                                                 + (size_t) r * x->nb),
+                                (uint8_t *) j.xq + (size_t) r * j.xq_nb,
+                                j.k, kind);
+            }
+        } else {
+            llm_cpu_pool_run(c->pool, mm_quant_task, &j, c->n_threads);
+        }
+        for (i = 0; i < n_parts; i++) {
+            j.part[i].g.x = j.xq;
+            j.part[i].g.x_nb = j.xq_nb;
+        }
     }
     llm_cpu_pool_run(c->pool, mm_task, &j, mm_chunks(c, &j));
     return 0;
+}
+
+
+int
+llm_cpu_matmul(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *x,
+               const llm_tensor *w, const llm_tensor *bias)
+{
+    int rc, kind, batched;
+
+    if ((rc = mm_check(c, out, x, w, bias)) != 0) {
+        return rc;
+    }
+    kind = mm_kind(c, w, x->ne[1], &batched);
+    return mm_run(c, &out, x, &w, &bias, 1, kind, batched);
+}
+
+
+int
+llm_cpu_matmul_n(llm_cpu_ctx *c, llm_tensor *const *outs,
+                 const llm_tensor *x, const llm_tensor *const *ws,
+                 const llm_tensor *const *biases, int n)
+{
+    int i, rc, kind = 0, batched = 0, k, b;
+
+    if (n < 1 || n > MM_MAX_PARTS || outs == NULL || ws == NULL) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul_n: %d products "
+                            "(1 to %d)", n, MM_MAX_PARTS);
+    }
+    for (i = 0; i < n; i++) {
+        if ((rc = mm_check(c, outs[i], x, ws[i], biases ? biases[i] : NULL))
+            != 0)
+        {
+            return rc;
+        }
+        k = mm_kind(c, ws[i], x->ne[1], &b);
+        if (i == 0) {
+            kind = k;
+            batched = b;
+        } else if (k != kind || b != batched) {
+            kind = -1;                  /* x prepared differently */
+        }
+    }
+    if (kind < 0) {
+        for (i = 0; i < n; i++) {
+            rc = llm_cpu_matmul(c, outs[i], x, ws[i],
+                                biases ? biases[i] : NULL);
+            if (rc != 0) {
+                return rc;
+            }
+        }
+        return 0;
+    }
+    return mm_run(c, outs, x, ws, biases, n, kind, batched);
 }

@@ -608,6 +608,59 @@ kt_cross_isas(int isa_a, int isa_b, const int *types, int n, int64_t k32,
 }
 
 
+/* matmul_n (the products of one x) gives each output bit for bit as
+ * matmul alone: weights of types[i], [ms[i], k], a bias on the first. */
+static int
+kt_matmul_n_case(llm_backend *be, const int *types, const int64_t *ms,
+                 int np, int64_t n, int64_t k)
+{
+    uint8_t          *w[4];
+    float            *x = malloc((size_t) n * k * 4), *bias, *one[4], *grp[4];
+    llm_tensor        tx, tw[4], to[4], tb, *outs[4];
+    const llm_tensor *ws[4], *bs[4];
+    int               ok = 1, i;
+
+    kt_fill(x, n * k, 1.0f);
+    bias = malloc((size_t) ms[0] * 4);
+    kt_fill(bias, ms[0], 1.0f);
+    tb = kt_tensor(bias, LLM_F32, ms[0], 1);
+    tx = kt_tensor(x, LLM_F32, k, n);
+    for (i = 0; i < np; i++) {
+        float *wf = malloc((size_t) ms[i] * k * 4);
+
+        w[i] = malloc(llm_row_bytes(types[i], k) * ms[i]);
+        kt_weights(types[i], ms[i], k, w[i], wf);
+        free(wf);
+        tw[i] = kt_tensor(w[i], types[i], k, ms[i]);
+        one[i] = malloc((size_t) n * ms[i] * 4);
+        grp[i] = malloc((size_t) n * ms[i] * 4);
+        to[i] = kt_tensor(one[i], LLM_F32, ms[i], n);
+        ok &= be->ops->matmul(be, &to[i], &tx, &tw[i], i == 0 ? &tb : NULL)
+              == 0;
+        to[i] = kt_tensor(grp[i], LLM_F32, ms[i], n);
+        outs[i] = &to[i];
+        ws[i] = &tw[i];
+        bs[i] = i == 0 ? &tb : NULL;
+    }
+    ok &= be->ops->matmul_n(be, outs, &tx, ws, bs, np) == 0;
+    for (i = 0; i < np; i++) {
+        if (memcmp(one[i], grp[i], (size_t) n * ms[i] * 4) != 0) {
+            printf("       %s [%lld, %lld], %lld rows: product %d of %d "
+                   "differs from matmul alone\n",
+                   llm_dtype_get(types[i])->name, (long long) ms[i],
+                   (long long) k, (long long) n, i, np);
+            ok = 0;
+        }
+        free(w[i]);
+        free(one[i]);
+        free(grp[i]);
+    }
+    free(x);
+    free(bias);
+    return ok;
+}
+
+
 TEST_SUITE(kernels_matmul)
 {
     static const int types[] = { LLM_F32, LLM_F16, LLM_BF16, LLM_Q4_0,
@@ -694,6 +747,42 @@ TEST_SUITE(kernels_matmul)
                                          inf->block == 256 ? 512 : 96, 37);
                     ok2 &= kt_invariance(be, types[ti],
                                          inf->block == 256 ? 1536 : 1088, 21);
+                }
+                test_cond(ok2);
+            }
+
+            test(kt_name("matmul_n: each product of one x as matmul alone"
+                         " (q/k/v and gate/up shapes, mixed types), %s path",
+                         kt_isa_name[isa]));
+            {
+                static const int64_t qkv[] = { 67, 21, 21 }, gu[] = { 96, 96 };
+                static const int64_t rows[] = { 1, 5, 32, 33 };
+                int                  ok2 = 1, ri;
+
+                for (ti = 0; ti < (int) (sizeof(types) / sizeof(types[0]));
+                     ti++)
+                {
+                    const llm_dtype_info *inf = llm_dtype_get(types[ti]);
+                    int t3[3] = { types[ti], types[ti], types[ti] };
+
+                    for (ri = 0; ri < 4; ri++) {
+                        ok2 &= kt_matmul_n_case(be, t3, qkv, 3, rows[ri],
+                                                inf->block == 256 ? 512 : 576);
+                        ok2 &= kt_matmul_n_case(be, t3, gu, 2, rows[ri],
+                                                inf->block == 256 ? 256 : 96);
+                    }
+                }
+                {
+                    /* same activations (Q4_1, Q8_0, Q4_0), and not */
+                    int t_same[3] = { LLM_Q4_1, LLM_Q8_0, LLM_Q4_0 };
+                    int t_diff[3] = { LLM_Q4_1, LLM_Q4_K, LLM_F16 };
+
+                    for (ri = 0; ri < 4; ri++) {
+                        ok2 &= kt_matmul_n_case(be, t_same, qkv, 3, rows[ri],
+                                                576);
+                        ok2 &= kt_matmul_n_case(be, t_diff, qkv, 3, rows[ri],
+                                                512);
+                    }
                 }
                 test_cond(ok2);
             }

@@ -25,12 +25,12 @@ static cudaError_t
 lora_launch_typed(const llm_cuda_lora_args *args, int vec, int max_rows,
                   int max_od, cudaStream_t stream)
 {
-    dim3 shrink_grid((unsigned) args->n_segs,
-                     (unsigned) ((max_rows + LORA_TILE_ROWS - 1)
-                                 / LORA_TILE_ROWS));
-    dim3 expand_grid(shrink_grid.x, shrink_grid.y,
-                     (unsigned) ((max_od + LORA_EXPAND_THREADS - 1)
-                                 / LORA_EXPAND_THREADS));
+    unsigned tiles = (unsigned) ((max_rows + LORA_TILE_ROWS - 1)
+                                 / LORA_TILE_ROWS);
+    dim3     shrink_grid((unsigned) args->j0[args->n_segs], tiles);
+    dim3     expand_grid((unsigned) args->n_segs, tiles,
+                         (unsigned) ((max_od + LORA_EXPAND_THREADS - 1)
+                                     / LORA_EXPAND_THREADS));
 
     if (vec) {
         lora_shrink_kernel<W, true><<<shrink_grid, LORA_SHRINK_THREADS, 0,
@@ -64,6 +64,7 @@ launch_lora(const llm_cuda_lora_args *args, int type, cudaStream_t stream)
     for (i = 0; i < args->n_segs; i++) {
         const llm_cuda_lora_seg *s = &args->seg[i];
 
+        CUDA_CHECK_ARG(args->j0[i + 1] - args->j0[i] == s->rank);
         CUDA_CHECK_ARG(s->n >= 1 && s->rank >= 1
                        && s->rank <= LORA_MAX_RANK && s->od >= 0
                        && s->a != NULL && s->b != NULL && s->out != NULL
@@ -178,6 +179,7 @@ llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *const *outs, int n_outs,
                 return rc;
             }
             args.n_segs = 0;
+            args.j0[0] = 0;
         }
         if (g == NULL || g->n == 0) {
             continue;
@@ -202,6 +204,7 @@ llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *const *outs, int n_outs,
             s->rank = g->rank;
             s->od = (int32_t) out->ne[0];
             s->scale = g->scale;
+            args.j0[args.n_segs] = args.j0[args.n_segs - 1] + g->rank;
             need += (size_t) g->n * (size_t) g->rank;
         }
     }

@@ -4,13 +4,14 @@
  * One launch of each kernel covers many segments (a segment: one
  * adapter's contiguous rows of the batch, for one output): the segments
  * travel in the launch's parameters (llm_cuda_lora_args, by value), so a
- * call needs no upload and stays asynchronous.  Blocks index segments by
- * blockIdx.x and tiles of LORA_TILE_ROWS rows by blockIdx.y; a decode
- * segment (one row) is one tile, a prefill segment many: the same kernel
- * is the BGMV of decode and the SGMV of prefill.
+ * call needs no upload and stays asynchronous.  Tiles of LORA_TILE_ROWS
+ * rows are blockIdx.y; a decode segment (one row) is one tile, a prefill
+ * segment many: the same kernels are the BGMV of decode and the SGMV of
+ * prefill.
  *
- *   shrink:  t[r, j] = x[first + r] . A[j]       one warp per A row j,
- *            reading A[j] once for the tile's rows, 16-byte loads
+ *   shrink:  t[r, j] = x[first + r] . A[j]       one block per A row j
+ *            (of every segment of the launch) and tile, reading A[j] once
+ *            for the tile's rows, 16-byte loads, a block-wide sum
  *   expand:  out[first + r, o] += scale * sum_j t[r, j] B(j, o)
  *            one thread per output column o (blockIdx.z tiles of
  *            LORA_EXPAND_THREADS), the tile's t rows in shared memory
@@ -55,6 +56,9 @@ typedef struct llm_cuda_lora_args {
     uint32_t            x_ld;   /* floats per x row */
     int32_t             in;
     int32_t             n_segs;
+    int32_t             j0[LORA_LAUNCH_SEGS + 1];   /* first A row of each
+                                   segment among the launch's; [n_segs]:
+                                   all of them */
     llm_cuda_lora_seg   seg[LORA_LAUNCH_SEGS];
 } llm_cuda_lora_args;
 
@@ -83,75 +87,107 @@ to_f32(int8_t x)
 }
 
 
-/* VEC: in is a multiple of 8 and the rows are aligned for load8. */
+/* The segment of launch item q (an A row of some segment): the last
+ * segment whose first A row is at most q. */
+__device__ __forceinline__ int
+lora_seg_of(const llm_cuda_lora_args *args, int q)
+{
+    int lo = 0, hi = args->n_segs - 1;
+
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+
+        if (args->j0[mid] <= q) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+
+/* One block per (A row j of a segment, tile of its rows): blockIdx.x
+ * counts the launch's A rows (args.j0), blockIdx.y the tiles.  Many small
+ * blocks keep many reads of A in flight, which is what a decode step
+ * needs: each A row is read once.  VEC: in is a multiple of 8 and the
+ * rows are aligned for load8. */
 template <typename W, bool VEC>
 __global__ void
 lora_shrink_kernel(llm_cuda_lora_args args)
 {
-    const llm_cuda_lora_seg *s = &args.seg[blockIdx.x];
+    __shared__ float red[LORA_SHRINK_THREADS / 32][LORA_TILE_ROWS];
+    int      si = lora_seg_of(&args, (int) blockIdx.x);
+    const llm_cuda_lora_seg *s = &args.seg[si];
+    int      j = (int) blockIdx.x - args.j0[si];
     int      warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int      row0 = blockIdx.y * LORA_TILE_ROWS, rows, j, r, kk, u;
+    int      row0 = blockIdx.y * LORA_TILE_ROWS, rows, r, kk, u;
     int      in = args.in;
+    const W *a = (const W *) s->a + (size_t) j * (size_t) in;
+    float    acc[LORA_TILE_ROWS];
 
+    /* the whole block leaves together, before the barrier */
     if (row0 >= s->n) {
         return;
     }
     rows = s->n - row0 < LORA_TILE_ROWS ? s->n - row0 : LORA_TILE_ROWS;
-
-    /* each warp whole through its loop: the shuffles stay full */
-    for (j = warp; j < s->rank; j += LORA_SHRINK_THREADS / 32) {
-        const W *a = (const W *) s->a + (size_t) j * (size_t) in;
-        float    acc[LORA_TILE_ROWS];
-
 #pragma unroll
-        for (r = 0; r < LORA_TILE_ROWS; r++) {
-            acc[r] = 0.0f;
-        }
-        if (VEC) {
-            for (kk = lane * 8; kk < in; kk += 32 * 8) {
-                float av[8];
+    for (r = 0; r < LORA_TILE_ROWS; r++) {
+        acc[r] = 0.0f;
+    }
+    if (VEC) {
+        for (kk = threadIdx.x * 8; kk < in; kk += LORA_SHRINK_THREADS * 8) {
+            float av[8];
 
-                load8(a + kk, av);
+            load8(a + kk, av);
 #pragma unroll
-                for (r = 0; r < LORA_TILE_ROWS; r++) {
-                    if (r < rows) {
-                        float xv[8];
+            for (r = 0; r < LORA_TILE_ROWS; r++) {
+                if (r < rows) {
+                    float xv[8];
 
-                        load8(args.x + (size_t) (s->first + row0 + r)
-                                       * args.x_ld + kk, xv);
+                    load8(args.x + (size_t) (s->first + row0 + r) * args.x_ld
+                          + kk, xv);
 #pragma unroll
-                        for (u = 0; u < 8; u++) {
-                            acc[r] += av[u] * xv[u];
-                        }
-                    }
-                }
-            }
-        } else {
-            for (kk = lane; kk < in; kk += 32) {
-                float av = to_f32(a[kk]);
-
-#pragma unroll
-                for (r = 0; r < LORA_TILE_ROWS; r++) {
-                    if (r < rows) {
-                        acc[r] += av * args.x[(size_t) (s->first + row0 + r)
-                                              * args.x_ld + kk];
+                    for (u = 0; u < 8; u++) {
+                        acc[r] += av[u] * xv[u];
                     }
                 }
             }
         }
+    } else {
+        for (kk = threadIdx.x; kk < in; kk += LORA_SHRINK_THREADS) {
+            float av = to_f32(a[kk]);
+
 #pragma unroll
-        for (r = 0; r < LORA_TILE_ROWS; r++) {
-            acc[r] = warp_sum(acc[r]);
+            for (r = 0; r < LORA_TILE_ROWS; r++) {
+                if (r < rows) {
+                    acc[r] += av * args.x[(size_t) (s->first + row0 + r)
+                                          * args.x_ld + kk];
+                }
+            }
         }
+    }
+
+    /* per row: the warps' sums, then the block's */
+#pragma unroll
+    for (r = 0; r < LORA_TILE_ROWS; r++) {
+        float v = warp_sum(acc[r]);
+
         if (lane == 0) {
-            float f = s->a_scale != NULL ? s->a_scale[j] * s->b_scale[j]
-                                         : 1.0f;
-
-            for (r = 0; r < rows; r++) {
-                args.t[s->t_off + (int64_t) (row0 + r) * s->rank + j] =
-                    acc[r] * f;
-            }
+            red[warp][r] = v;
         }
+    }
+    __syncthreads();
+    if (threadIdx.x < (unsigned) rows) {
+        float sum = 0.0f, f;
+        int   w;
+
+        for (w = 0; w < LORA_SHRINK_THREADS / 32; w++) {
+            sum += red[w][threadIdx.x];
+        }
+        f = s->a_scale != NULL ? s->a_scale[j] * s->b_scale[j] : 1.0f;
+        args.t[s->t_off + (int64_t) (row0 + threadIdx.x) * s->rank + j] =
+            sum * f;
     }
 }
 

@@ -3,7 +3,8 @@
 # GPU machine, which reaches no network and takes at most 64 MiB per call
 # (bench/gpu/README.md):
 #
-#   build-gpu/pack/bin/*.xz         llm-selftest and gpubench, built here
+#   build-gpu/pack/bin/*.xz         llm-selftest, gpubench and lora-bench,
+#                                   built here
 #                                   with OpenBLAS, jansson, libstdc++ and
 #                                   cudart linked in (cuBLAS comes from the
 #                                   device's CUDA 13), stripped, xz'd
@@ -36,8 +37,9 @@ LIBS="-L$CUDA_HOME/lib64 -Wl,-rpath,/usr/local/cuda/lib64 \
       -lm -lpthread -ldl -lrt"
 CFLAGS="-O2 -std=gnu11 -D_GNU_SOURCE -DLLM_HAVE_CUDA -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread"
 for prog in engine/cmd/llm-selftest.c \
-            "bench/gpu/gpubench.c bench/common/lora_step.c"; do
-    name=$(basename "${prog%% *}" .c)
+            "bench/gpu/gpubench.c bench/common/lora_step.c" \
+            bench/lora/lora_bench.c; do
+    name=$(basename "${prog%% *}" .c | tr _ -)
     # shellcheck disable=SC2086
     gcc $CFLAGS $prog "$BUILD/libllm.a" -o "$PACK/bin/$name" $LIBS
     strip "$PACK/bin/$name"

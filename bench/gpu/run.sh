@@ -7,19 +7,22 @@
 #   2. a ~1B-parameter Llama-shaped random model, generated here with
 #      tools/make_tiny_model.py (large files cannot travel);
 #   3. gpubench on it: decode tokens/s for batches 1..256 against the
-#      bandwidth floor, prefill tokens/s.
+#      bandwidth floor, prefill tokens/s, the multi-LoRA op;
+#   4. lora-bench on it: 32 random adapters (tools/make_lora.py, ranks 8
+#      and 16, all seven projections), 32 sequences through the engine:
+#      the base alone and spread over 1, 8, 32 adapters, f16 and int8.
 #
 # Reads build-gpu/pack/ (bench/gpu/prepare.sh) and, when both halves are
 # there, build-gpu-m1/ + build-gpu-m2/ (the default model).  Writes
 # reports to $OUT (the device tool's folder), else bench/gpu/out/.
 #
-#   STEPS="selftest bench" bench/gpu/run.sh    (both by default)
+#   STEPS="selftest bench lora" bench/gpu/run.sh    (all by default)
 set -u
 
 PACK=${PACK:-build-gpu/pack}
 OUT=${OUT:-bench/gpu/out}
 WORK=${WORK:-/tmp/llm-gpu}
-STEPS=${STEPS:-selftest bench}
+STEPS=${STEPS:-selftest bench lora}
 PYTHON=${PYTHON:-python3}
 rc=0
 
@@ -64,9 +67,9 @@ case " $STEPS " in *" selftest "*)
     ;;
 esac
 
-case " $STEPS " in *" bench "*)
+M="$WORK/m1b"
+case " $STEPS " in *" bench "*|*" lora "*)
     echo "== 1B model"
-    M="$WORK/m1b"
     if [ ! -f "$M/model.gguf" ]; then
         PYTHONPATH="$PACK/pylib${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" \
             tools/make_tiny_model.py --layers 16 --dim 2048 --heads 32 \
@@ -75,10 +78,36 @@ case " $STEPS " in *" bench "*)
             --out "$M" || { echo "run.sh: model generation failed"; exit 1; }
     fi
     ls -la "$M/model.gguf"
+    ;;
+esac
+
+case " $STEPS " in *" bench "*)
     echo "== gpubench"
     "$WORK/bin/gpubench" --model "$M/model.gguf" --device cuda:0 \
         --batches 1,2,4,8,16,32,64,128,256 --context 512 --steps 32 \
         --prefill 128,512,2048 2>&1 | tee "$OUT/gpubench.txt"
+    ;;
+esac
+case " $STEPS " in *" lora "*)
+    echo "== adapters for the 1B model"
+    A="$WORK/lora1b"
+    for i in $(seq 0 31); do
+        d=$(printf "%s/a%02d" "$A" "$i")
+        [ -f "$d/adapter_config.json" ] && continue
+        PYTHONPATH="$PACK/pylib${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" \
+            tools/make_lora.py --base "$M/model.gguf" --out "$d" \
+            --rank $((i % 2 ? 16 : 8)) --targets q,k,v,o,gate,up,down \
+            --seed $((1000 + i)) > /dev/null \
+            || { echo "run.sh: make_lora.py failed"; rc=1; break; }
+    done
+    du -sh "$A"
+    for dt in f16 int8; do
+        echo "== lora-bench, adapters in $dt"
+        "$WORK/bin/lora-bench" --model "$M/model.gguf" --adapters "$A" \
+            --device cuda:0 --seqs 32 --prompt 32 --gen 64 --repeat 3 \
+            --adapter-dtype "$dt" > "$OUT/lora-$dt.txt" 2>&1 || rc=1
+        head -8 "$OUT/lora-$dt.txt"
+    done
     ;;
 esac
 exit $rc

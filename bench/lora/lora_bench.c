@@ -5,6 +5,7 @@
  *
  *   build-x/lora-bench --model BASE.gguf --adapters DIR [--seqs 32]
  *                      [--prompt 32] [--gen 64] [--repeat 3] [--threads N]
+ *                      [--device cpu|cuda:N]
  *                      [--adapter-dtype auto|f16|f32|int8]
  *                      [--naive MERGED.gguf]... [--json]
  *
@@ -53,6 +54,7 @@ typedef struct {
     int         gen;
     int         repeat;
     int         threads;
+    const char *device;             /* NULL: the CPU */
     const char *naive[MAX_NAIVE];
     int         n_naive;
     int         json;
@@ -108,6 +110,7 @@ open_engine(const bench_opts *o, const char *model, const char *adapters,
     memset(&p, 0, sizeof(p));
     p.model_path = model;
     p.n_threads = o->threads;
+    p.device = o->device;
     p.max_seqs = max_seqs;
     p.max_step_tokens = 2048;
     p.kv_memory = (size_t) 512 << 20;
@@ -351,6 +354,7 @@ usage(void)
 {
     fprintf(stderr, "usage: lora-bench --model BASE --adapters DIR "
             "[--seqs N] [--prompt N] [--gen N] [--repeat N] [--threads N] "
+            "[--device cpu|cuda:N] "
             "[--adapter-dtype auto|f16|f32|int8] [--naive MERGED]... [--json]\n");
 }
 
@@ -398,6 +402,8 @@ main(int argc, char **argv)
             o.repeat = atoi(v);
         } else if (strcmp(a, "--threads") == 0) {
             o.threads = atoi(v);
+        } else if (strcmp(a, "--device") == 0) {
+            o.device = v;
         } else if (strcmp(a, "--adapter-dtype") == 0) {
             o.adapter_dtype = llm_adapter_dtype_parse(v);
             if (o.adapter_dtype < 0) {

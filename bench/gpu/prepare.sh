@@ -32,7 +32,7 @@ make BUILD="$BUILD" -j"$(nproc)" lib
 mkdir -p "$PACK/bin" "$PACK/pylib"
 
 LIBS="-L$CUDA_HOME/lib64 -Wl,-rpath,/usr/local/cuda/lib64 \
-      -Wl,-Bstatic -lopenblas -ljansson -lcudart_static -lstdc++ \
+      -Wl,-Bstatic -lopenblas -ljansson -lhiredis -lcudart_static -lstdc++ \
       -lgfortran -lquadmath -Wl,-Bdynamic -lcublas -static-libgcc \
       -lm -lpthread -ldl -lrt"
 CFLAGS="-O2 -std=gnu11 -D_GNU_SOURCE -DLLM_HAVE_CUDA -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread"

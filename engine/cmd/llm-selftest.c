@@ -606,7 +606,97 @@ test_matmul(int quick)
 }
 
 
-/* --------------------------------------------------------------- rope */
+/* matmul_n (q, k and v of one x): each output as the GPU's own matmul
+ * gives it, bit for bit, and near the CPU's; few rows (one GEMV launch
+ * for all three) and more (a product each). */
+static void
+test_matmul_n(void)
+{
+    static const int types[] = { LLM_F16, LLM_Q4_1 };
+    static const int rows[] = { 1, 3, 8 };
+    enum { K = 576, P = 3 };
+    static const int ms[P] = { 576, 192, 192 };
+    int ti, ri, p;
+
+    if (gpu->ops->matmul_n == NULL || cpu->ops->matmul_n == NULL) {
+        return;
+    }
+    for (ti = 0; ti < 2; ti++) {
+        for (ri = 0; ri < 3; ri++) {
+            int               type = types[ti], n = rows[ri], rc, same = 1;
+            float            *x = xmalloc(sizeof(float) * n * K), *bias;
+            llm_tensor        xc, xg, wc[P], wg[P], oc[P], og[P], one[P];
+            llm_tensor        bc, bg, *outs_c[P], *outs_g[P];
+            const llm_tensor *ws_c[P], *ws_g[P], *bs_c[P], *bs_g[P];
+            double            err = 0.0;
+
+            fill(x, (size_t) n * K, 2.0f);
+            xc = put_f32(cpu, K, n, x);
+            xg = put_f32(gpu, K, n, x);
+            bias = xmalloc(sizeof(float) * ms[0]);
+            fill(bias, (size_t) ms[0], 0.5f);
+            bc = put_f32(cpu, ms[0], 1, bias);
+            bg = put_f32(gpu, ms[0], 1, bias);
+            for (p = 0; p < P; p++) {
+                float   *wf = xmalloc(sizeof(float) * ms[p] * K);
+                size_t   nb;
+                uint8_t *w;
+
+                fill(wf, (size_t) ms[p] * K, 1.0f / sqrtf((float) K));
+                w = make_weights(type, wf, K, ms[p], &nb);
+                wc[p] = put(cpu, type, K, ms[p], w);
+                wg[p] = put(gpu, type, K, ms[p], w);
+                oc[p] = put_f32(cpu, ms[p], n, NULL);
+                og[p] = put_f32(gpu, ms[p], n, NULL);
+                one[p] = put_f32(gpu, ms[p], n, NULL);
+                outs_c[p] = &oc[p];
+                outs_g[p] = &og[p];
+                ws_c[p] = &wc[p];
+                ws_g[p] = &wg[p];
+                bs_c[p] = p == 0 ? &bc : NULL;
+                bs_g[p] = p == 0 ? &bg : NULL;
+                if (gpu->ops->matmul(gpu, &one[p], &xg, &wg[p], bs_g[p])
+                    != 0)
+                {
+                    op_failed(gpu, "matmul");
+                }
+                free(wf);
+                free(w);
+            }
+            if (cpu->ops->matmul_n(cpu, outs_c, &xc, ws_c, bs_c, P) != 0) {
+                op_failed(cpu, "matmul_n");
+            }
+            rc = gpu->ops->matmul_n(gpu, outs_g, &xg, ws_g, bs_g, P);
+            if (rc != 0) {
+                op_failed(gpu, "matmul_n");
+            }
+            for (p = 0; rc == 0 && p < P; p++) {
+                float  *a = get_f32(gpu, &og[p]), *b = get_f32(gpu, &one[p]);
+                double  e = compare(gpu, &og[p], cpu, &oc[p]);
+
+                same &= memcmp(a, b, sizeof(float) * n * ms[p]) == 0;
+                err = e > err ? e : err;
+                free(a);
+                free(b);
+            }
+            row("matmul_n", tname(type), rc || !same ? -1 : err,
+                matmul_tol(type, n), "q/k/v x [%d, %d]%s", n, K,
+                same ? ", == matmul" : ", != matmul");
+            for (p = 0; p < P; p++) {
+                release2(&wc[p], &wg[p]);
+                release2(&oc[p], &og[p]);
+                llm_tensor_release(gpu, &one[p]);
+            }
+            release2(&xc, &xg);
+            release2(&bc, &bg);
+            free(x);
+            free(bias);
+        }
+    }
+}
+
+
+/* --------------------------------------------------------------- rope *//* --------------------------------------------------------------- rope */
 
 static void
 test_rope(void)
@@ -2073,6 +2163,7 @@ main(int argc, char **argv)
     test_embed();
     test_rmsnorm();
     test_matmul(o.quick);
+    test_matmul_n();
     test_rope();
     test_rowwise();
     test_lora();

@@ -902,6 +902,16 @@ cuda_matmul(llm_backend *be, llm_tensor *out, const llm_tensor *x,
 
 
 static int
+cuda_matmul_n(llm_backend *be, llm_tensor *const *outs, const llm_tensor *x,
+              const llm_tensor *const *ws, const llm_tensor *const *biases,
+              int n)
+{
+    OP_ENTER(be, "matmul_n");
+    return llm_cuda_matmul_n(c, outs, x, ws, biases, n);
+}
+
+
+static int
 cuda_rope(llm_backend *be, llm_tensor *x, int n_heads, int head_dim,
           const llm_rope_params *rp)
 {
@@ -1010,6 +1020,7 @@ make_ops(void)
     o.embed = cuda_embed;
     o.rmsnorm = cuda_rmsnorm;
     o.matmul = cuda_matmul;
+    o.matmul_n = cuda_matmul_n;
     o.rope = cuda_rope;
     o.kv_store = cuda_kv_store;
     o.attention = cuda_attention;

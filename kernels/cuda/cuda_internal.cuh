@@ -224,6 +224,9 @@ int llm_cuda_add(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *a,
                  const llm_tensor *b);
 int llm_cuda_gather_out_rows(llm_cuda_ctx *c, llm_tensor *out,
                              const llm_tensor *x);
+int llm_cuda_matmul_n(llm_cuda_ctx *c, llm_tensor *const *outs,
+                      const llm_tensor *x, const llm_tensor *const *ws,
+                      const llm_tensor *const *biases, int n);
 int llm_cuda_lora(llm_cuda_ctx *c, llm_tensor *const *outs, int n_outs,
                   const llm_tensor *x, const llm_lora_seg *segs, int n_segs);
 

@@ -22,26 +22,25 @@
 
 template <typename W>
 static cudaError_t
-gemv_dispatch(float *out, size_t out_nb, const float *x, size_t x_nb,
-              const W *w, size_t w_nb, const float *bias, int n, int k, int m,
-              cudaStream_t stream)
+gemv_dispatch(const llm_cuda_gemv_parts *parts, const float *x, size_t x_nb,
+              int n, int k, cudaStream_t stream)
 {
-    unsigned blocks = (unsigned) ((m + GEMV_THREADS / 32 - 1)
+    unsigned blocks = (unsigned) ((parts->rows + GEMV_THREADS / 32 - 1)
                                   / (GEMV_THREADS / 32));
 
     switch (n) {
     case 1:
         gemv_kernel<W, 1><<<blocks, GEMV_THREADS, 0, stream>>>(
-            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+            *parts, x, x_nb, n, k);
         break;
     case 2:
         gemv_kernel<W, 2><<<blocks, GEMV_THREADS, 0, stream>>>(
-            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+            *parts, x, x_nb, n, k);
         break;
     case 3:
     case 4:
         gemv_kernel<W, 4><<<blocks, GEMV_THREADS, 0, stream>>>(
-            out, out_nb, x, x_nb, w, w_nb, bias, n, k, m);
+            *parts, x, x_nb, n, k);
         break;
     default:
         return cudaErrorInvalidValue;
@@ -50,35 +49,63 @@ gemv_dispatch(float *out, size_t out_nb, const float *x, size_t x_nb,
 }
 
 
+/* The GEMV of parts (all of w_type) with one x. */
+static cudaError_t
+launch_gemv_parts(const llm_cuda_gemv_parts *parts, int w_type,
+                  const float *x, size_t x_nb, int n, int k,
+                  cudaStream_t stream)
+{
+    int i;
+
+    CUDA_CHECK_ARG(n >= 0 && n <= LLM_CUDA_GEMV_MAX_ROWS && k >= 0
+                   && parts->n_parts >= 1
+                   && parts->n_parts <= GEMV_MAX_PARTS);
+    if (n == 0 || parts->rows == 0) {
+        return cudaSuccess;
+    }
+    /* 16-byte loads of 8 elements */
+    CUDA_CHECK_ARG(x != NULL && k % 8 == 0 && (uintptr_t) x % 16 == 0
+                   && (n == 1 || x_nb % 16 == 0));
+    for (i = 0; i < parts->n_parts; i++) {
+        const llm_cuda_gemv_part *p = &parts->p[i];
+
+        CUDA_CHECK_ARG(p->m >= 0 && (p->m == 0 || (p->out != NULL
+                                                   && p->w != NULL))
+                       && (uintptr_t) p->w % 16 == 0 && p->w_nb % 16 == 0
+                       && p->row0 == (i == 0 ? 0 : parts->p[i - 1].row0
+                                                   + parts->p[i - 1].m));
+    }
+    switch (w_type) {
+    case LLM_F32:
+        return gemv_dispatch<float>(parts, x, x_nb, n, k, stream);
+    case LLM_F16:
+        return gemv_dispatch<__half>(parts, x, x_nb, n, k, stream);
+    case LLM_BF16:
+        return gemv_dispatch<__nv_bfloat16>(parts, x, x_nb, n, k, stream);
+    default:
+        return cudaErrorNotSupported;
+    }
+}
+
+
 cudaError_t
 launch_gemv(float *out, size_t out_nb, const float *x, size_t x_nb,
             const void *w, int w_type, size_t w_nb, const float *bias, int n,
             int k, int m, cudaStream_t stream)
 {
-    CUDA_CHECK_ARG(n >= 0 && n <= LLM_CUDA_GEMV_MAX_ROWS && k >= 0 && m >= 0);
-    if (n == 0 || m == 0) {
-        return cudaSuccess;
-    }
-    CUDA_CHECK_ARG(out != NULL && x != NULL && w != NULL);
-    /* 16-byte loads of 8 elements */
-    CUDA_CHECK_ARG(k % 8 == 0 && (uintptr_t) x % 16 == 0
-                   && (n == 1 || x_nb % 16 == 0)
-                   && (uintptr_t) w % 16 == 0 && w_nb % 16 == 0);
-    switch (w_type) {
-    case LLM_F32:
-        return gemv_dispatch<float>(out, out_nb, x, x_nb, (const float *) w,
-                                    w_nb, bias, n, k, m, stream);
-    case LLM_F16:
-        return gemv_dispatch<__half>(out, out_nb, x, x_nb,
-                                     (const __half *) w, w_nb, bias, n, k, m,
-                                     stream);
-    case LLM_BF16:
-        return gemv_dispatch<__nv_bfloat16>(out, out_nb, x, x_nb,
-                                            (const __nv_bfloat16 *) w, w_nb,
-                                            bias, n, k, m, stream);
-    default:
-        return cudaErrorNotSupported;
-    }
+    llm_cuda_gemv_parts parts;
+
+    CUDA_CHECK_ARG(m >= 0);
+    memset(&parts, 0, sizeof(parts));
+    parts.n_parts = 1;
+    parts.rows = m;
+    parts.p[0].out = out;
+    parts.p[0].out_nb = out_nb;
+    parts.p[0].w = w;
+    parts.p[0].w_nb = w_nb;
+    parts.p[0].bias = bias;
+    parts.p[0].m = m;
+    return launch_gemv_parts(&parts, w_type, x, x_nb, n, k, stream);
 }
 
 
@@ -162,16 +189,17 @@ gemm_cublas(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
 }
 
 
-int
-llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
-                const llm_tensor *w, const llm_tensor *bias)
+/* The checks of out = x w^T (+ bias), as the CPU backend makes them;
+ * *bp: the bias or NULL. */
+static int
+mm_check(llm_cuda_ctx *c, const llm_tensor *out, const llm_tensor *x,
+         const llm_tensor *w, const llm_tensor *bias, const float **bp)
 {
     const llm_dtype_info *ti;
-    const float          *bp = NULL;
-    llm_tensor            wv;
     int64_t               k, m, n;
     int                   rc;
 
+    *bp = NULL;
     if ((rc = llm_cuda_check_f32(c, x, "matmul", "x", -1, -1)) != 0
         || (rc = llm_cuda_check_f32(c, out, "matmul", "out", -1, -1)) != 0)
     {
@@ -210,8 +238,38 @@ llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
             return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul: bias must be"
                                  " [%lld] F32", (long long) m);
         }
-        bp = (const float *) bias->data;
+        *bp = (const float *) bias->data;
     }
+    return 0;
+}
+
+
+/* Whether the GEMV kernel takes x and the weight view wv. */
+static int
+gemv_fits(const llm_tensor *x, const llm_tensor *wv)
+{
+    return x->ne[1] <= LLM_CUDA_GEMV_MAX_ROWS && x->ne[0] % 8 == 0
+           && (uintptr_t) x->data % 16 == 0
+           && (x->ne[1] == 1 || x->nb % 16 == 0)
+           && (uintptr_t) wv->data % 16 == 0 && wv->nb % 16 == 0;
+}
+
+
+int
+llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
+                const llm_tensor *w, const llm_tensor *bias)
+{
+    const float *bp;
+    llm_tensor   wv;
+    int64_t      k, m, n;
+    int          rc;
+
+    if ((rc = mm_check(c, out, x, w, bias, &bp)) != 0) {
+        return rc;
+    }
+    k = x->ne[0];
+    n = x->ne[1];
+    m = w->ne[1];
     if (n == 0 || m == 0) {
         return 0;
     }
@@ -224,11 +282,7 @@ llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
     if ((rc = llm_cuda_weight_view(c, w, &wv, "matmul")) != 0) {
         return rc;
     }
-
-    if (n <= LLM_CUDA_GEMV_MAX_ROWS && k % 8 == 0
-        && (uintptr_t) x->data % 16 == 0 && (n == 1 || x->nb % 16 == 0)
-        && (uintptr_t) wv.data % 16 == 0 && wv.nb % 16 == 0)
-    {
+    if (gemv_fits(x, &wv)) {
         return llm_cuda_check(c, launch_gemv((float *) out->data, out->nb,
                                              (const float *) x->data,
                                              x->nb, wv.data,
@@ -237,4 +291,64 @@ llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
                               "matmul", "gemv");
     }
     return gemm_cublas(c, out, x, &wv, bp, (int) n, (int) k, (int) m);
+}
+
+
+/* A few rows of x (decode) with weights of one type: one GEMV launch for
+ * all the products; otherwise a matmul each. */
+int
+llm_cuda_matmul_n(llm_cuda_ctx *c, llm_tensor *const *outs,
+                  const llm_tensor *x, const llm_tensor *const *ws,
+                  const llm_tensor *const *biases, int n)
+{
+    llm_cuda_gemv_parts parts;
+    const float        *bp;
+    llm_tensor          wv;
+    int                 i, rc, type = -1, one = 1;
+
+    if (n < 1 || n > GEMV_MAX_PARTS || outs == NULL || ws == NULL) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul_n: %d products "
+                             "(1 to %d)", n, GEMV_MAX_PARTS);
+    }
+    memset(&parts, 0, sizeof(parts));
+    for (i = 0; i < n; i++) {
+        if ((rc = mm_check(c, outs[i], x, ws[i], biases ? biases[i] : NULL,
+                           &bp)) != 0)
+        {
+            return rc;
+        }
+        if (x->ne[0] == 0 || x->ne[1] == 0) {
+            one = 0;
+            continue;
+        }
+        if ((rc = llm_cuda_weight_view(c, ws[i], &wv, "matmul")) != 0) {
+            return rc;
+        }
+        one = one && gemv_fits(x, &wv) && (i == 0 || wv.type == type);
+        type = wv.type;
+        parts.p[i].out = (float *) outs[i]->data;
+        parts.p[i].out_nb = outs[i]->nb;
+        parts.p[i].w = wv.data;
+        parts.p[i].w_nb = wv.nb;
+        parts.p[i].bias = bp;
+        parts.p[i].m = (int) ws[i]->ne[1];
+        parts.p[i].row0 = parts.rows;
+        parts.rows += parts.p[i].m;
+    }
+    if (!one) {
+        for (i = 0; i < n; i++) {
+            rc = llm_cuda_matmul(c, outs[i], x, ws[i],
+                                 biases ? biases[i] : NULL);
+            if (rc != 0) {
+                return rc;
+            }
+        }
+        return 0;
+    }
+    parts.n_parts = n;
+    return llm_cuda_check(c, launch_gemv_parts(&parts, type,
+                                               (const float *) x->data,
+                                               x->nb, (int) x->ne[1],
+                                               (int) x->ne[0], c->stream),
+                          "matmul", "gemv");
 }

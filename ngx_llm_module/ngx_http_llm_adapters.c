@@ -1003,6 +1003,10 @@ ngx_http_llm_adapter_allowed(ngx_http_request_t *r, ngx_str_t *name)
         return 0;
     }
 
+    if (t->all_adapters) {
+        return 1;
+    }
+
     for (i = 0; i < t->n_adapters; i++) {
         if (t->adapters[i].len == name->len
             && ngx_strncmp(t->adapters[i].data, name->data, name->len) == 0)

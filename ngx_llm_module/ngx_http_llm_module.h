@@ -67,6 +67,9 @@ typedef struct {
     ngx_uint_t                     weight;      /* fair share, 1..65535 */
     ngx_str_t                     *adapters;    /* [n_adapters] allowed */
     ngx_uint_t                     n_adapters;
+    ngx_uint_t                     all_adapters;    /* "adapters": ["*"]:
+                                                       any the engines
+                                                       serve */
     ngx_str_t                      default_adapter;     /* "" none */
     ngx_str_t                      cache_namespace;
     ngx_str_t                      shared_cache_namespace;  /* "": none */

@@ -24,7 +24,8 @@
  *                  "sha256:<64 hex>"],     "sha256:" + hex(sha256(key))
  *         "priority": "interactive",       interactive | standard | batch
  *         "weight": 2,                     fair share, 1-65535
- *         "adapters": ["acme-support"],    adapters it may use
+ *         "adapters": ["acme-support"],    adapters it may use; "*":
+ *                                          any the engines serve
  *         "default_adapter": "acme-support",  used when "model" is the
  *                                          base model; one of "adapters"
  *         "max_tokens": 1024,              ceiling of max_tokens; 0: none
@@ -673,6 +674,11 @@ ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
             s.data = (u_char *) json_string_value(v);
             s.len = json_string_length(v);
 
+            if (s.len == 1 && s.data[0] == '*') {
+                t->all_adapters = 1;
+                continue;
+            }
+
             if (ngx_http_llm_valid_name(&s, LLM_PROTO_MAX_ADAPTER) != NGX_OK) {
                 ngx_http_llm_fail("adapter \"%s\": a name has 1 to %d of "
                                   "A-Z a-z 0-9 . _ -", s.data,
@@ -707,6 +713,18 @@ ngx_http_llm_tenant_parse(json_t *o, ngx_pool_t *pool,
                 found = 1;
                 t->default_adapter = t->adapters[k];
             }
+        }
+
+        if (!found && t->all_adapters
+            && ngx_http_llm_valid_name(&s, LLM_PROTO_MAX_ADAPTER) == NGX_OK)
+        {
+            /* any adapter: checked against the engines' list per request */
+            t->default_adapter.data = ngx_pstrdup(pool, &s);
+            if (t->default_adapter.data == NULL) {
+                ngx_http_llm_fail("out of memory");
+            }
+            t->default_adapter.len = s.len;
+            found = 1;
         }
 
         if (!found) {
@@ -1716,6 +1734,15 @@ ngx_http_llm_tenant_copy(ngx_pool_t *pool, ngx_http_llm_tenant_t *src)
         }
     }
 
+    if (src->default_adapter.len && t->default_adapter.data == NULL) {
+        /* "*": a name outside the list */
+        t->default_adapter.data = ngx_pstrdup(pool, &src->default_adapter);
+        if (t->default_adapter.data == NULL) {
+            return NULL;
+        }
+        t->default_adapter.len = src->default_adapter.len;
+    }
+
     return t;
 }
 
@@ -1787,6 +1814,11 @@ ngx_http_llm_tenant_model(ngx_http_request_t *r,
         }
 
         /* no tenant directory: any adapter the engines serve */
+        return ngx_http_llm_adapter_model(r, lmcf, p, err);
+    }
+
+    if (t->all_adapters) {
+        /* "adapters": ["*"]: likewise */
         return ngx_http_llm_adapter_model(r, lmcf, p, err);
     }
 

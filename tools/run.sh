@@ -13,7 +13,8 @@
 # default; its demo keys are printed at start.
 # ADAPTERS=DIR: every LoRA adapter folder inside DIR (peft layout) is
 # registered under its folder name ("model": "NAME" or "smollm2:NAME",
-# for the tenants whose "adapters" list it); /admin/adapters loads more.
+# for the tenants whose "adapters" list it: in conf/tenants.json the demo
+# tenant acme may use any, "*"); /admin/adapters loads more.
 # ADAPTER_DTYPE=auto|f16|f32|int8: adapter weights on the device (llm-engine
 # --adapter-dtype; auto by default: int8 on the Q4_1 default model).
 set -u

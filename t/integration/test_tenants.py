@@ -23,6 +23,7 @@ GLOBEX = "sk-globex-test-9876543210zz"
 OFF = "sk-off-test-5555555555555555"
 SMALL = "sk-small-test-6666666666666666"
 ADAPTED = "sk-adapted-test-7777777777777"
+ANY = "sk-any-test-8888888888888888"
 
 TENANTS = [
     tenant("acme", key=ACME, priority="interactive", weight=3),
@@ -33,6 +34,7 @@ TENANTS = [
            default_adapter="ad-one"),
     tenant("dormant", key=OFF, disabled=True),
     tenant("small", key=SMALL, max_tokens=4, priority="batch"),
+    tenant("anyone", key=ANY, adapters=["*"]),
 ]
 
 
@@ -191,6 +193,33 @@ def test_adapter_allow_list(ng):
     st, h, doc = chat(ng, key=GLOBEX, model="globex-other")
     e = error_of(st, h, doc, 404, "model_not_found")
     assert "or you do not have access to it" in e["message"]
+
+
+def test_adapter_wildcard(ng, redis):
+    # "adapters": ["*"]: any well-formed name goes to the engine (this one
+    # has no adapters and answers 404 itself, with the adapter logged);
+    # the base model stays the base, and acme is still refused
+    st, h, doc = chat(ng, key=ANY, model="globex-support")
+    error_of(st, h, doc, 404, "model_not_found")
+    wait_for(lambda: any(l.split()[1] == "anyone"
+                         and l.endswith(" globex-support")
+                         for l in tenants_log(ng)), 5, "log line")
+    st, h, doc = chat(ng, key=ANY, model="bad name!")
+    error_of(st, h, doc, 404, "model_not_found")
+    st, h, doc = chat(ng, key=ANY)
+    assert st == 200, doc
+    st, h, doc = chat(ng, key=ACME, model="globex-support")
+    error_of(st, h, doc, 404, "model_not_found")
+
+    # from Redis, with a default adapter outside any list
+    key = "sk-wild-%d-abcdefghijklmn" % os.getpid()
+    redis_set(redis, "llm:key:" + key_digest(key), json.dumps(
+        {"name": "wild", "adapters": ["*"], "default_adapter": "zz-one"}))
+    wait_for(lambda: chat(ng, key=key)[0] == 404, 10,
+             "the Redis tenant's default adapter to reach the engine",
+             step=0.2)
+    wait_for(lambda: any(l.split()[1] == "wild" and l.endswith(" zz-one")
+                         for l in tenants_log(ng)), 5, "log line")
 
 
 # ---- max_tokens ceiling ---------------------------------------------------

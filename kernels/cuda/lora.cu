@@ -18,6 +18,10 @@
 #include "cuda_internal.cuh"
 #include "lora.cuh"
 
+/* kernel parameters: 4 KiB on every toolkit and device we build for */
+static_assert(sizeof(llm_cuda_lora_args) <= 4096,
+              "LORA_LAUNCH_SEGS too large for a launch's parameters");
+
 
 /* Segments' element type and layout as template arguments. */
 template <typename W, bool BT>

@@ -55,6 +55,7 @@ llm_bench_lora_step(llm_backend *be, int type, const llm_lora_step_shape *sh,
                                      { sh->dim }, { sh->ffn, sh->ffn },
                                      { sh->dim } };
     int            S = sh->n_adapters, L = sh->n_layers, wide, l, g, j, s, p;
+    int            R = sh->rows > 0 ? sh->rows : 1;
     size_t         esz = type == LLM_F32 ? 4 : type == LLM_F16 ? 2 : 1;
     llm_lora_seg **segs;
     llm_tensor     x, o[3];
@@ -68,11 +69,13 @@ llm_bench_lora_step(llm_backend *be, int type, const llm_lora_step_shape *sh,
     memset(res, 0, sizeof(*res));
     segs = calloc((size_t) L * GROUPS, sizeof(*segs));
     t = calloc((size_t) (passes > 0 ? passes : 1), sizeof(double));
-    if (segs == NULL || t == NULL || put_f32(be, &x, wide, S, 0.1f) != 0) {
+    if (segs == NULL || t == NULL
+        || put_f32(be, &x, wide, S * R, 0.1f) != 0)
+    {
         goto done;
     }
     for (j = 0; j < 3; j++) {
-        if (put_f32(be, &o[j], wide, S, 0.0f) != 0) {
+        if (put_f32(be, &o[j], wide, S * R, 0.0f) != 0) {
             goto done;
         }
     }
@@ -116,8 +119,8 @@ llm_bench_lora_step(llm_backend *be, int type, const llm_lora_step_shape *sh,
                         goto done;
                     }
                     free(h);
-                    sg->first = s;
-                    sg->n = 1;
+                    sg->first = s * R;
+                    sg->n = R;
                     sg->rank = r;
                     sg->scale = 0.5f;
                     sg->b = (uint8_t *) d + bo;
@@ -128,6 +131,7 @@ llm_bench_lora_step(llm_backend *be, int type, const llm_lora_step_shape *sh,
                     sg->type = type;
                     sg->out = j;
                     res->bytes += (double) (na + nb);
+                    res->flops += 2.0 * R * r * (in[g] + od[g][j]);
                 }
             }
         }
@@ -138,12 +142,12 @@ llm_bench_lora_step(llm_backend *be, int type, const llm_lora_step_shape *sh,
 
         for (l = 0; l < L; l++) {
             for (g = 0; g < GROUPS; g++) {
-                llm_tensor  xv = llm_tensor_rows(&x, 0, S), ov[3];
+                llm_tensor  xv = llm_tensor_rows(&x, 0, S * R), ov[3];
                 llm_tensor *outs[3];
 
                 xv.ne[0] = in[g];
                 for (j = 0; j < n_out[g]; j++) {
-                    ov[j] = llm_tensor_rows(&o[j], 0, S);
+                    ov[j] = llm_tensor_rows(&o[j], 0, S * R);
                     ov[j].ne[0] = od[g][j];
                     outs[j] = &ov[j];
                 }

@@ -1,7 +1,7 @@
 /*
  * The multi-LoRA op of one decode step, on any backend (bench-kernels -L
- * on the CPU, gpubench --lora on a GPU): n_adapters rows, one segment
- * each (every row its own adapter, ranks 8 and 16 alternating), all seven
+ * on the CPU, gpubench --lora on a GPU): n_adapters x rows rows, one
+ * segment of `rows` rows per adapter (ranks 8 and 16 alternating), all seven
  * projections in the forward pass's four calls per layer (q k v; o; gate
  * up; down), every adapter's weights in their own device allocation, in
  * the adapter pool's format for the type (f32; f16 or int8 with B
@@ -18,11 +18,13 @@ typedef struct llm_lora_step_shape {
     int     q_dim;          /* n_heads * head_dim */
     int     kv_dim;         /* n_kv_heads * head_dim */
     int     ffn;
-    int     n_adapters;     /* rows of the step, one adapter each */
+    int     n_adapters;
+    int     rows;           /* decode rows per adapter (0: 1) */
 } llm_lora_step_shape;
 
 typedef struct llm_lora_step_result {
     double  bytes;          /* adapter weights read by one step */
+    double  flops;          /* 2 x its multiply-adds */
     double  best_s;         /* fastest pass */
     double  median_s;
 } llm_lora_step_result;

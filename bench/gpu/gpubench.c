@@ -420,6 +420,7 @@ main(int argc, char **argv)
                 sh.kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
                 sh.ffn = m->cfg.ffn_dim;
                 sh.n_adapters = loras[j];
+                sh.rows = 1;
                 if (llm_bench_lora_step(be, dts[i].type, &sh, 10, &r) == 0) {
                     printf("%6d %6s %10.1f %10.3f %10.1f %8.0f%%\n",
                            loras[j], dts[i].name, r.bytes * 1e-6,

@@ -333,24 +333,27 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
 
 
 /*
- * -L: the multi-LoRA op of one decode step with 32 distinct adapters
- * (bench/RESULTS.md, "Multi-LoRA"): SmolLM2's shapes, 30 layers, ranks
- * 8/16, all seven projections (bench/common/lora_step.c).
+ * -L: the multi-LoRA op of one decode step of 32 sequences (bench/
+ * RESULTS.md, "Multi-LoRA"): SmolLM2's shapes, 30 layers, ranks 8/16,
+ * all seven projections (bench/common/lora_step.c), over 32 distinct
+ * adapters (bound by their bytes), 8 (4 rows each) or 1 (32 rows: bound
+ * by the multiply-adds).
  */
 static void
-bench_lora(llm_backend *be, int type, int passes)
+bench_lora(llm_backend *be, int type, int adapters, int passes)
 {
-    static const llm_lora_step_shape sh = { N_LAYERS, DIM, DIM, 192, FFN,
-                                            32 };
-    llm_lora_step_result             r;
+    llm_lora_step_shape  sh = { N_LAYERS, DIM, DIM, 192, FFN, adapters,
+                                32 / adapters };
+    llm_lora_step_result r;
 
     if (llm_bench_lora_step(be, type, &sh, passes, &r) != 0) {
         return;
     }
-    printf("  lora decode step, 32 adapters (ranks 8/16, all projections), "
-           "%s: %.1f MB, %7.3f ms, %5.1f GB/s\n",
-           type == LLM_F16 ? "f16 " : "int8", r.bytes * 1e-6,
-           r.best_s * 1e3, r.bytes / r.best_s * 1e-9);
+    printf("  lora decode step, 32 rows over %2d adapters (ranks 8/16, all "
+           "projections), %s: %6.1f MB, %7.3f ms, %5.1f GB/s, %5.1f "
+           "GFLOP/s\n", adapters, type == LLM_F16 ? "f16 " : "int8",
+           r.bytes * 1e-6, r.best_s * 1e3, r.bytes / r.best_s * 1e-9,
+           r.flops / r.best_s * 1e-9);
 }
 
 
@@ -399,8 +402,10 @@ main(int argc, char **argv)
                                                   : "(best)");
 
     if (lora_only) {
-        bench_lora(be, LLM_F16, passes);
-        bench_lora(be, LLM_LORA_I8, passes);
+        bench_lora(be, LLM_F16, 32, passes);
+        bench_lora(be, LLM_LORA_I8, 32, passes);
+        bench_lora(be, LLM_F16, 8, passes);
+        bench_lora(be, LLM_F16, 1, passes);
         be->ops->free(be);
         return 0;
     }

@@ -151,7 +151,9 @@ forward_matmuls(llm_backend *be, llm_tensor *const *outs, const llm_tensor *x,
         return be->ops->matmul_n(be, outs, x, ws, biases, n);
     }
     for (i = 0; i < n; i++) {
-        if ((rc = be->ops->matmul(be, outs[i], x, ws[i], biases[i])) != 0) {
+        if ((rc = be->ops->matmul(be, outs[i], x, ws[i],
+                                  biases ? biases[i] : NULL)) != 0)
+        {
             return rc;
         }
     }

@@ -314,22 +314,30 @@ cold_loads(const bench_opts *o, double *ms_mean, double *ms_max,
 }
 
 
-/* One merged model serving one sequence alone. */
+/* One merged model serving one sequence alone.  The open is timed
+ * --repeat times, the fastest kept, as for every other figure here. */
 static int
 naive_run(const bench_opts *o, const char *model, double *open_s,
           double *total_s, double *decode_tps)
 {
-    llm_engine *e;
+    llm_engine *e = NULL;
     double      dec, wall, best = 0;
     long        tok;
-    uint64_t    t0 = llm_now_ns();
+    uint64_t    t0;
     int         r;
 
-    e = open_engine(o, model, NULL, 1);
-    if (e == NULL) {
-        return -1;
+    *open_s = 1e30;
+    for (r = 0; r < o->repeat; r++) {
+        if (e != NULL) {
+            llm_engine_free(e);
+        }
+        t0 = llm_now_ns();
+        e = open_engine(o, model, NULL, 1);
+        if (e == NULL) {
+            return -1;
+        }
+        *open_s = fmin(*open_s, (double) (llm_now_ns() - t0) / 1e9);
     }
-    *open_s = (double) (llm_now_ns() - t0) / 1e9;
     *total_s = 1e30;
     for (r = 0; r < o->repeat; r++) {
         n_step_ms = 0;

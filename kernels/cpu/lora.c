@@ -168,8 +168,10 @@ elt_size(int type)
 }
 
 
+/* Runs item `it`; `next` (or NULL) is the item the thread runs after it. */
 static void
-lora_item_run(const lora_task *tk, const lora_item *it)
+lora_item_run(const lora_task *tk, const lora_item *it,
+              const lora_item *next)
 {
     const llm_lora_seg *sg = &tk->segs[it->seg];
     const llm_tensor   *out = tk->outs[sg->out];
@@ -179,16 +181,28 @@ lora_item_run(const lora_task *tk, const lora_item *it)
     float              *o0;
     size_t              esz = elt_size(sg->type);
     size_t              b_row = (size_t) out->ne[0] * esz;
+    size_t              na = 0, na_step = 0;
+    const uint8_t      *next_a = NULL;
     int64_t             j;
     int                 row, k, n;
 
+    if (next != NULL) {
+        const llm_lora_seg *ns = &tk->segs[next->seg];
+
+        next_a = ns->a;
+        na = (size_t) ns->rank * tk->in * elt_size(ns->type);
+        na_step = (na + sg->rank - 1) / sg->rank;
+    }
+
     /* shrink: t[row, j] = x[row] . A[j], each A row once per LORA_ROWS;
-     * meanwhile B's bytes are asked for, a rank's share per A row.  A
-     * decode item is two short streams (A, then B), each far too short
-     * for the hardware prefetcher to reach full speed alone: this keeps
-     * B's stream going while A's is read (the LoRA terms of a 32-adapter
-     * decode step: 10.8 ms without, 8.6 ms with, on the 2-core VM of
-     * bench/RESULTS.md, 2026-11-25). */
+     * meanwhile B's bytes are asked for, a rank's share per A row, and
+     * so are the next item's A's.  A decode item is two short streams
+     * (A, then B), each far too short for the hardware prefetcher to
+     * reach full speed alone: this keeps streams going while A is read
+     * (the LoRA terms of a 32-adapter decode step, on the 2-core VM of
+     * bench/RESULTS.md, 2026-11-25: 10.8 ms without B's, 8.6 ms with;
+     * the next A's then took int8 copies from 5.9 to 4.8 ms, f16 10.2 to
+     * 10.1). */
     for (j = 0; j < sg->rank; j++) {
         const void *a = (const uint8_t *) sg->a + (size_t) j * tk->in * esz;
 
@@ -205,6 +219,12 @@ lora_item_run(const lora_task *tk, const lora_item *it)
         }
         llm_cpu_prefetch((const uint8_t *) sg->b + (size_t) j * b_row,
                          b_row);
+        if ((size_t) j * na_step < na) {
+            size_t off = (size_t) j * na_step;
+
+            llm_cpu_prefetch(next_a + off,
+                             na - off < na_step ? na - off : na_step);
+        }
     }
     if (sg->type == LLM_LORA_I8) {
         /* int8 rows: t[row, j] times A row j's scale, and times B^T row
@@ -242,7 +262,10 @@ lora_chunk(void *arg, int c, int nc)
             break;
         }
         if (owner == c) {
-            lora_item_run(tk, &tk->items[i]);
+            lora_item_run(tk, &tk->items[i],
+                          i + 1 < tk->n_items
+                          && tk->items[i + 1].cost0 * nc / tk->cost == c
+                          ? &tk->items[i + 1] : NULL);
         }
     }
 }

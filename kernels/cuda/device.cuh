@@ -129,6 +129,30 @@ load8(const __nv_bfloat16 *p, float *o)
 }
 
 
+/* Eight int8 weights (8-byte aligned: adapter copies) as f32. */
+__device__ __forceinline__ void
+load8(const int8_t *p, float *o)
+{
+    uint2         u;
+    const int8_t *b = (const int8_t *) &u;
+    int           i;
+
+    LLM_CHECK_ALIGN(p, 8);
+    u = *(const uint2 *) p;
+#pragma unroll
+    for (i = 0; i < 8; i++) {
+        o[i] = (float) b[i];
+    }
+}
+
+
+__device__ __forceinline__ float
+to_f32(int8_t x)
+{
+    return (float) x;
+}
+
+
 __device__ __forceinline__ float
 warp_sum(float v)
 {

@@ -4,7 +4,10 @@
  * One launch of each kernel covers many segments (a segment: one
  * adapter's contiguous rows of the batch, for one output): the segments
  * travel in the launch's parameters (llm_cuda_lora_args, by value), so a
- * call needs no upload and stays asynchronous.  Tiles of LORA_TILE_ROWS
+ * call needs no upload and stays asynchronous.  The parameter is
+ * __grid_constant__: the kernels index it and take addresses in it, and
+ * the qualifier keeps every compiler from copying it per thread (nvcc 13
+ * does not, with or without it: ptxas reports no stack frame).  Tiles of LORA_TILE_ROWS
  * rows are blockIdx.y; a decode segment (one row) is one tile, a prefill
  * segment many: the same kernels are the BGMV of decode and the SGMV of
  * prefill.
@@ -90,7 +93,7 @@ lora_seg_of(const llm_cuda_lora_args *args, int q)
  * rows are aligned for load8. */
 template <typename W, bool VEC>
 __global__ void
-lora_shrink_kernel(llm_cuda_lora_args args)
+lora_shrink_kernel(const __grid_constant__ llm_cuda_lora_args args)
 {
     __shared__ float red[LORA_SHRINK_THREADS / 32][LORA_TILE_ROWS];
     int      si = lora_seg_of(&args, (int) blockIdx.x);
@@ -171,7 +174,7 @@ lora_shrink_kernel(llm_cuda_lora_args args)
 /* BT: B is stored transposed, [rank, od] (f16, int8). */
 template <typename W, bool BT>
 __global__ void
-lora_expand_kernel(llm_cuda_lora_args args)
+lora_expand_kernel(const __grid_constant__ llm_cuda_lora_args args)
 {
     __shared__ float tt[LORA_TILE_ROWS * LORA_MAX_RANK];
     const llm_cuda_lora_seg *s = &args.seg[blockIdx.x];

@@ -81,8 +81,8 @@ typedef struct llm_cuda_gemv_parts {
 
 template <typename W, int NR>
 __global__ void
-gemv_kernel(llm_cuda_gemv_parts parts, const float *x, size_t x_nb, int n,
-              int k)
+gemv_kernel(const __grid_constant__ llm_cuda_gemv_parts parts,
+            const float *x, size_t x_nb, int n, int k)
 {
     int64_t row = (int64_t) blockIdx.x * (GEMV_THREADS / 32)
                   + (threadIdx.x >> 5);

@@ -35,6 +35,7 @@
 #define __host__
 #define __forceinline__         inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 /* one block runs at a time, all its threads on this OS thread */
 #define __shared__              static
 #define LLM_EXTERN_SHARED(type, name) \

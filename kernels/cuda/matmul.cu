@@ -124,16 +124,57 @@ blas_check(llm_cuda_ctx *c, cublasStatus_t s, const char *what)
 }
 
 
+/* x as cuBLAS reads it for weights of w_type: x itself for F32, else x
+ * rounded to the weights' 16-bit type in the scratch buffer (tensor cores
+ * take equal input types).  Made once for all the products of one x. */
+typedef struct gemm_x {
+    const void     *b;
+    int             ldb;
+    cudaDataType    type;
+} gemm_x;
+
+
 static int
-gemm_cublas(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
+gemm_x_prepare(llm_cuda_ctx *c, const llm_tensor *x, int w_type, int n,
+               int k, gemm_x *gx)
+{
+    void *xs;
+    int   rc;
+
+    if (w_type == LLM_F32) {
+        gx->b = x->data;
+        gx->ldb = (int) (x->nb / 4);
+        gx->ldb = n == 1 && gx->ldb < k ? k : gx->ldb;
+        gx->type = CUDA_R_32F;
+        return 0;
+    }
+    xs = llm_cuda_buf_get(c, &c->mm_scratch, (size_t) n * (size_t) k * 2,
+                          "matmul");
+    if (xs == NULL) {
+        return LLM_ENOMEM;
+    }
+    if ((rc = llm_cuda_check(c, launch_convert_rows(xs, w_type,
+                                                    (const float *) x->data,
+                                                    x->nb, n, k, c->stream),
+                             "matmul", "convert activations")) != 0)
+    {
+        return rc;
+    }
+    gx->b = xs;
+    gx->ldb = k;
+    gx->type = w_type == LLM_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    return 0;
+}
+
+
+static int
+gemm_cublas(llm_cuda_ctx *c, llm_tensor *out, const gemm_x *gx,
             const llm_tensor *w, const float *bias, int n, int k, int m)
 {
     const float  one = 1.0f;
     float        beta = 0.0f;
     size_t       es = w->type == LLM_F32 ? 4 : 2;
-    int          lda, ldb, ldc, rc;
-    const void  *b;
-    cudaDataType ab_type;
+    int          lda, ldc, rc;
 
     if (w->nb % es != 0 || w->nb / es < (size_t) k
         || w->nb / es > (size_t) INT32_MAX)
@@ -155,35 +196,11 @@ gemm_cublas(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
         }
         beta = 1.0f;
     }
-
-    if (w->type == LLM_F32) {
-        b = x->data;
-        ldb = (int) (x->nb / 4);
-        ldb = n == 1 && ldb < k ? k : ldb;
-        ab_type = CUDA_R_32F;
-    } else {
-        void *xs = llm_cuda_buf_get(c, &c->mm_scratch,
-                                    (size_t) n * (size_t) k * 2, "matmul");
-
-        if (xs == NULL) {
-            return LLM_ENOMEM;
-        }
-        if ((rc = llm_cuda_check(c, launch_convert_rows(xs, w->type,
-                                                        (const float *)
-                                                        x->data, x->nb, n, k,
-                                                        c->stream),
-                                 "matmul", "convert activations")) != 0)
-        {
-            return rc;
-        }
-        b = xs;
-        ldb = k;
-        ab_type = w->type == LLM_F16 ? CUDA_R_16F : CUDA_R_16BF;
-    }
     return blas_check(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N,
-                                      m, n, k, &one, w->data, ab_type, lda,
-                                      b, ab_type, ldb, &beta, out->data,
-                                      CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                      m, n, k, &one, w->data, gx->type, lda,
+                                      gx->b, gx->type, gx->ldb, &beta,
+                                      out->data, CUDA_R_32F, ldc,
+                                      CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT),
                       "cublasGemmEx");
 }
@@ -290,21 +307,31 @@ llm_cuda_matmul(llm_cuda_ctx *c, llm_tensor *out, const llm_tensor *x,
                                              (int) k, (int) m, c->stream),
                               "matmul", "gemv");
     }
-    return gemm_cublas(c, out, x, &wv, bp, (int) n, (int) k, (int) m);
+    {
+        gemm_x gx;
+
+        if ((rc = gemm_x_prepare(c, x, wv.type, (int) n, (int) k, &gx))
+            != 0)
+        {
+            return rc;
+        }
+        return gemm_cublas(c, out, &gx, &wv, bp, (int) n, (int) k, (int) m);
+    }
 }
 
 
-/* A few rows of x (decode) with weights of one type: one GEMV launch for
- * all the products; otherwise a matmul each. */
+/* The products of one x with weights of one type: for a few rows one
+ * GEMV launch for them all, else x converted once for cuBLAS; with mixed
+ * types, a matmul each. */
 int
 llm_cuda_matmul_n(llm_cuda_ctx *c, llm_tensor *const *outs,
                   const llm_tensor *x, const llm_tensor *const *ws,
                   const llm_tensor *const *biases, int n)
 {
     llm_cuda_gemv_parts parts;
-    const float        *bp;
-    llm_tensor          wv;
-    int                 i, rc, type = -1, one = 1;
+    const float        *bp[GEMV_MAX_PARTS];
+    llm_tensor          wv[GEMV_MAX_PARTS];
+    int                 i, rc, type = -1, same = 1, gemv = 1;
 
     if (n < 1 || n > GEMV_MAX_PARTS || outs == NULL || ws == NULL) {
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: matmul_n: %d products "
@@ -313,29 +340,30 @@ llm_cuda_matmul_n(llm_cuda_ctx *c, llm_tensor *const *outs,
     memset(&parts, 0, sizeof(parts));
     for (i = 0; i < n; i++) {
         if ((rc = mm_check(c, outs[i], x, ws[i], biases ? biases[i] : NULL,
-                           &bp)) != 0)
+                           &bp[i])) != 0)
         {
             return rc;
         }
-        if (x->ne[0] == 0 || x->ne[1] == 0) {
-            one = 0;
+        if (x->ne[0] == 0 || x->ne[1] == 0 || ws[i]->ne[1] == 0) {
+            same = 0;                   /* the corner cases: matmul's */
             continue;
         }
-        if ((rc = llm_cuda_weight_view(c, ws[i], &wv, "matmul")) != 0) {
+        if ((rc = llm_cuda_weight_view(c, ws[i], &wv[i], "matmul")) != 0) {
             return rc;
         }
-        one = one && gemv_fits(x, &wv) && (i == 0 || wv.type == type);
-        type = wv.type;
+        same = same && (i == 0 || wv[i].type == type);
+        gemv = gemv && gemv_fits(x, &wv[i]);
+        type = wv[i].type;
         parts.p[i].out = (float *) outs[i]->data;
         parts.p[i].out_nb = outs[i]->nb;
-        parts.p[i].w = wv.data;
-        parts.p[i].w_nb = wv.nb;
-        parts.p[i].bias = bp;
+        parts.p[i].w = wv[i].data;
+        parts.p[i].w_nb = wv[i].nb;
+        parts.p[i].bias = bp[i];
         parts.p[i].m = (int) ws[i]->ne[1];
         parts.p[i].row0 = parts.rows;
         parts.rows += parts.p[i].m;
     }
-    if (!one) {
+    if (!same) {
         for (i = 0; i < n; i++) {
             rc = llm_cuda_matmul(c, outs[i], x, ws[i],
                                  biases ? biases[i] : NULL);
@@ -345,10 +373,29 @@ llm_cuda_matmul_n(llm_cuda_ctx *c, llm_tensor *const *outs,
         }
         return 0;
     }
-    parts.n_parts = n;
-    return llm_cuda_check(c, launch_gemv_parts(&parts, type,
-                                               (const float *) x->data,
-                                               x->nb, (int) x->ne[1],
-                                               (int) x->ne[0], c->stream),
-                          "matmul", "gemv");
+    if (gemv) {
+        parts.n_parts = n;
+        return llm_cuda_check(c, launch_gemv_parts(&parts, type,
+                                                   (const float *) x->data,
+                                                   x->nb, (int) x->ne[1],
+                                                   (int) x->ne[0], c->stream),
+                              "matmul", "gemv");
+    }
+    {
+        gemm_x gx;
+
+        if ((rc = gemm_x_prepare(c, x, type, (int) x->ne[1], (int) x->ne[0],
+                                 &gx)) != 0)
+        {
+            return rc;
+        }
+        for (i = 0; i < n; i++) {
+            rc = gemm_cublas(c, outs[i], &gx, &wv[i], bp[i], (int) x->ne[1],
+                             (int) x->ne[0], (int) ws[i]->ne[1]);
+            if (rc != 0) {
+                return rc;
+            }
+        }
+    }
+    return 0;
 }

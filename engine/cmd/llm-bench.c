@@ -90,6 +90,16 @@ cmp_u64(const void *a, const void *b)
 }
 
 
+/* The next pseudo-random token id from state *x (an LCG), above the low
+ * ids, which are special tokens. */
+static int32_t
+random_token(uint64_t *x, int n_vocab)
+{
+    *x = *x * 6364136223846793005ull + 1442695040888963407ull;
+    return (int32_t) (256 + (*x >> 33) % (uint64_t) (n_vocab - 256));
+}
+
+
 static int
 run_once(llm_engine *e, int c, int P, int G, uint32_t seed,
          double *prefill_tps, double *decode_tps, double *step_ms,
@@ -119,10 +129,7 @@ run_once(llm_engine *e, int c, int P, int G, uint32_t seed,
 
     for (i = 0; i < c; i++) {
         for (j = 0; j < P; j++) {
-            x = x * 6364136223846793005ull + 1442695040888963407ull;
-            /* avoid the low ids, which are special tokens */
-            prompt[j] = (int32_t) (256 + (x >> 33) % (uint64_t)
-                                         (m->cfg.n_vocab - 256));
+            prompt[j] = random_token(&x, m->cfg.n_vocab);
         }
         req.user_tag = (uint64_t) i;
         if (llm_engine_submit(e, &req, NULL, err) != 0) {
@@ -459,9 +466,7 @@ profile(const char *model, const char *device, int threads, int c, int P,
     /* prefill, one sequence at a time (not timed) */
     for (s = 0; s < c; s++) {
         for (t = 0; t < P; t++) {
-            x = x * 6364136223846793005ull + 1442695040888963407ull;
-            tokens[t] = (int32_t) (256 + (x >> 33) % (uint64_t)
-                                         (m->cfg.n_vocab - 256));
+            tokens[t] = random_token(&x, m->cfg.n_vocab);
             pos[t] = t;
             tok_seq[t] = 0;
         }
@@ -486,9 +491,7 @@ profile(const char *model, const char *device, int threads, int c, int P,
     b.block_table = table;
     for (g = 0; g < G; g++) {
         for (s = 0; s < c; s++) {
-            x = x * 6364136223846793005ull + 1442695040888963407ull;
-            tokens[s] = (int32_t) (256 + (x >> 33) % (uint64_t)
-                                         (m->cfg.n_vocab - 256));
+            tokens[s] = random_token(&x, m->cfg.n_vocab);
             pos[s] = P + g;
             tok_seq[s] = s;
             seq_start[s] = s;

@@ -32,7 +32,6 @@ struct llm_engine {
     llm_scheduler       sched;
     llm_lora_registry  *reg;            /* adapters: names, host cache */
     llm_lora_pool      *pool;           /* adapters: device copies */
-    int                 adapter_dtype;  /* of those: LLM_ADAPTER_* */
     llm_lora_span      *spans;          /* [max_seqs] per-step scratch */
     int                 n_ctx;
     uint64_t            next_id;
@@ -397,6 +396,21 @@ base_below_8_bits(const llm_model *m)
 }
 
 
+/* The LLM_ADAPTER_* of the pool's copies. */
+static int
+adapter_dtype_of_pool(const llm_lora_pool *pool)
+{
+    int d;
+
+    for (d = LLM_ADAPTER_F32; d <= LLM_ADAPTER_INT8; d++) {
+        if (adapter_dtypes[d].pool_type == llm_lora_pool_type(pool)) {
+            break;
+        }
+    }
+    return d;
+}
+
+
 /* The adapter copies' LLM_ADAPTER_* for the asked one (DEFAULT: auto). */
 static int
 adapter_dtype_pick(const llm_engine *e, int asked)
@@ -533,7 +547,6 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
             goto failed;
         }
         d = adapter_dtype_pick(e, d);
-        e->adapter_dtype = d;
         if (llm_lora_pool_set_type(e->pool, adapter_dtypes[d].pool_type)
             != 0)
         {
@@ -1007,7 +1020,7 @@ llm_engine_get_stats(const llm_engine *e, llm_engine_stats *st)
         st->adapters_loaded = rs.loaded;
         st->adapter_host_bytes = rs.bytes;
         st->adapters_resident = ps.resident;
-        st->adapter_dtype = e->adapter_dtype;
+        st->adapter_dtype = adapter_dtype_of_pool(e->pool);
         st->adapter_device_bytes = ps.bytes;
         st->adapter_loads = rs.loads;
         st->adapter_uploads = ps.uploads;

@@ -220,14 +220,15 @@ make_adapters(const lref *r, const char *dir)
 
 
 static llm_engine *
-lora_engine(const char *adapter_dir, int max_seqs, int adapter_dtype)
+lora_engine_of(const char *model, const char *adapter_dir, int max_seqs,
+               int adapter_dtype)
 {
     llm_engine_params p;
     llm_err           err = { 0, "" };
     llm_engine       *e;
 
     memset(&p, 0, sizeof(p));
-    p.model_path = F32_MODEL;
+    p.model_path = model;
     p.kv_type = LLM_F32;
     p.max_seqs = max_seqs;
     p.max_step_tokens = 512;
@@ -236,9 +237,17 @@ lora_engine(const char *adapter_dir, int max_seqs, int adapter_dtype)
     p.adapter_dtype = adapter_dtype;
     e = llm_engine_new(&p, &err);
     if (e == NULL) {
-        printf("       engine: %s\n", err.msg);
+        printf("       engine: %s: %s\n", model, err.msg);
     }
     return e;
+}
+
+
+/* The engine of the reference checks: the F32 copy of the model. */
+static llm_engine *
+lora_engine(const char *adapter_dir, int max_seqs, int adapter_dtype)
+{
+    return lora_engine_of(F32_MODEL, adapter_dir, max_seqs, adapter_dtype);
 }
 
 
@@ -771,19 +780,10 @@ TEST_SUITE(engine_lora_int8)
 static int
 auto_dtype(const char *path, int asked)
 {
-    llm_engine_params p;
     llm_engine_stats  st;
-    llm_err           err = { 0, "" };
-    llm_engine       *e;
+    llm_engine       *e = lora_engine_of(path, NULL, 2, asked);
 
-    memset(&p, 0, sizeof(p));
-    p.model_path = path;
-    p.max_seqs = 2;
-    p.kv_memory = (size_t) 8 << 20;
-    p.adapter_dtype = asked;
-    e = llm_engine_new(&p, &err);
     if (e == NULL) {
-        printf("       %s: %s\n", path, err.msg);
         return -1;
     }
     llm_engine_get_stats(e, &st);

@@ -24,6 +24,22 @@
 /* AMX-TILE and AMX-INT8 in the CPU, tile state enabled by the OS, and
  * Linux's permission for this process to use it (asked once: the tile
  * data is 8 KB of extra signal frame, off unless requested). */
+/* F16C, read from CPUID (leaf 1, ECX bit 29): clang's
+ * __builtin_cpu_supports has no "f16c" name.  The AVX checks beside it
+ * already cover the OS's saving of the registers. */
+static int
+cpu_has_f16c(void)
+{
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+#else
+    return 0;
+#endif
+}
+
+
 static int
 cpu_has_amx(void)
 {
@@ -63,7 +79,7 @@ cpu_best_isa(void)
         && __builtin_cpu_supports("avx512vnni")
         && __builtin_cpu_supports("avx512bf16")
         && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c"))
+        && cpu_has_f16c())
     {
         static int amx = -1;
 
@@ -74,7 +90,7 @@ cpu_best_isa(void)
     }
     if (__builtin_cpu_supports("avx2")
         && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c"))
+        && cpu_has_f16c())
     {
         return LLM_ISA_AVX2;
     }

@@ -1031,13 +1031,18 @@ s_tree(const __m512i *D, int paired, int quarters, __m512i *out)
                                 _mm512_unpackhi_epi64(E[2 * i], E[2 * i + 1]));
     }
     if (quarters) {
-#pragma GCC unroll 4
-        for (i = 0; i < 4; i++) {
-            /* [F0.Li, F1.Li, F2.Li, F3.Li] */
-            __m512i a = _mm512_shuffle_i32x4(F[0], F[1], 0x55 * i);
-            __m512i b = _mm512_shuffle_i32x4(F[2], F[3], 0x55 * i);
-            out[i] = _mm512_shuffle_i32x4(a, b, 0x88);
-        }
+        /* out[i] = [F0.Li, F1.Li, F2.Li, F3.Li]; written out because the
+         * shuffle's selector must be a constant (clang does not fold the
+         * loop's) */
+#define S_QUARTER(i)                                                        \
+        out[i] = _mm512_shuffle_i32x4(                                      \
+            _mm512_shuffle_i32x4(F[0], F[1], 0x55 * (i)),                   \
+            _mm512_shuffle_i32x4(F[2], F[3], 0x55 * (i)), 0x88)
+        S_QUARTER(0);
+        S_QUARTER(1);
+        S_QUARTER(2);
+        S_QUARTER(3);
+#undef S_QUARTER
         return;
     }
     {

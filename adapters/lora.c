@@ -983,14 +983,18 @@ elem(const llm_st_tensor *t, size_t i)
 
 
 /* dst [rows, cols] f32 from t; head_dim > 0 permutes the rows as
- * llm_lora_permute_rows does. */
-static void
+ * llm_lora_permute_rows does.  Returns -1, or the index in t of a value
+ * that is not finite (a NaN or infinity would reach every token of the
+ * adapter's sequences, so such a file is refused). */
+static int64_t
 convert(const llm_st_tensor *t, float *dst, int64_t rows, int64_t cols,
         int head_dim)
 {
     int64_t r, c, src_r, half = head_dim / 2;
 
     for (r = 0; r < rows; r++) {
+        float *d = dst + r * cols;
+
         src_r = r;
         if (head_dim > 0) {
             int64_t h = r / head_dim, k = r % head_dim;
@@ -998,15 +1002,20 @@ convert(const llm_st_tensor *t, float *dst, int64_t rows, int64_t cols,
             src_r = h * head_dim + (k % 2) * half + k / 2;
         }
         if (t->type == LLM_F32) {
-            memcpy(dst + r * cols,
-                   (const uint8_t *) t->data + 4 * (size_t) (src_r * cols),
+            memcpy(d, (const uint8_t *) t->data + 4 * (size_t) (src_r * cols),
                    4 * (size_t) cols);
-            continue;
+        } else {
+            for (c = 0; c < cols; c++) {
+                d[c] = elem(t, (size_t) (src_r * cols + c));
+            }
         }
         for (c = 0; c < cols; c++) {
-            dst[r * cols + c] = elem(t, (size_t) (src_r * cols + c));
+            if (!isfinite(d[c])) {
+                return src_r * cols + c;
+            }
         }
     }
+    return -1;
 }
 
 
@@ -1100,7 +1109,8 @@ llm_lora_load(const char *dir, const llm_model_config *cfg, llm_lora **out,
     lora_plan  p;
     llm_lora  *lo = NULL;
     size_t     off = 0;
-    int        rc, l, t;
+    int64_t    bad;
+    int        rc, l, t, which;
 
     if (out == NULL) {
         return llm_err_set(err, LLM_EINVAL, "llm_lora_load: no output");
@@ -1155,9 +1165,19 @@ llm_lora_load(const char *dir, const llm_model_config *cfg, llm_lora **out,
             w->a = lo->data + w->a_off;
             w->b = lo->data + w->b_off;
             /* A: [rank, in]; B: [out, rank] */
-            convert(s->t[0], w->a, s->rank, s->in, 0);
-            convert(s->t[1], w->b, s->out, s->rank,
-                    perm ? cfg->head_dim : 0);
+            which = 0;
+            bad = convert(s->t[0], w->a, s->rank, s->in, 0);
+            if (bad < 0) {
+                which = 1;
+                bad = convert(s->t[1], w->b, s->out, s->rank,
+                              perm ? cfg->head_dim : 0);
+            }
+            if (bad >= 0) {
+                rc = llm_err_set(err, LLM_EFORMAT, "%s: tensor %s: element "
+                                 "%lld is not a finite number", p.st_path,
+                                 s->t[which]->name, (long long) bad);
+                goto done;
+            }
         }
     }
 

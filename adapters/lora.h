@@ -167,7 +167,9 @@ llm_lora_at(const llm_lora *lora, int l, int t)
 int llm_lora_check(const char *dir, const llm_model_config *cfg,
                    llm_lora_info *info, llm_err *err);
 
-/* Loads the adapter in dir for a model of configuration cfg. */
+/* Loads the adapter in dir for a model of configuration cfg: what
+ * llm_lora_check checks, and also that every weight is a finite number
+ * (LLM_EFORMAT naming the tensor otherwise). */
 int llm_lora_load(const char *dir, const llm_model_config *cfg,
                   llm_lora **out, llm_err *err);
 void llm_lora_free(llm_lora *lora);

@@ -1168,6 +1168,46 @@ TEST_SUITE(lora_errors)
                           "no LoRA tensors", msg, sizeof(msg)));
     }
 
+    test("a NaN or infinite weight: refused, naming the tensor");
+    {
+        const char *d = scratch("e-nan");
+        char        p[600];
+        uint64_t    hl;
+        float       bad[2] = { NAN, INFINITY };
+        llm_model_config c = fake_cfg(0);
+        llm_lora   *lo = NULL;
+        llm_lora_info info;
+        llm_err     err;
+        FILE       *f;
+        int         k;
+
+        for (k = 0; k < 2; k++) {
+            /* element 5 of the first tensor written (q_proj's A) */
+            f = NULL;
+            test_cond(d != NULL
+                      && write_file(path_join(p, sizeof(p), d, CF),
+                                    GOOD_CONFIG, strlen(GOOD_CONFIG))
+                      && st_write(path_join(p, sizeof(p), d, WF),
+                                  good_tensors, 4)
+                      && (f = fopen(p, "r+b")) != NULL);
+            if (f == NULL) {
+                break;
+            }
+            test_cond(fread(&hl, 8, 1, f) == 1
+                      && fseek(f, (long) (8 + hl + 4 * 5), SEEK_SET) == 0
+                      && fwrite(&bad[k], 4, 1, f) == 1);
+            fclose(f);
+            memset(&err, 0, sizeof(err));
+            /* the header is fine: check takes it, load reads the values */
+            test_cond(llm_lora_check(d, &c, &info, &err) == 0);
+            test_cond(llm_lora_load(d, &c, &lo, &err) == LLM_EFORMAT
+                      && lo == NULL && strstr(err.msg, WF) != NULL
+                      && strstr(err.msg, "q_proj.lora_A") != NULL
+                      && strstr(err.msg, "element 5 ") != NULL
+                      && strstr(err.msg, "not a finite number") != NULL);
+        }
+    }
+
     test("truncated safetensors: names the file and the tensor");
     {
         const char *d = scratch("e-trunc");

@@ -331,12 +331,21 @@ void
 ngx_http_llm_adapter_not_found(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, const char *message, ngx_http_llm_error_t *err)
 {
-    ngx_str_t  *model;
+    ngx_str_t  *model, text;
 
     ctx->reject = NGX_HTTP_LLM_REJECT_MODEL;
 
+    /* the engine's message quotes the adapter name the client gave */
+
+    ngx_str_set(&text, "not found");
+
+    if (message) {
+        text.data = (u_char *) message;
+        text.len = ngx_strlen(message);
+    }
+
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                  "llm: engine: %s", message ? message : "not found");
+                  "llm: engine: %V", ngx_http_llm_log_text(r->pool, &text));
 
     /* the list /v1/models shows is out of date */
 

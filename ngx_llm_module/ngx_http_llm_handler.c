@@ -32,6 +32,8 @@ static ngx_int_t ngx_http_llm_prepare(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
 static ngx_int_t ngx_http_llm_start(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
+static ngx_int_t ngx_http_llm_prompt_text(ngx_http_request_t *r,
+    ngx_http_llm_params_t *p);
 static ngx_int_t ngx_http_llm_tokenize(ngx_http_request_t *r,
     ngx_http_llm_ctx_t *ctx, ngx_http_llm_error_t *err);
 static void ngx_http_llm_context_error(ngx_http_request_t *r,
@@ -596,6 +598,9 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     s->submit.top_p = p->top_p;
     s->submit.presence_penalty = p->presence_penalty;
     s->submit.frequency_penalty = p->frequency_penalty;
+    s->submit.top_k = p->top_k;
+    s->submit.min_p = p->min_p;
+    s->submit.repetition_penalty = p->repetition_penalty;
 
     if (p->has_seed) {
         s->submit.seed = p->seed;
@@ -661,7 +666,7 @@ ngx_http_llm_start(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_make_id(r, ctx);
     ctx->created = ngx_time();
 
-    if (p->echo && !p->prompt_ids) {
+    if (p->echo) {
 
         /* logprobs' text_offset counts the echoed prompt */
         ctx->text.offset = p->prompt.len;
@@ -702,6 +707,71 @@ nomem:
 }
 
 
+/*
+ * The text of a prompt given as token ids, for echo: what the tokens
+ * say, special tokens' text included, as valid UTF-8 (the incremental
+ * detokenizer turns a broken sequence into U+FFFD, at most 3 bytes for
+ * each byte of the tokens).
+ */
+
+static ngx_int_t
+ngx_http_llm_prompt_text(ngx_http_request_t *r, ngx_http_llm_params_t *p)
+{
+    int                        n;
+    size_t                     len, cap;
+    u_char                    *buf;
+    llm_detok                  d;
+    ngx_uint_t                 i;
+    ngx_http_llm_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_llm_module);
+
+    len = 0;
+
+    for (i = 0; i < p->n_prompt_ids; i++) {
+        n = llm_token_to_piece(lmcf->tokenizer, p->prompt_ids[i], 1, NULL, 0);
+        if (n < 0) {
+            return NGX_ERROR;
+        }
+
+        len += (size_t) n;
+    }
+
+    cap = 3 * len + lmcf->detok_cap;
+
+    buf = ngx_pnalloc(r->pool, cap + 1);
+    if (buf == NULL) {
+        return NGX_ERROR;
+    }
+
+    llm_detok_init(&d, 1);
+    len = 0;
+
+    for (i = 0; i < p->n_prompt_ids; i++) {
+        n = llm_detok_push(&d, lmcf->tokenizer, p->prompt_ids[i],
+                           (char *) buf + len, (int) (cap - len));
+        if (n < 0) {
+            return NGX_ERROR;
+        }
+
+        len += (size_t) n;
+    }
+
+    n = llm_detok_flush(&d, (char *) buf + len, (int) (cap - len));
+    if (n < 0) {
+        return NGX_ERROR;
+    }
+
+    len += (size_t) n;
+    buf[len] = '\0';
+
+    p->prompt.data = buf;
+    p->prompt.len = len;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_llm_tokenize(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
     ngx_http_llm_error_t *err)
@@ -718,6 +788,11 @@ ngx_http_llm_tokenize(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx,
         ctx->stream.prompt = p->prompt_ids;
         ctx->stream.n_prompt = p->n_prompt_ids;
         ctx->prompt_tokens = p->n_prompt_ids;
+
+        if (p->echo && ngx_http_llm_prompt_text(r, p) != NGX_OK) {
+            goto failed;
+        }
+
         return NGX_OK;
     }
 
@@ -1103,8 +1178,7 @@ ngx_http_llm_cached(ngx_http_request_t *r, ngx_http_llm_ctx_t *ctx)
     lp = json_is_object(lp) ? json_deep_copy(lp) : NULL;
 
     if (!p->stream) {
-        if ((p->echo && !p->prompt_ids
-             && ngx_http_llm_append(ctx, &p->prompt) != NGX_OK)
+        if ((p->echo && ngx_http_llm_append(ctx, &p->prompt) != NGX_OK)
             || (text.len && ngx_http_llm_append(ctx, &text) != NGX_OK))
         {
             json_decref(lp);
@@ -1376,7 +1450,7 @@ ngx_http_llm_send_sse_header(ngx_http_llm_ctx_t *ctx)
                                                                NULL, NULL));
     }
 
-    if (ctx->params.echo && !ctx->params.prompt_ids) {
+    if (ctx->params.echo) {
         return ngx_http_llm_send_chunk(ctx,
                                        ngx_http_llm_chunk_json(ctx,
                                                    &ctx->params.prompt, 0,
@@ -1566,10 +1640,70 @@ ngx_http_llm_send_error(ngx_http_request_t *r, ngx_http_llm_error_t *err)
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "llm: %ui %s: %V", err->status,
-                  err->code ? err->code : err->type, &err->message);
+                  err->code ? err->code : err->type,
+                  ngx_http_llm_log_text(r->pool, &err->message));
 
     return ngx_http_llm_send_json(r, err->status,
                                   ngx_http_llm_error_json(err));
+}
+
+
+/*
+ * text made safe for error.log: error messages quote what the client
+ * sent (a model name, a role), and a newline there would start a log line
+ * of the client's writing.  Control bytes and backslash become \xNN.  On
+ * allocation failure, a placeholder.
+ */
+
+ngx_str_t *
+ngx_http_llm_log_text(ngx_pool_t *pool, ngx_str_t *text)
+{
+    u_char            *p;
+    size_t             i, n;
+    ngx_str_t         *out;
+    static ngx_str_t   unavailable = ngx_string("(text not shown)");
+    static u_char      hex[] = "0123456789abcdef";
+
+    n = 0;
+
+    for (i = 0; i < text->len; i++) {
+        if (text->data[i] < 0x20 || text->data[i] == 0x7f
+            || text->data[i] == '\\')
+        {
+            n++;
+        }
+    }
+
+    if (n == 0) {
+        return text;
+    }
+
+    out = ngx_palloc(pool, sizeof(ngx_str_t));
+    p = ngx_pnalloc(pool, text->len + 3 * n);
+
+    if (out == NULL || p == NULL) {
+        return &unavailable;
+    }
+
+    out->data = p;
+
+    for (i = 0; i < text->len; i++) {
+        u_char  c = text->data[i];
+
+        if (c < 0x20 || c == 0x7f || c == '\\') {
+            *p++ = '\\';
+            *p++ = 'x';
+            *p++ = hex[c >> 4];
+            *p++ = hex[c & 0xf];
+
+        } else {
+            *p++ = c;
+        }
+    }
+
+    out->len = p - out->data;
+
+    return out;
 }
 
 

@@ -329,6 +329,9 @@ typedef struct {
     float                          top_p;
     float                          presence_penalty;
     float                          frequency_penalty;
+    int32_t                        top_k;       /* 0: off */
+    float                          min_p;       /* 0: off */
+    float                          repetition_penalty;  /* 1: off */
     uint64_t                       seed;
 
     ngx_str_t                      stop[NGX_HTTP_LLM_MAX_STOP];
@@ -503,6 +506,7 @@ ngx_buf_t *ngx_http_llm_json_buf(ngx_pool_t *pool, ngx_chain_t **free,
 void ngx_http_llm_continue(ngx_http_request_t *r);
 ngx_int_t ngx_http_llm_send_error(ngx_http_request_t *r,
     ngx_http_llm_error_t *err);
+ngx_str_t *ngx_http_llm_log_text(ngx_pool_t *pool, ngx_str_t *text);
 ngx_int_t ngx_http_llm_send_json(ngx_http_request_t *r, ngx_uint_t status,
     json_t *json);
 ngx_int_t ngx_http_llm_send_buf(ngx_http_request_t *r, ngx_uint_t status,

@@ -174,6 +174,7 @@ ngx_http_llm_parse_common(ngx_http_request_t *r, json_t *root,
     p->max_tokens = -1;
     p->temperature = 1.0f;
     p->top_p = 1.0f;
+    p->repetition_penalty = 1.0f;
 
     /* max_completion_tokens replaces max_tokens in the chat API */
 
@@ -202,9 +203,36 @@ ngx_http_llm_parse_common(ngx_http_request_t *r, json_t *root,
         || ngx_http_llm_get_number(r, root, "presence_penalty", -2, 2,
                                    &p->presence_penalty, err) == NGX_ERROR
         || ngx_http_llm_get_number(r, root, "frequency_penalty", -2, 2,
-                                   &p->frequency_penalty, err) == NGX_ERROR)
+                                   &p->frequency_penalty, err) == NGX_ERROR
+        /* beyond OpenAI's API, as vLLM and llama.cpp's server take them
+         * (the SDKs send them with extra_body) */
+        || ngx_http_llm_get_number(r, root, "min_p", 0, 1,
+                                   &p->min_p, err) == NGX_ERROR
+        || ngx_http_llm_get_number(r, root, "repetition_penalty", 0, 10,
+                                   &p->repetition_penalty, err)
+           == NGX_ERROR)
     {
         return NGX_ERROR;
+    }
+
+    if (p->repetition_penalty == 0.0f) {
+        ngx_http_llm_error_set(r->pool, err, NGX_HTTP_BAD_REQUEST,
+                               NGX_HTTP_LLM_INVALID, "repetition_penalty",
+                               "invalid_value", "Invalid "
+                               "'repetition_penalty': expected a value "
+                               "greater than 0 (1 is off).");
+        return NGX_ERROR;
+    }
+
+    /* top_k: 0 or -1 (vLLM's "off") keep every token */
+
+    rc = ngx_http_llm_get_int(r, root, "top_k", -1, INT32_MAX, &n, err);
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    if (rc == NGX_OK && n > 0) {
+        p->top_k = (int32_t) n;
     }
 
     /* top_p 0 keeps only the most likely token: greedy */

@@ -186,6 +186,39 @@ def test_sampling_parameters_accepted(client):
     assert r.usage.completion_tokens <= 4
 
 
+def test_top_k_min_p_and_repetition_penalty(client):
+    """vLLM's and llama.cpp's extra sampling parameters (extra_body in the
+    SDK) reach the sampler: top_k=1 or min_p=1 leave only the most likely
+    token, so sampling at temperature 1 gives the greedy text."""
+    kw = dict(content="Tell me a short poem.", max_tokens=12)
+    greedy = chat(client, **kw).choices[0].message.content
+    sampled = {chat(client, temperature=1.0, seed=s,
+                    **kw).choices[0].message.content for s in (1, 2, 3)}
+    assert sampled != {greedy}, "the test needs sampling to differ"
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        for s in (1, 2, 3):
+            r = chat(client, temperature=1.0, seed=s, extra_body=extra,
+                     **kw)
+            assert r.choices[0].message.content == greedy, extra
+    # a strong repetition penalty changes the greedy text
+    rep = chat(client, extra_body={"repetition_penalty": 2.0}, **kw)
+    assert rep.choices[0].message.content != greedy
+    for extra in ({"top_k": -1}, {"top_k": 0}, {"repetition_penalty": 1}):
+        r = chat(client, extra_body=extra, **kw)
+        assert r.choices[0].message.content == greedy, extra
+
+
+@pytest.mark.parametrize("extra", [{"top_k": -2}, {"top_k": 1.5},
+                                   {"top_k": "3"}, {"min_p": 1.5},
+                                   {"min_p": -0.1}, {"repetition_penalty": 0},
+                                   {"repetition_penalty": 11},
+                                   {"repetition_penalty": "x"}])
+def test_extra_sampling_parameters_checked(client, extra):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, extra_body=extra, max_tokens=2)
+    assert e.value.body["param"] == next(iter(extra))
+
+
 def test_n_other_than_one_is_refused(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, n=2)
@@ -232,6 +265,22 @@ def test_echo(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
                                   temperature=0, echo=True)
     assert r.choices[0].text.startswith(PROMPT)
+
+
+def test_echo_of_token_ids(client, model_path):
+    """A prompt given as ids echoes as the text they decode to."""
+    ids = [int(x) for x in llm_run(model_path, "--prompt", PROMPT,
+                                   "--tokens").split()]
+    plain = client.completions.create(model=MODEL, prompt=ids,
+                                      max_tokens=4, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=4,
+                                  temperature=0, echo=True)
+    assert r.choices[0].text == PROMPT + plain.choices[0].text
+    chunks = client.completions.create(model=MODEL, prompt=ids,
+                                       max_tokens=4, temperature=0,
+                                       echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) \
+        == r.choices[0].text
 
 
 def test_access_log_variables(nginx, client):

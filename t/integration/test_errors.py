@@ -201,6 +201,21 @@ def test_unknown_role_message(nginx):
     assert "robot" in err["message"]
 
 
+def test_client_text_stays_on_its_log_line(nginx):
+    """Error messages quote what the client sent (the model name, a role)
+    and go to error.log at info: a newline there must not start a line of
+    the client's writing (e.g. a forged "[alert] ... exited on signal")."""
+    tag = "FORGED-LINE-7431"
+    error_of(*chat(nginx, {"model": "x\n" + tag, "messages": MSGS}), 404)
+    error_of(*chat(nginx, {"model": MODEL, "messages": [
+        {"role": "x\r\n" + tag, "content": "Hi"}]}), 400)
+    log = nginx.error_log_text()
+    assert not [ln for ln in log.splitlines() if ln.startswith(tag)]
+    # the messages are logged, escaped
+    assert "x\\x0a" + tag in log
+    assert "x\\x0d\\x0a" + tag in log
+
+
 def test_parameter_combinations(nginx):
     error_of(*chat(nginx, {"model": MODEL, "messages": MSGS,
                            "stream_options": {"include_usage": True}}),

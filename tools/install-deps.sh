@@ -5,7 +5,8 @@
 set -e
 
 APT_PKGS="build-essential pkg-config nginx-core nginx-dev libhiredis-dev \
-libjansson-dev libopenblas-dev redis-server python3-pip"
+libjansson-dev libopenblas-dev redis-server python3-pip clang \
+libclang-rt-14-dev"
 PY=${PYTHON:-python3}
 
 missing=""

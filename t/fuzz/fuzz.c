@@ -7,6 +7,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/common.h"
+#include "kernels/backend.h"
+
 static char scratch[256];
 
 
@@ -100,4 +103,17 @@ fuzz_fail(const char *what, const char *detail)
     fprintf(stderr, "fuzz: %s%s%s\n", what, detail ? ": " : "",
             detail ? detail : "");
     abort();
+}
+
+
+llm_backend *
+fuzz_cpu(void)
+{
+    static llm_backend *cpu;
+    llm_err             err;
+
+    if (cpu == NULL && (cpu = llm_backend_cpu_new(1, &err)) == NULL) {
+        fuzz_fail("no CPU backend", err.msg);
+    }
+    return cpu;
 }

@@ -39,6 +39,9 @@ const char *fuzz_dir(void);
 const char *fuzz_write(const char *name, const uint8_t *d, size_t n,
                        char *out, size_t size);
 
+/* One CPU backend (1 thread) for the process, made on first use. */
+struct llm_backend *fuzz_cpu(void);
+
 /* Aborts with a message when a property of the code under test fails:
  * libFuzzer then keeps the input as a crash. */
 void fuzz_fail(const char *what, const char *detail);

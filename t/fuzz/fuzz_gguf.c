@@ -17,21 +17,6 @@
 #include "kernels/backend.h"
 #include "t/fuzz/fuzz.h"
 
-static llm_backend *cpu;
-
-
-int
-LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    llm_err err;
-
-    cpu = llm_backend_cpu_new(1, &err);
-    if (cpu == NULL) {
-        fuzz_fail("no CPU backend", err.msg);
-    }
-    return 0;
-}
-
 
 static void
 refused(const char *what, const llm_err *err)
@@ -77,7 +62,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     llm_gguf_close(g);
 
     err.msg[0] = '\0';
-    m = llm_model_load(path, cpu, NULL, NULL, &err);
+    m = llm_model_load(path, fuzz_cpu(), NULL, NULL, &err);
     if (m == NULL) {
         refused("model load", &err);
         return 0;

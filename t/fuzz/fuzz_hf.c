@@ -16,25 +16,10 @@
 #include "kernels/backend.h"
 #include "t/fuzz/fuzz.h"
 
-static llm_backend *cpu;
-
 static const char *files[] = {
     "config.json", "tokenizer.json", "tokenizer_config.json",
     "model.safetensors"
 };
-
-
-int
-LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    llm_err err;
-
-    cpu = llm_backend_cpu_new(1, &err);
-    if (cpu == NULL) {
-        fuzz_fail("no CPU backend", err.msg);
-    }
-    return 0;
-}
 
 
 int
@@ -64,7 +49,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     err.msg[0] = '\0';
-    m = llm_model_load(fuzz_dir(), cpu, NULL, NULL, &err);
+    m = llm_model_load(fuzz_dir(), fuzz_cpu(), NULL, NULL, &err);
     if (m != NULL) {
         llm_model_free(m);
     } else if (err.msg[0] == '\0') {

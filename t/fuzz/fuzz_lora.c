@@ -28,7 +28,6 @@ int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     const char  *path = getenv("LLM_FUZZ_MODEL");
-    llm_backend *cpu;
     llm_model   *m;
     llm_err      err;
 
@@ -36,15 +35,12 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
         fuzz_fail("LLM_FUZZ_MODEL is not set", "the base model to check "
                   "adapters against (t/fuzz/run.sh sets it)");
     }
-    cpu = llm_backend_cpu_new(1, &err);
-    if (cpu == NULL || (m = llm_model_load(path, cpu, NULL, NULL, &err))
-                       == NULL)
-    {
+    m = llm_model_load(path, fuzz_cpu(), NULL, NULL, &err);
+    if (m == NULL) {
         fuzz_fail("cannot load the base model", err.msg);
     }
     cfg = m->cfg;
     llm_model_free(m);
-    cpu->ops->free(cpu);
     return 0;
 }
 

@@ -994,20 +994,23 @@ kt_ops(llm_backend *be, const char *isa)
     {
         static const int types[] = { LLM_F32, LLM_F16, LLM_BF16, LLM_Q8_0,
                                      LLM_Q4_1, LLM_Q6_K };
-        int64_t dim = 256, vocab = 1000;
+        enum { DIM = 256 };
+        static float eo[T * DIM];   /* wider rows than o's D */
+        int64_t dim = DIM, vocab = 1000;
         int     ti;
         ok = 1;
         for (ti = 0; ti < 6; ti++) {
             float   *tf = malloc(vocab * dim * 4);
             uint8_t *tq = malloc(llm_row_bytes(types[ti], dim) * vocab);
             llm_tensor tt = kt_tensor(tq, types[ti], dim, vocab);
-            llm_tensor te = kt_tensor(o, LLM_F32, dim, T);
+            llm_tensor te = kt_tensor(eo, LLM_F32, dim, T);
 
             kt_weights(types[ti], vocab, dim, tq, tf);
             rc = be->ops->embed(be, &te, &tt);
             ok &= rc == 0;
             for (t = 0; t < T && ok; t++) {
-                ok &= memcmp(o + t * dim, tf + tokens[t] * dim, dim * 4) == 0;
+                ok &= memcmp(eo + t * dim, tf + tokens[t] * dim, dim * 4)
+                      == 0;
             }
             if (ti == 0) {
                 /* an id outside the table is refused */

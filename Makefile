@@ -146,6 +146,18 @@ fuzz-check: fuzz-build
 fuzz: fuzz-build
 	BUILD=$(BUILD) t/fuzz/run.sh fuzz $(FUZZ_SECONDS)
 
+# The unit tests under gcc's ASan and UBSan, in $(BUILD)-asan (about 10
+# minutes on 2 cores; not part of `make test`): make asan-check
+.PHONY: asan-check
+asan-check:
+	$(MAKE) BUILD=$(BUILD)-asan OPT="-O1 -fno-omit-frame-pointer \
+	    -fsanitize=address,undefined" $(BUILD)-asan/unit-tests
+	@log=$(BUILD)-asan/unit-tests.log; \
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    $(BUILD)-asan/unit-tests > $$log 2>&1; rc=$$?; cat $$log; \
+	! grep -q "runtime error\|ERROR: [A-Za-z]*Sanitizer" $$log && \
+	    exit $$rc
+
 # Multi-LoRA benchmark (bench/RESULTS.md): bench/lora_bench.py runs it
 .PHONY: bench-lora
 bench-lora: $(BUILD)/lora-bench

@@ -12,7 +12,11 @@
  * beyond "no crash": a refused submit says why; every accepted sequence
  * ends with exactly one DONE, after at most max_tokens tokens, all inside
  * the vocabulary; once everything has ended no KV block is left in use
- * (cached prefix blocks are all reusable) and no sequence is left.
+ * (cached prefix blocks are all reusable) and no sequence is left; and
+ * each sequence that ran to its end gives the same tokens and finish
+ * when run again alone (every request is seeded): what else was in the
+ * batch, preemption and recomputation, prefix-cache hits and adapter
+ * evictions change no sequence's output.
  */
 #include <math.h>
 #include <stdio.h>
@@ -25,16 +29,23 @@
 #include "t/fuzz/fuzz.h"
 
 #define MAX_LIVE    16
+#define MAX_SEQS    (2 * MAX_LIVE)      /* the script's, then reruns */
 #define MAX_STEPS   10000
+#define MAX_GEN     48
 
 static llm_engine *eng;
 static int         n_vocab;
 
 typedef struct live {
     uint64_t    id;
+    llm_request rq;             /* as submitted, arrays below */
+    int32_t     prompt[64];
+    int32_t     stop[3];
     int         max_tokens;
     int         tokens;
+    int32_t     out[MAX_GEN];   /* the tokens generated */
     int         done;
+    int         finish;
 } live;
 
 typedef struct script {
@@ -42,7 +53,7 @@ typedef struct script {
     size_t          left;
 } script;
 
-static live  seqs[MAX_LIVE];
+static live  seqs[MAX_SEQS];
 static int   n_seqs;
 static int   verbose;       /* LLM_FUZZ_VERBOSE=1: say what the script does */
 
@@ -104,6 +115,9 @@ value(unsigned i)
 }
 
 
+static void enqueue(const llm_request *req);
+
+
 static void
 on_event(void *ud, const llm_event *ev)
 {
@@ -121,11 +135,13 @@ on_event(void *ud, const llm_event *ev)
         if (ev->sample.token < 0 || ev->sample.token >= n_vocab) {
             fuzz_fail("a token outside the vocabulary", NULL);
         }
-        if (++seqs[i].tokens > seqs[i].max_tokens) {
+        if (seqs[i].tokens >= seqs[i].max_tokens) {
             fuzz_fail("more tokens than max_tokens", NULL);
         }
+        seqs[i].out[seqs[i].tokens++] = ev->sample.token;
     } else if (ev->type == LLM_EV_DONE) {
         seqs[i].done = 1;
+        seqs[i].finish = ev->finish;
         if (verbose) {
             fprintf(stderr, "done %llu: finish %d after %d tokens%s%s\n",
                     (unsigned long long) ev->seq_id, ev->finish,
@@ -158,8 +174,6 @@ submit(script *s)
     static const char *names[] = { NULL, "", "acme", "other" };
     int32_t      prompt[64], stop[3];
     llm_request  rq;
-    llm_err      err;
-    uint64_t     id;
     unsigned     b;
     int          i;
 
@@ -170,7 +184,7 @@ submit(script *s)
         prompt[i] = (int32_t) (b % (unsigned) (n_vocab + 4)) - 2;
     }
     rq.prompt = prompt;
-    rq.max_tokens = (int) (take(s) % 48) - 1;
+    rq.max_tokens = (int) (take(s) % MAX_GEN) - 1;
     b = take(s);
     rq.sampling.temperature = value(b);
     rq.sampling.top_p = (b & 0x80) ? value(take(s)) : 1.0f;
@@ -205,6 +219,27 @@ submit(script *s)
     rq.cache_shared_tokens = (int) (take(s) % 40);
     rq.cache_shared_namespace = rq.cache_shared_tokens ? "shared" : NULL;
 
+    enqueue(&rq);
+}
+
+
+/* Submits rq and follows its events in seqs[]; a refusal must say why. */
+static void
+enqueue(const llm_request *req)
+{
+    llm_request  rq = *req;
+    live        *l = &seqs[n_seqs];
+    llm_err      err;
+    uint64_t     id;
+
+    if (n_seqs == MAX_SEQS) {
+        fuzz_fail("more sequences than the script can hold", NULL);
+    }
+    memcpy(l->prompt, rq.prompt, sizeof(int32_t) * (size_t) rq.n_prompt);
+    memcpy(l->stop, rq.stop_ids, sizeof(int32_t) * (size_t) rq.n_stop_ids);
+    rq.prompt = l->prompt;
+    rq.stop_ids = l->stop;
+
     err.msg[0] = '\0';
     if (llm_engine_submit(eng, &rq, &id, &err) != 0) {
         if (err.msg[0] == '\0') {
@@ -220,14 +255,37 @@ submit(script *s)
                 "adapter %s\n", (unsigned long long) id, rq.n_prompt,
                 rq.max_tokens, rq.adapter ? rq.adapter : "-");
     }
-    if (n_seqs == MAX_LIVE) {
-        fuzz_fail("more sequences than the script can hold", NULL);
-    }
-    seqs[n_seqs].id = id;
-    seqs[n_seqs].max_tokens = rq.max_tokens;
-    seqs[n_seqs].tokens = 0;
-    seqs[n_seqs].done = 0;
+    l->id = id;
+    l->rq = rq;
+    l->max_tokens = rq.max_tokens;
+    l->tokens = 0;
+    l->done = 0;
+    l->finish = 0;
     n_seqs++;
+}
+
+
+/* Steps until nothing is queued or running; then every sequence must have
+ * had its DONE. */
+static void
+run_to_idle(void)
+{
+    int n, i;
+
+    for (n = 0; n < MAX_STEPS && !llm_engine_idle(eng); n++) {
+        if (llm_engine_stalled(eng)) {
+            usleep(1000);       /* an adapter loading in the background */
+        }
+        step();
+    }
+    if (!llm_engine_idle(eng)) {
+        fuzz_fail("the engine is still busy after many steps", NULL);
+    }
+    for (i = 0; i < n_seqs; i++) {
+        if (!seqs[i].done) {
+            fuzz_fail("a sequence ended without DONE", NULL);
+        }
+    }
 }
 
 
@@ -236,7 +294,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     script            s = { data, size };
     llm_engine_stats  st;
-    int               i, n;
+    int               i, n, n_script;
 
     n_seqs = 0;
     while (s.left > 0) {
@@ -255,18 +313,32 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
         }
     }
-    for (n = 0; n < MAX_STEPS && !llm_engine_idle(eng); n++) {
-        if (llm_engine_stalled(eng)) {
-            usleep(1000);       /* an adapter loading in the background */
+    run_to_idle();
+    n_script = n_seqs;
+
+    /* each sequence that ran to its end, again alone */
+    for (i = 0; i < n_script; i++) {
+        const live *a = &seqs[i], *b = &seqs[n_seqs];
+
+        if (a->finish != LLM_FINISH_STOP && a->finish != LLM_FINISH_LENGTH) {
+            continue;
         }
-        step();
-    }
-    if (!llm_engine_idle(eng)) {
-        fuzz_fail("the engine is still busy after many steps", NULL);
-    }
-    for (i = 0; i < n_seqs; i++) {
-        if (!seqs[i].done) {
-            fuzz_fail("a sequence ended without DONE", NULL);
+        enqueue(&a->rq);
+        if (b != &seqs[n_seqs - 1]) {
+            fuzz_fail("a request taken once is refused the second time",
+                      NULL);
+        }
+        run_to_idle();
+        if (b->finish != a->finish || b->tokens != a->tokens
+            || memcmp(b->out, a->out, sizeof(int32_t) * (size_t) a->tokens)
+               != 0)
+        {
+            char why[96];
+
+            snprintf(why, sizeof(why), "sequence %d: %d tokens, finish %d "
+                     "in the batch; %d, finish %d alone", i, a->tokens,
+                     a->finish, b->tokens, b->finish);
+            fuzz_fail("a sequence's output depends on the batch", why);
         }
     }
     llm_engine_get_stats(eng, &st);

@@ -171,6 +171,8 @@ $(BUILD)/lora-bench: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard bench/lora/*.c))
 # libllm.a (path passed to ./config in NGX_LLM_LIB).
 
 NGX_SRC     ?= /usr/share/nginx/src
+NGX_CC_OPT  ?= -O2 -g -fPIC
+NGX_LD_OPT  ?=
 NGX_BUILD   := $(BUILD)/nginx
 MODULE_SO   := $(BUILD)/ngx_http_llm_module.so
 MODULE_DEPS := $(wildcard ngx_llm_module/*.c ngx_llm_module/*.h) \
@@ -187,7 +189,8 @@ $(NGX_BUILD)/objs/Makefile: config
 	    && rm -rf $(NGX_BUILD) && cp -r $(NGX_SRC) $(NGX_BUILD); }
 	cd $(NGX_BUILD) && NGX_LLM_LIB=$(CURDIR)/$(BUILD)/libllm.a bash -c \
 	    'source ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" \
-	     --with-cc-opt="-O2 -g -fPIC" --add-dynamic-module=$(CURDIR)' \
+	     --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="$(NGX_LD_OPT)" \
+	     --add-dynamic-module=$(CURDIR)' \
 	    > configure.log 2>&1 \
 	    || { tail -20 configure.log; exit 1; }
 

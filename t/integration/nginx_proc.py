@@ -28,7 +28,9 @@ import pytest
 
 from conftest import _tail, build_dir, free_port, stop_pid, wait_until
 
-NGINX = os.environ.get("NGINX", "/usr/sbin/nginx")
+# the nginx binary; not $NGINX, which nginx itself reads (inherited
+# listening sockets of a binary upgrade)
+NGINX = os.environ.get("NGINX_BIN", "/usr/sbin/nginx")
 
 LOG_FORMAT = ('$request_uri $status model=$llm_model '
               'prompt=$llm_prompt_tokens completion=$llm_completion_tokens '

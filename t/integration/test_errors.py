@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from nginx_proc import nginx, nginx_module  # noqa: F401 (fixtures)
+from nginx_proc import NGINX, nginx, nginx_module  # noqa: F401
 
 MODEL = "smollm2"
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -298,7 +298,7 @@ http {
 }
 """ % (module_path(), tmp_path, tmp_path))
     import subprocess
-    t = subprocess.run(["/usr/sbin/nginx", "-p", str(tmp_path), "-c",
+    t = subprocess.run([NGINX, "-p", str(tmp_path), "-c",
                         str(conf), "-t"], capture_output=True, text=True)
     assert t.returncode != 0
     assert "requires \"llm_model\"" in t.stderr

@@ -146,17 +146,38 @@ fuzz-check: fuzz-build
 fuzz: fuzz-build
 	BUILD=$(BUILD) t/fuzz/run.sh fuzz $(FUZZ_SECONDS)
 
+ASAN_SAN    := -fno-omit-frame-pointer -fsanitize=address,undefined
+
 # The unit tests under gcc's ASan and UBSan, in $(BUILD)-asan (about 10
 # minutes on 2 cores; not part of `make test`): make asan-check
 .PHONY: asan-check
 asan-check:
-	$(MAKE) BUILD=$(BUILD)-asan OPT="-O1 -fno-omit-frame-pointer \
-	    -fsanitize=address,undefined" $(BUILD)-asan/unit-tests
+	$(MAKE) BUILD=$(BUILD)-asan OPT="-O1 $(ASAN_SAN)" \
+	    $(BUILD)-asan/unit-tests
 	@log=$(BUILD)-asan/unit-tests.log; \
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	    $(BUILD)-asan/unit-tests > $$log 2>&1; rc=$$?; cat $$log; \
 	! grep -q "runtime error\|ERROR: [A-Za-z]*Sanitizer" $$log && \
 	    exit $$rc
+
+# The integration tests against a module, engine and programs built with
+# ASan and UBSan (in $(BUILD)-asan; nginx preloads the runtimes through
+# t/integration/nginx_asan.sh); fails on a failed test or any report in
+# $(BUILD)-asan/asan-logs.  Not part of `make test` (slow).
+.PHONY: asan-integration
+asan-integration:
+	$(MAKE) BUILD=$(BUILD)-asan OPT="-O1 $(ASAN_SAN)" \
+	    NGX_CC_OPT="-O1 -g -fPIC $(ASAN_SAN) -Wno-maybe-uninitialized" \
+	    NGX_LD_OPT="$(ASAN_SAN)" all
+	@logs=$(CURDIR)/$(BUILD)-asan/asan-logs; rm -rf $$logs; \
+	mkdir -p $$logs; \
+	LLM_ASAN_LOGS=$$logs NGINX_BIN=$(CURDIR)/t/integration/nginx_asan.sh \
+	LLM_BUILD=$(BUILD)-asan ASAN_OPTIONS=log_path=$$logs/engine \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$$logs/ubsan \
+	    $(PYTHON) -m pytest $(PYTEST_ARGS) t/integration; rc=$$?; \
+	if [ -n "$$(ls $$logs)" ]; then \
+	    echo "sanitizer reports:"; head -40 $$logs/*; exit 1; fi; \
+	exit $$rc
 
 # Multi-LoRA benchmark (bench/RESULTS.md): bench/lora_bench.py runs it
 .PHONY: bench-lora

@@ -182,13 +182,124 @@ py_to_ere(const char *src, char *dst, size_t size)
 }
 
 
+/*
+ * Refuses an extended regular expression whose compiled form would be
+ * huge: glibc's regcomp copies the operand of "+" and of "{m,n}" (x+ is
+ * x x*, x{3} is x x x), so nested repetition grows exponentially, and an
+ * adapter_config.json from a tenant could take the engine's memory
+ * ("(((a+)+)+)+..." or "a{100}{100}{100}").  Estimates the node count of
+ * the expanded expression; 0 if it stays under ERE_MAX_NODES and the
+ * expression is well formed, -1 otherwise.  Two quantifiers in a row are
+ * refused, as Python's re refuses them ("multiple repeat").
+ */
+#define ERE_MAX_NODES  20000
+#define ERE_MAX_DEPTH  32
+
+static int
+ere_check(const char *s)
+{
+    struct { double total, alt, last; } f[ERE_MAX_DEPTH + 1];
+    int     d = 0, can_repeat = 0;
+    double  m, n;
+
+    memset(f, 0, sizeof(f));
+
+    while (*s != '\0') {
+        if (*s == '*' || *s == '?' || *s == '+' || (*s == '{' && s[1] >= '0'
+                                                  && s[1] <= '9'))
+        {
+            if (!can_repeat) {
+                return -1;          /* nothing to repeat, or a repeat */
+            }
+            m = n = 1;
+            if (*s == '+') {
+                n = 2;
+            } else if (*s == '{') {
+                m = strtod(s + 1, (char **) &s);
+                n = m;
+                if (*s == ',') {
+                    n = s[1] == '}' ? m + 1 : strtod(s + 1, (char **) &s);
+                    s += s[1] == '}';
+                }
+                if (*s != '}' || n < m || n > ERE_MAX_NODES) {
+                    return -1;
+                }
+                n = n > 1 ? n : 1;
+            }
+            f[d].alt += f[d].last * (n - 1) + 1;
+            f[d].last = f[d].last * n + 1;
+            can_repeat = 0;
+            s++;
+        } else if (*s == '(') {
+            if (++d > ERE_MAX_DEPTH) {
+                return -1;
+            }
+            memset(&f[d], 0, sizeof(f[d]));
+            can_repeat = 0;
+            s++;
+        } else if (*s == ')' || *s == '|') {
+            f[d].total += f[d].alt + 1;
+            f[d].alt = 0;
+            can_repeat = 0;
+            if (*s++ == ')') {
+                if (d == 0) {
+                    return -1;
+                }
+                d--;
+                f[d].last = f[d + 1].total;
+                f[d].alt += f[d].last;
+                can_repeat = 1;
+            }
+        } else {
+            /* one atom: a character, an escape, or a bracket expression
+             * (with its [:class:] parts and a leading ']' or '^]') */
+            if (*s == '\\' && s[1] != '\0') {
+                s += 2;
+            } else if (*s == '[') {
+                s += 1 + (s[1] == '^');
+                s += *s == ']';
+                while (*s != '\0' && *s != ']') {
+                    if (*s == '[' && (s[1] == ':' || s[1] == '.'
+                                      || s[1] == '='))
+                    {
+                        char        close[3] = { s[1], ']', '\0' };
+                        const char *e = strstr(s + 2, close);
+
+                        if (e == NULL) {
+                            return -1;
+                        }
+                        s = e + 2;
+                    } else {
+                        s++;
+                    }
+                }
+                if (*s++ != ']') {
+                    return -1;
+                }
+            } else {
+                s++;
+            }
+            f[d].last = 1;
+            f[d].alt += 1;
+            can_repeat = 1;
+        }
+        if (f[d].alt + f[d].total > ERE_MAX_NODES
+            || f[d].last > ERE_MAX_NODES)
+        {
+            return -1;
+        }
+    }
+    return d == 0 ? 0 : -1;
+}
+
+
 /* Compiles "^(prefix)(expr)$" from a Python-style expression. */
 static int
 compile_re(regex_t *re, const char *prefix, const char *expr)
 {
     char ere[1024], full[1100];
 
-    if (py_to_ere(expr, ere, sizeof(ere)) != 0) {
+    if (py_to_ere(expr, ere, sizeof(ere)) != 0 || ere_check(ere) != 0) {
         return -1;
     }
     snprintf(full, sizeof(full), "^%s(%s)$", prefix, ere);
@@ -251,8 +362,8 @@ conf_patterns(lora_plan *p, const char *field, int is_rank,
         if (key[0] == '\0' || compile_re(&e->re, "(.*\\.)?", key) != 0) {
             return llm_err_set(p->err, LLM_EUNSUP,
                                "%s: field \"%s\": pattern \"%s\" is not a "
-                               "supported regular expression", p->cfg_path,
-                               field, key);
+                               "supported regular expression (or repeats "
+                               "too much)", p->cfg_path, field, key);
         }
         e->compiled = 1;
         *n_out = ++n;
@@ -377,8 +488,8 @@ conf_targets(lora_plan *p)
         if (compile_re(&p->conf.tm_re, "", s) != 0) {
             return llm_err_set(p->err, LLM_EUNSUP,
                                "%s: field \"target_modules\": \"%s\" is not "
-                               "a supported regular expression",
-                               p->cfg_path, s);
+                               "a supported regular expression (or repeats "
+                               "too much)", p->cfg_path, s);
         }
         p->conf.tm_re_ok = 1;
         p->conf.tm_kind = TM_REGEX;

@@ -974,6 +974,55 @@ TEST_SUITE(lora_errors)
     test_cond(refused("e-tm-re", "{\"r\": 4, \"target_modules\": \".*\"}",
                       NULL, 0, CF, "lm_head", msg, sizeof(msg)));
 
+    test("regular expressions that would take the engine's memory are "
+         "refused (nested and bounded repetition, multiple repeat)");
+    {
+        /* each of these made glibc's regcomp allocate gigabytes */
+        static const char *bad[] = {
+            "q_pro+++++++++++++++++++++++j",
+            "((((((((((((((((((((((((q+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+"
+            ")+)+)+)+)+)+_proj",
+            "(q{100}){100}{100}_proj",
+            "q{99999}_proj",
+        };
+        char cfg[512];
+        int  i, ok = 1;
+
+        for (i = 0; i < (int) (sizeof(bad) / sizeof(bad[0])); i++) {
+            snprintf(cfg, sizeof(cfg), "{\"r\": 4, \"target_modules\": "
+                     "\"%s\"}", bad[i]);
+            ok &= refused("e-re-big", cfg, NULL, 0, CF, "repeats too much",
+                          msg, sizeof(msg));
+            snprintf(cfg, sizeof(cfg), "{\"r\": 4, \"target_modules\": "
+                     "[\"q_proj\"], \"alpha_pattern\": {\"%s\": 2}}",
+                     bad[i]);
+            ok &= refused("e-re-big", cfg, NULL, 0, CF, "repeats too much",
+                          msg, sizeof(msg));
+        }
+        test_cond(ok);
+    }
+    test("ordinary repetition is still taken");
+    {
+        llm_model_config c = fake_cfg(0);
+        llm_lora        *lo = NULL;
+        const char      *d = scratch("re-ok");
+        char             p[600];
+        llm_err          err;
+        static const char cfg[] =
+            "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": "
+            "\"model\\\\.layers\\\\.[0-9]{1,3}\\\\.(self_attn|mlp)"
+            "\\\\.(q|down)_proj\"}";
+
+        test_cond(d != NULL
+                  && write_file(path_join(p, sizeof(p), d, CF), cfg,
+                                strlen(cfg))
+                  && st_write(path_join(p, sizeof(p), d, WF), good_tensors,
+                              4));
+        test_cond(llm_lora_load(d, &c, &lo, &err) == 0 && lo != NULL
+                  && lo->n_weights == 2);
+        llm_lora_free(lo);
+    }
+
     test("r = 0 and r = 300");
     test_cond(refused("e-r0", "{\"r\": 0}", NULL, 0, CF, "\"r\"", msg,
                       sizeof(msg)));

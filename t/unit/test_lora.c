@@ -850,6 +850,32 @@ static const st_spec good_tensors[] = {
 };
 
 
+/* Writes dir with config text cfg and good_tensors, loads it: the number
+ * of weights loaded, or -1 if refused. */
+static int
+loaded_weights(const char *tag, const char *cfg)
+{
+    llm_model_config c = fake_cfg(0);
+    llm_lora        *lo = NULL;
+    const char      *d = scratch(tag);
+    char             p[600];
+    llm_err          err;
+    int              n = -1;
+
+    if (d != NULL
+        && write_file(path_join(p, sizeof(p), d, LLM_LORA_CONFIG_FILE), cfg,
+                      strlen(cfg))
+        && st_write(path_join(p, sizeof(p), d, LLM_LORA_WEIGHTS_FILE),
+                    good_tensors, 4)
+        && llm_lora_load(d, &c, &lo, &err) == 0)
+    {
+        n = lo->n_weights;
+    }
+    llm_lora_free(lo);
+    return n;
+}
+
+
 /* Writes dir with config text cfg (NULL: GOOD_CONFIG) and tensors (NULL:
  * good_tensors); then the load must fail with a message holding file
  * and must (if not NULL).  *msg gets the message. */
@@ -904,22 +930,7 @@ TEST_SUITE(lora_errors)
     const char *CF = LLM_LORA_CONFIG_FILE, *WF = LLM_LORA_WEIGHTS_FILE;
 
     test("the hand-written good adapter loads");
-    {
-        llm_model_config c = fake_cfg(0);
-        llm_lora        *lo = NULL;
-        const char      *d = scratch("good");
-        char             p[600];
-        llm_err          err;
-
-        test_cond(d != NULL
-                  && write_file(path_join(p, sizeof(p), d, CF), GOOD_CONFIG,
-                                strlen(GOOD_CONFIG))
-                  && st_write(path_join(p, sizeof(p), d, WF), good_tensors,
-                              4));
-        test_cond(llm_lora_load(d, &c, &lo, &err) == 0 && lo != NULL
-                  && lo->n_weights == 2);
-        llm_lora_free(lo);
-    }
+    test_cond(loaded_weights("good", GOOD_CONFIG) == 2);
 
     test("missing folder / adapter_config.json");
     test_cond(refused("e-nocfg", "", NULL, 0, CF, NULL, msg, sizeof(msg)));
@@ -1002,26 +1013,10 @@ TEST_SUITE(lora_errors)
         test_cond(ok);
     }
     test("ordinary repetition is still taken");
-    {
-        llm_model_config c = fake_cfg(0);
-        llm_lora        *lo = NULL;
-        const char      *d = scratch("re-ok");
-        char             p[600];
-        llm_err          err;
-        static const char cfg[] =
-            "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": "
-            "\"model\\\\.layers\\\\.[0-9]{1,3}\\\\.(self_attn|mlp)"
-            "\\\\.(q|down)_proj\"}";
-
-        test_cond(d != NULL
-                  && write_file(path_join(p, sizeof(p), d, CF), cfg,
-                                strlen(cfg))
-                  && st_write(path_join(p, sizeof(p), d, WF), good_tensors,
-                              4));
-        test_cond(llm_lora_load(d, &c, &lo, &err) == 0 && lo != NULL
-                  && lo->n_weights == 2);
-        llm_lora_free(lo);
-    }
+    test_cond(loaded_weights("re-ok",
+        "{\"r\": 4, \"lora_alpha\": 8, \"target_modules\": "
+        "\"model\\\\.layers\\\\.[0-9]{1,3}\\\\.(self_attn|mlp)"
+        "\\\\.(q|down)_proj\"}") == 2);
 
     test("r = 0 and r = 300");
     test_cond(refused("e-r0", "{\"r\": 0}", NULL, 0, CF, "\"r\"", msg,

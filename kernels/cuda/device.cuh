@@ -214,4 +214,29 @@ row_ptr(const T *base, size_t nb, int64_t r)
     return (const T *) ((const char *) base + (size_t) r * nb);
 }
 
+/* The inner step of the GEMV and LoRA-shrink dot products: acc[i] +=
+ * w[0..8) . x_i[0..8) for the first n of NR rows of x, row i at byte
+ * offset i * x_nb (w and x aligned for load8). */
+template <int NR, typename W>
+__device__ __forceinline__ void
+dot8_rows(float *acc, const W *w, const float *x, size_t x_nb, int n)
+{
+    float wv[8];
+    int   i, u;
+
+    load8(w, wv);
+#pragma unroll
+    for (i = 0; i < NR; i++) {
+        if (i < n) {
+            float xv[8];
+
+            load8(row_ptr(x, x_nb, i), xv);
+#pragma unroll
+            for (u = 0; u < 8; u++) {
+                acc[i] += wv[u] * xv[u];
+            }
+        }
+    }
+}
+
 #endif /* LLM_CUDA_DEVICE_CUH */

@@ -100,7 +100,7 @@ lora_shrink_kernel(const __grid_constant__ llm_cuda_lora_args args)
     const llm_cuda_lora_seg *s = &args.seg[si];
     int      j = (int) blockIdx.x - args.j0[si];
     int      warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int      row0 = blockIdx.y * LORA_TILE_ROWS, rows, r, kk, u;
+    int      row0 = blockIdx.y * LORA_TILE_ROWS, rows, r, kk;
     int      in = args.in;
     const W *a = (const W *) s->a + (size_t) j * (size_t) in;
     float    acc[LORA_TILE_ROWS];
@@ -115,23 +115,11 @@ lora_shrink_kernel(const __grid_constant__ llm_cuda_lora_args args)
         acc[r] = 0.0f;
     }
     if (VEC) {
+        const float *x = args.x + (size_t) (s->first + row0) * args.x_ld;
+
         for (kk = threadIdx.x * 8; kk < in; kk += LORA_SHRINK_THREADS * 8) {
-            float av[8];
-
-            load8(a + kk, av);
-#pragma unroll
-            for (r = 0; r < LORA_TILE_ROWS; r++) {
-                if (r < rows) {
-                    float xv[8];
-
-                    load8(args.x + (size_t) (s->first + row0 + r) * args.x_ld
-                          + kk, xv);
-#pragma unroll
-                    for (u = 0; u < 8; u++) {
-                        acc[r] += av[u] * xv[u];
-                    }
-                }
-            }
+            dot8_rows<LORA_TILE_ROWS>(acc, a + kk, x + kk,
+                                      args.x_ld * sizeof(float), rows);
         }
     } else {
         for (kk = threadIdx.x; kk < in; kk += LORA_SHRINK_THREADS) {

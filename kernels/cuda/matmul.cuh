@@ -16,7 +16,7 @@ gemv_row(float *out, size_t out_nb, const float *x, size_t x_nb,
 {
     int   lane = threadIdx.x & 31;
     float acc[NR];
-    int   kk, i, u;
+    int   kk, i;
 
 #pragma unroll
     for (i = 0; i < NR; i++) {
@@ -25,21 +25,7 @@ gemv_row(float *out, size_t out_nb, const float *x, size_t x_nb,
 
 #pragma unroll 4
     for (kk = lane * 8; kk < k; kk += 32 * 8) {
-        float wv[8];
-
-        load8(wr + kk, wv);
-#pragma unroll
-        for (i = 0; i < NR; i++) {
-            if (i < n) {
-                float xv[8];
-
-                load8(row_ptr(x, x_nb, i) + kk, xv);
-#pragma unroll
-                for (u = 0; u < 8; u++) {
-                    acc[i] += wv[u] * xv[u];
-                }
-            }
-        }
+        dot8_rows<NR>(acc, wr + kk, x + kk, x_nb, n);
     }
 
 #pragma unroll

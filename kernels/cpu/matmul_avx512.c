@@ -872,7 +872,11 @@ amx_configure(void)
     c.colsb[1] = 32;
     c.rows[2] = 8;                  /* B: 8 x (16 rows x 4 quants) */
     c.colsb[2] = 64;
-    _tile_loadconfig(&c);
+    /* Not _tile_loadconfig: GCC 12's version tells the compiler that
+     * ldtilecfg reads 8 bytes, so where this function is not inlined the
+     * stores of rows and colsb are dropped as dead and ldtilecfg faults
+     * (seen with one more tile configured).  This operand is all 64. */
+    __asm__ volatile ("ldtilecfg %0" : : "m" (c));
     amx_ready = 1;
 }
 

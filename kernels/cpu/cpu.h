@@ -102,6 +102,26 @@ size_t llm_xq_row_bytes(int kind, int64_t k);   /* multiple of 64 */
 #define LLM_XQ_DS32(row, k)     (LLM_XQ_DS16(row, k) + (k) / 16)
 
 /*
+ * The scales of XQ32 rows again, by groups of 16 rows (the AMX kernel's
+ * tile of activation rows), so that a block's step for the 16 rows reads
+ * one cache line of each instead of 16 rows' arrays.  For group G (rows
+ * 16G .. 16G+15) and block b, at xg + (G * nb + b) * LLM_XG_BLOCK:
+ *
+ *     float  d[16]     LLM_XQ_D of each row
+ *     float  s1[16]    LLM_XQ_S1
+ *     int32  isum[16]  LLM_XQ_ISUM
+ *
+ * Only whole groups; matmul.c builds it with the quantization where
+ * llm_cpu_kernels.xg_rows asks for it.
+ */
+#define LLM_XG_BLOCK            192
+#define LLM_XG_D(xg, nb, g, b)  ((float *) ((uint8_t *) (xg) \
+                                  + ((size_t) (g) * (nb) + (b)) * LLM_XG_BLOCK))
+#define LLM_XG_S1(xg, nb, g, b) (LLM_XG_D(xg, nb, g, b) + 16)
+#define LLM_XG_ISUM(xg, nb, g, b) \
+                                ((int32_t *) (LLM_XG_D(xg, nb, g, b) + 32))
+
+/*
  * The canonical result of quantized weights, which every kernel of a
  * given instruction set computes for any batch (so that a sequence's
  * logits do not depend on its batch), and which is llama.cpp's arithmetic
@@ -138,6 +158,8 @@ typedef struct llm_cpu_gemm {
     const float    *bias;       /* [m] or NULL */
     int             batched;    /* x is in the table's batch layout */
     int             amx;        /* AMX tiles may compute the products */
+    const void     *xg;         /* XQ32 scales by groups of 16 rows, or
+                                   NULL (LLM_XG_*) */
 } llm_cpu_gemm;
 
 typedef void (*llm_cpu_gemm_fn)(const llm_cpu_gemm *g, int64_t m0,
@@ -160,6 +182,10 @@ typedef struct llm_cpu_kernels {
     int                 xq_kind[LLM_DTYPE_COUNT];
     int                 xq_kind_batch[LLM_DTYPE_COUNT];
     int                 batch_rows;
+
+    /* From this many rows of the batch layout XQ32 on (0: never), the
+     * products also get the scales by groups of 16 (llm_cpu_gemm.xg). */
+    int                 xg_rows;
 
     /* Row conversions. */
     void  (*f16_to_f32)(const uint16_t *src, float *dst, int64_t n);

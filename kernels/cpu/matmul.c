@@ -540,7 +540,32 @@ typedef struct mm_job {
     size_t              xq_nb;
     int64_t             n, k;
     int                 kind;
+    void               *xg;         /* LLM_XG_* table, or NULL */
 } mm_job;
+
+
+/* Quantizes activation row r, and copies its scales into the table by
+ * groups of 16 where there is one (rows past the last whole group have
+ * no entry). */
+static void
+mm_quant_row(const mm_job *j, int64_t r)
+{
+    uint8_t *row = (uint8_t *) j->xq + (size_t) r * j->xq_nb;
+    int64_t  nb = j->k / 32, g = r / 16, b;
+    int      l = (int) (r % 16);
+
+    j->c->kern.quant_x((const float *) ((const uint8_t *) j->x
+                                        + (size_t) r * j->x_nb),
+                       row, j->k, j->kind);
+    if (j->xg == NULL || g >= j->n / 16) {
+        return;
+    }
+    for (b = 0; b < nb; b++) {
+        LLM_XG_D(j->xg, nb, g, b)[l] = LLM_XQ_D(row, j->k)[b];
+        LLM_XG_S1(j->xg, nb, g, b)[l] = LLM_XQ_S1(row, j->k)[b];
+        LLM_XG_ISUM(j->xg, nb, g, b)[l] = LLM_XQ_ISUM(row, j->k)[b];
+    }
+}
 
 
 static void
@@ -551,10 +576,7 @@ mm_quant_task(void *arg, int ith, int nth)
 
     llm_cpu_split(j->n, ith, nth, 1, &r0, &r1);
     for (r = r0; r < r1; r++) {
-        j->c->kern.quant_x((const float *) ((const uint8_t *) j->x
-                                            + (size_t) r * j->x_nb),
-                           (uint8_t *) j->xq + (size_t) r * j->xq_nb,
-                           j->k, j->kind);
+        mm_quant_row(j, r);
     }
 }
 
@@ -756,21 +778,29 @@ mm_run(llm_cpu_ctx *c, llm_tensor *const *outs, const llm_tensor *x,
     }
 
     if (kind != LLM_XQ_NONE) {
-        /* quantize the activations once into the scratch buffer */
+        /* quantize the activations once into the scratch buffer (and
+         * their scales by groups of 16 after them, where wanted) */
+        size_t xg_bytes = 0;
+
+        if (batched && kind == LLM_XQ32 && c->kern.xg_rows > 0
+            && j.n >= c->kern.xg_rows && j.n >= 16)
+        {
+            xg_bytes = (size_t) (j.n / 16) * (size_t) (j.k / 32)
+                       * LLM_XG_BLOCK;
+        }
         j.xq_nb = llm_xq_row_bytes(kind, j.k);
-        j.xq = llm_cpu_scratch(c, j.xq_nb * (size_t) j.n);
+        j.xq = llm_cpu_scratch(c, j.xq_nb * (size_t) j.n + xg_bytes);
         if (j.xq == NULL) {
             return LLM_ENOMEM;
         }
+        j.xg = xg_bytes > 0 ? (uint8_t *) j.xq + j.xq_nb * (size_t) j.n
+                            : NULL;
         j.x = x->data;
         j.x_nb = x->nb;
         j.kind = kind;
         if (j.n * j.k <= QUANT_SERIAL_MAX || c->n_threads == 1) {
             for (r = 0; r < j.n; r++) {
-                c->kern.quant_x((const float *) ((const uint8_t *) x->data
-                                                 + (size_t) r * x->nb),
-                                (uint8_t *) j.xq + (size_t) r * j.xq_nb,
-                                j.k, kind);
+                mm_quant_row(&j, r);
             }
         } else {
             llm_cpu_pool_run(c->pool, mm_quant_task, &j, c->n_threads);
@@ -778,6 +808,7 @@ mm_run(llm_cpu_ctx *c, llm_tensor *const *outs, const llm_tensor *x,
         for (i = 0; i < n_parts; i++) {
             j.part[i].g.x = j.xq;
             j.part[i].g.x_nb = j.xq_nb;
+            j.part[i].g.xg = j.xg;
         }
     }
     llm_cpu_pool_run(c->pool, mm_task, &j, mm_chunks(c, &j));

@@ -883,7 +883,7 @@ amx_configure(void)
 
 #define AMX_PRODUCT(ct, b)                                                  \
     do {                                                                    \
-        _tile_loadd(1, xa[0].q + 32 * (b), (long) g->x_nb);                 \
+        _tile_loadd(1, xq0 + 32 * (b), (long) g->x_nb);                     \
         _tile_loadd(2, &t->q[(b)][0], 64);                                  \
         _tile_zero(ct);                                                     \
         _tile_dpbsud(ct, 1, 2);                                             \
@@ -895,17 +895,18 @@ t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
                const llm_cpu_gemm *g, int64_t r0, int64_t j0, __mmask16 rm,
                __m512 bias)
 {
-    int32_t  c[2][16][16] __attribute__((aligned(64)));
-    __m512   acc[16];
-    t_act    xa[16];
-    int      r, b;
+    int32_t        c[2][16][16] __attribute__((aligned(64)));
+    __m512         acc[16];
+    /* rows r0 .. r0+15: quants x_nb apart; scales from the table */
+    const int8_t  *xq0 = LLM_XQ_QS(x_row(g, r0)) + 32 * b0;
+    const int64_t  nbk = g->k / 32, grp = r0 / 16;
+    int            r, b;
 
     if (!amx_ready) {
         amx_configure();
     }
 #pragma GCC unroll 16
     for (r = 0; r < 16; r++) {
-        xa[r] = act_of(g, type, r0 + r, b0);
         acc[r] = b0 == 0 ? _mm512_setzero_ps()
                          : _mm512_maskz_loadu_ps(rm, out_row(g, r0 + r) + j0);
     }
@@ -935,8 +936,10 @@ t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
         for (r = 0; r < 16; r++) {
             acc[r] = step_b32(type, acc[r],
                               _mm512_load_si512(c[(b - 1) % 2][r]),
-                              xa[r].sum[b - 1], t->d[b - 1], t->m[b - 1],
-                              xa[r].d[b - 1], xa[r].s1[b - 1]);
+                              LLM_XG_ISUM(g->xg, nbk, grp, b0 + b - 1)[r],
+                              t->d[b - 1], t->m[b - 1],
+                              LLM_XG_D(g->xg, nbk, grp, b0 + b - 1)[r],
+                              LLM_XG_S1(g->xg, nbk, grp, b0 + b - 1)[r]);
         }
     }
 #pragma GCC unroll 16
@@ -977,7 +980,7 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
                 t_repack(type, base, g->w_nb, rm, ns, 1, &t);
             }
             r = 0;
-            if (g->amx && !kq) {
+            if (g->amx && !kq && g->xg != NULL) {
                 for (; r + 16 <= g->n; r += 16) {
                     t_rows_out_amx(&t, type, ns, s0, last, g, r, j0, rm,
                                    bias);
@@ -1343,6 +1346,7 @@ llm_cpu_kernels_avx512(llm_cpu_kernels *k)
     k->xq_kind[LLM_Q5_K] = LLM_XQ32K;
     k->xq_kind[LLM_Q6_K] = LLM_XQ32K;
     k->batch_rows = 3;
+    k->xg_rows = 16;
     k->xq_kind_batch[LLM_Q4_0] = LLM_XQ32;
     k->xq_kind_batch[LLM_Q4_1] = LLM_XQ32;
     k->xq_kind_batch[LLM_Q8_0] = LLM_XQ32;

@@ -881,10 +881,18 @@ amx_configure(void)
 }
 
 
+/* GCC 12's _tile_loadd gives the compiler only the address, not that
+ * memory is read: stores to the repacked tile or the activations could
+ * be moved past it or dropped as dead.  The clobber says it reads. */
+#define AMX_LOAD(tmm, base, stride)                                         \
+    __asm__ volatile ("tileloadd (%0,%1,1), %%tmm" #tmm                     \
+                      : : "r" ((const void *) (base)), "r" ((long) (stride))\
+                      : "memory")
+
 #define AMX_PRODUCT(ct, b)                                                  \
     do {                                                                    \
-        _tile_loadd(1, xq0 + 32 * (b), (long) g->x_nb);                     \
-        _tile_loadd(2, &t->q[(b)][0], 64);                                  \
+        AMX_LOAD(1, xq0 + 32 * (b), g->x_nb);                               \
+        AMX_LOAD(2, &t->q[(b)][0], 64);                                     \
         _tile_zero(ct);                                                     \
         _tile_dpbsud(ct, 1, 2);                                             \
     } while (0)

@@ -4,6 +4,7 @@
 #include "mapped_file.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -50,5 +51,22 @@ llm_unmap_file(const void *map, size_t size)
 {
     if (map != NULL) {
         munmap((void *) map, size);
+    }
+}
+
+
+void
+llm_map_file_drop(const void *p, size_t n)
+{
+    long       page = sysconf(_SC_PAGESIZE);
+    uintptr_t  a, e;
+
+    if (p == NULL || page <= 0) {
+        return;
+    }
+    a = ((uintptr_t) p + (uintptr_t) page - 1) & ~((uintptr_t) page - 1);
+    e = ((uintptr_t) p + n) & ~((uintptr_t) page - 1);
+    if (e > a) {
+        madvise((void *) a, e - a, MADV_DONTNEED);
     }
 }

@@ -20,6 +20,7 @@
 #include <jansson.h>
 
 #include "gguf.h"
+#include "mapped_file.h"
 #include "safetensors.h"
 #include "sha256.h"
 
@@ -1225,6 +1226,11 @@ load_entry(loader *ld, plan_entry *e)
          * expanded once at load), so the tensor is handed over whole */
         rc = llm_backend_adopt_tensor(be, dst, t->data, t->nbytes);
         p = dst->data;
+        if (rc == 0 && p != t->data) {
+            /* the backend keeps its own copy (another layout or type):
+             * the mapping's pages of this tensor are not read again */
+            llm_map_file_drop(t->data, t->nbytes);
+        }
         if (rc != 0) {
             rc = llm_err_set(ld->err, rc == LLM_ENOMEM ? LLM_ENOMEM
                                                       : LLM_EBACKEND,

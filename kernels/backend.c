@@ -37,6 +37,7 @@ llm_tensor_alloc(llm_backend *be, llm_tensor *t, int type, int64_t cols,
     t->ne[0] = cols;
     t->ne[1] = rows;
     t->nb = nb;
+    t->layout = LLM_LAYOUT_ROWS;
     return 0;
 }
 

@@ -40,7 +40,16 @@ typedef struct llm_tensor {
     int       type;     /* llm_dtype */
     int64_t   ne[2];    /* ne[0] = row length (cols), ne[1] = rows */
     size_t    nb;       /* bytes per row */
+    int       layout;   /* LLM_LAYOUT_*: how the backend arranged the
+                           bytes of an adopted weight; 0 elsewhere */
 } llm_tensor;
+
+/* Layouts of weight tensors (set by adopt_tensor, read by the backend
+ * that set it; the engine only copies the field).  ROWS16: each whole
+ * group of 16 rows holds the same bytes as its 16 rows would, block by
+ * block across the rows (kernels/cpu/rows16.c); rows past the last
+ * whole group stay as they were. */
+enum { LLM_LAYOUT_ROWS = 0, LLM_LAYOUT_ROWS16 = 1 };
 
 /* The paged KV cache of every layer.  For layer l, K and V are each
  * [n_blocks, block_size, n_kv_heads, head_dim] of kv_type, contiguous. */
@@ -268,6 +277,7 @@ llm_backend_adopt_tensor(llm_backend *be, llm_tensor *t, const void *host,
     rc = be->ops->adopt_weights(be, host, n, &p);
     if (rc == 0) {
         t->data = p;
+        t->layout = LLM_LAYOUT_ROWS;
     }
     return rc;
 }

@@ -81,7 +81,31 @@ make_weight(llm_backend *be, llm_tensor *t, int type, int64_t k, int64_t m)
         }
     }
     free(row);
+    {
+        /* as the engine hands model weights over: the backend may keep
+         * them in its own layout (a copy it owns; kernels/backend.h) */
+        llm_tensor a = *t;
+
+        if (llm_backend_adopt_tensor(be, &a, t->data, rb * (size_t) m) != 0) {
+            llm_tensor_release(be, t);
+            return -1;
+        }
+        if (a.data != t->data) {
+            llm_tensor_release(be, t);
+        }
+        *t = a;
+    }
     return 0;
+}
+
+
+/* Frees a make_weight tensor (a copy the backend made is its own). */
+static void
+drop_weight(llm_backend *be, llm_tensor *t)
+{
+    if (t->layout == LLM_LAYOUT_ROWS) {
+        llm_tensor_release(be, t);
+    }
 }
 
 
@@ -151,7 +175,7 @@ bench_shape(llm_backend *be, int type, const shape *s, int passes)
     }
     printf("\n");
     for (l = 0; l < N_LAYERS; l++) {
-        llm_tensor_release(be, &w[l]);
+        drop_weight(be, &w[l]);
     }
     llm_tensor_release(be, &x);
     llm_tensor_release(be, &out);
@@ -232,15 +256,15 @@ bench_model(llm_backend *be, int passes)
                best * 1e3, n / best, bytes / best * 1e-9);
     }
     for (l = 0; l < N_LAYERS; l++) {
-        llm_tensor_release(be, &wq[l]);
-        llm_tensor_release(be, &wk[l]);
-        llm_tensor_release(be, &wv[l]);
-        llm_tensor_release(be, &wo[l]);
-        llm_tensor_release(be, &wg[l]);
-        llm_tensor_release(be, &wu[l]);
-        llm_tensor_release(be, &wd[l]);
+        drop_weight(be, &wq[l]);
+        drop_weight(be, &wk[l]);
+        drop_weight(be, &wv[l]);
+        drop_weight(be, &wo[l]);
+        drop_weight(be, &wg[l]);
+        drop_weight(be, &wu[l]);
+        drop_weight(be, &wd[l]);
     }
-    llm_tensor_release(be, &wout);
+    drop_weight(be, &wout);
     llm_tensor_release(be, &x);
     llm_tensor_release(be, &xf);
     llm_tensor_release(be, &o);
@@ -456,7 +480,7 @@ main(int argc, char **argv)
                    2.0 * ns[i] * DIM * VOCAB / best * 1e-9);
         }
         printf("\n");
-        llm_tensor_release(be, &w);
+        drop_weight(be, &w);
         llm_tensor_release(be, &x);
         llm_tensor_release(be, &out);
     }

@@ -28,6 +28,7 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/cpu.h"          /* ROWS16 rows of CPU weights */
 #ifdef LLM_HAVE_CUDA
 #include "kernels/cuda/cuda.h"
 #endif
@@ -1503,22 +1504,31 @@ expand_f32(llm_tensor *t, st_owned *own)
 {
     const llm_dtype_info *ti = llm_dtype_get(t->type);
     float                *f;
+    uint8_t              *row;
     int64_t               r;
 
     if (t->data == NULL || ti == NULL || t->type == LLM_F32) {
         return;
     }
     f = xmalloc(sizeof(float) * t->ne[0] * t->ne[1]);
+    row = xmalloc(t->nb);
     for (r = 0; r < t->ne[1]; r++) {
-        llm_dequantize_row(t->type, (const uint8_t *) t->data
-                                    + (size_t) r * t->nb,
-                           f + (size_t) r * t->ne[0], t->ne[0]);
+        const uint8_t *src = (const uint8_t *) t->data + (size_t) r * t->nb;
+
+        if (t->layout == LLM_LAYOUT_ROWS16) {
+            llm_cpu_rows16_row(t->type, t->data, t->ne[1], r, t->ne[0], row);
+            src = row;
+        }
+        llm_dequantize_row(t->type, src, f + (size_t) r * t->ne[0],
+                           t->ne[0]);
     }
+    free(row);
     own->bufs = realloc(own->bufs, sizeof(void *) * (own->n + 1));
     own->bufs[own->n++] = f;
     t->data = f;
     t->type = LLM_F32;
     t->nb = (size_t) t->ne[0] * 4;
+    t->layout = LLM_LAYOUT_ROWS;
 }
 
 

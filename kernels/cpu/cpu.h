@@ -160,6 +160,7 @@ typedef struct llm_cpu_gemm {
     int             amx;        /* AMX tiles may compute the products */
     const void     *xg;         /* XQ32 scales by groups of 16 rows, or
                                    NULL (LLM_XG_*) */
+    int             w_rows16;   /* w in LLM_LAYOUT_ROWS16 (rows16.c) */
 } llm_cpu_gemm;
 
 typedef void (*llm_cpu_gemm_fn)(const llm_cpu_gemm *g, int64_t m0,
@@ -186,6 +187,10 @@ typedef struct llm_cpu_kernels {
     /* From this many rows of the batch layout XQ32 on (0: never), the
      * products also get the scales by groups of 16 (llm_cpu_gemm.xg). */
     int                 xg_rows;
+
+    /* The gemm of these kernels reads LLM_LAYOUT_ROWS16 weights (at any
+     * number of rows, in the batch layout), so adopt_tensor makes them. */
+    int                 rows16;
 
     /* Row conversions. */
     void  (*f16_to_f32)(const uint16_t *src, float *dst, int64_t n);
@@ -279,6 +284,10 @@ typedef struct llm_cpu_ctx {
     const float            *rope_factors;
 
     int                     blas;           /* use OpenBLAS for F32 */
+
+    /* Weights adopt_tensor rearranged (ROWS16), freed with the backend. */
+    void                  **adopted;
+    int                     n_adopted;
 } llm_cpu_ctx;
 
 /* Sets the backend's error message and returns code. */
@@ -291,6 +300,15 @@ int llm_cpu_fail(llm_cpu_ctx *c, int code, const char *fmt, ...)
 /* Grows c->scratch to at least n bytes (64-byte aligned); NULL on ENOMEM
  * (with the error set). */
 void *llm_cpu_scratch(llm_cpu_ctx *c, size_t n);
+
+/* The ROWS16 weight layout (rows16.c): whether a type has one; src's
+ * rows (plain, contiguous) rearranged into dst; the plain bytes of row r
+ * of a ROWS16 tensor of `rows` rows. */
+int  llm_cpu_rows16_type(int type);
+void llm_cpu_rows16_pack(int type, const uint8_t *src, int64_t rows,
+                         int64_t k, uint8_t *dst);
+void llm_cpu_rows16_row(int type, const uint8_t *w, int64_t rows, int64_t r,
+                        int64_t k, uint8_t *row);
 
 /* 64-byte aligned host memory through llm_malloc. */
 void *llm_cpu_aligned_alloc(size_t n);

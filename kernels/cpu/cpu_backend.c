@@ -106,6 +106,10 @@ cpu_free(llm_backend *be)
         llm_cpu_aligned_free(c->scratch);
         llm_cpu_aligned_free(c->attn_scratch);
         llm_free(c->rope_cs);
+        while (c->n_adopted > 0) {
+            llm_cpu_aligned_free(c->adopted[--c->n_adopted]);
+        }
+        llm_free(c->adopted);
         llm_free(c);
     }
     llm_free(be);
@@ -170,6 +174,51 @@ cpu_adopt_weights(llm_backend *be, const void *host, size_t n, void **out)
 {
     /* zero copy: the mapping stays valid while the backend lives */
     *out = (void *) host;
+    return 0;
+}
+
+
+/* Weights whose batched products the kernels read faster in the ROWS16
+ * layout get a rearranged copy (the backend's memory: the mapping's pages
+ * are then not read again); others are used in place. */
+static int
+cpu_adopt_tensor(llm_backend *be, llm_tensor *t, const void *host, size_t n)
+{
+    llm_cpu_ctx *c = ctx_of(be);
+    size_t       rb, bytes;
+    void       **list;
+    uint8_t     *p;
+
+    if (t == NULL || host == NULL) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: adopt_tensor: NULL");
+    }
+    t->data = (void *) host;
+    t->layout = LLM_LAYOUT_ROWS;
+    rb = llm_dtype_get(t->type) != NULL && t->ne[0] > 0
+         ? llm_row_bytes(t->type, t->ne[0]) : 0;
+    if (!c->kern.rows16 || !llm_cpu_rows16_type(t->type) || rb == 0
+        || t->ne[1] < 16 || t->nb != rb
+        || (uint64_t) t->ne[1] > (SIZE_MAX - 64) / rb
+        || n < rb * (size_t) t->ne[1])
+    {
+        return 0;
+    }
+    bytes = rb * (size_t) t->ne[1];
+    list = llm_realloc(c->adopted, sizeof(void *) * (size_t) (c->n_adopted
+                                                              + 1));
+    if (list == NULL) {
+        return llm_cpu_fail(c, LLM_ENOMEM, "cpu: adopt_tensor: out of memory");
+    }
+    c->adopted = list;
+    p = llm_cpu_aligned_alloc(bytes);
+    if (p == NULL) {
+        return llm_cpu_fail(c, LLM_ENOMEM, "cpu: adopt_tensor: %zu bytes:"
+                            " out of memory", bytes);
+    }
+    c->adopted[c->n_adopted++] = p;
+    llm_cpu_rows16_pack(t->type, host, t->ne[1], t->ne[0], p);
+    t->data = p;
+    t->layout = LLM_LAYOUT_ROWS16;
     return 0;
 }
 
@@ -320,6 +369,7 @@ static const llm_backend_ops cpu_ops = {
     .upload = cpu_upload,
     .download = cpu_download,
     .adopt_weights = cpu_adopt_weights,
+    .adopt_tensor = cpu_adopt_tensor,
     .synchronize = cpu_synchronize,
     .set_batch = cpu_set_batch,
     .embed = cpu_embed,
@@ -378,6 +428,11 @@ llm_backend_cpu_new(int n_threads, llm_err *err)
     c->kern.isa = c->isa;
     if (getenv("LLM_CPU_BATCH_ROWS") != NULL) {          /* benchmarks */
         c->kern.batch_rows = atoi(getenv("LLM_CPU_BATCH_ROWS"));
+    }
+    if (getenv("LLM_CPU_ROWS16") != NULL                 /* benchmarks */
+        && strcmp(getenv("LLM_CPU_ROWS16"), "0") == 0)
+    {
+        c->kern.rows16 = 0;
     }
 
     /* OpenBLAS for large F32 products only on request (LLM_CPU_BLAS=1):

@@ -700,6 +700,14 @@ mm_check(llm_cpu_ctx *c, const llm_tensor *out, const llm_tensor *x,
                             "cpu: matmul: weight type %d not supported",
                             w->type);
     }
+    if (w->layout != LLM_LAYOUT_ROWS
+        && (w->layout != LLM_LAYOUT_ROWS16 || !c->kern.rows16
+            || !llm_cpu_rows16_type(w->type)
+            || w->nb != llm_row_bytes(w->type, k)))
+    {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul: weight layout %d"
+                            " not readable by these kernels", w->layout);
+    }
     if (llm_row_bytes(w->type, k) == 0 || w->nb < llm_row_bytes(w->type, k)) {
         return llm_cpu_fail(c, LLM_EINVAL,
                             "cpu: matmul: weight rows of %lld elements do not"
@@ -722,6 +730,11 @@ static int
 mm_kind(const llm_cpu_ctx *c, const llm_tensor *w, int64_t n, int *batched)
 {
     *batched = 0;
+    if (w->layout == LLM_LAYOUT_ROWS16) {
+        /* only the batch kernels read it, at any number of rows */
+        *batched = 1;
+        return c->kern.xq_kind_batch[w->type];
+    }
     if (c->kern.batch_rows > 0 && n >= c->kern.batch_rows
         && c->kern.xq_kind_batch[w->type] != LLM_XQ_NONE
         && w->nb <= (size_t) 1 << 26)
@@ -765,6 +778,7 @@ mm_run(llm_cpu_ctx *c, llm_tensor *const *outs, const llm_tensor *x,
         p->g.out_nb = outs[i]->nb;
         p->g.bias = bias != NULL ? bias->data : NULL;
         p->g.amx = c->isa >= LLM_ISA_AMX;
+        p->g.w_rows16 = w->layout == LLM_LAYOUT_ROWS16;
         p->g.batched = batched;
         p->use_blas = kind == LLM_XQ_NONE && w->type == LLM_F32 && c->blas
                       && j.n >= BLAS_MIN_ROWS && j.k >= BLAS_MIN_K

@@ -548,6 +548,46 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
 }
 
 
+/* t_repack's work for a whole group of 16 rows in LLM_LAYOUT_ROWS16
+ * (rows16.c), which holds each block already as 16 lanes: loads, the
+ * nibbles split, the scales widened.  grp: the group's first byte. */
+INLINE void
+t_unpack16(int type, const uint8_t *grp, int64_t s0, int nb, t_tile *t)
+{
+    const int      bs = b32_size(type);
+    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
+    int            b, u;
+
+    for (b = 0; b < nb; b++) {
+        const uint8_t *p = grp + (size_t) (s0 + b) * 16 * (size_t) bs;
+
+        t->d[b] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p));
+        if (type == LLM_Q4_1) {
+            t->m[b] = _mm512_cvtph_ps(_mm256_loadu_si256(
+                (const __m256i *) (p + 32)));
+            p += 64;
+        } else {
+            p += 32;
+        }
+        if (type == LLM_Q8_0) {
+            for (u = 0; u < 8; u++) {
+                t->q[b][u] = _mm512_xor_si512(
+                    _mm512_loadu_si512(p + 64 * u),
+                    _mm512_set1_epi32((int) 0x80808080u));
+            }
+        } else {
+            for (u = 0; u < 4; u++) {
+                __m512i v = _mm512_loadu_si512(p + 64 * u);
+
+                t->q[b][u] = _mm512_and_si512(v, lo4);
+                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v, 4),
+                                                  lo4);
+            }
+        }
+    }
+}
+
+
 /* Byte i of each lane, as int32. */
 INLINE __m512i
 lane_byte(__m512i v, int i)
@@ -984,6 +1024,8 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 
             if (kq) {
                 t_repack_k(type, base, g->w_nb, rm, ns, 1, &t);
+            } else if (g->w_rows16 && rows == 16) {
+                t_unpack16(type, g->w + (size_t) j0 * g->w_nb, s0, ns, &t);
             } else {
                 t_repack(type, base, g->w_nb, rm, ns, 1, &t);
             }
@@ -1355,6 +1397,7 @@ llm_cpu_kernels_avx512(llm_cpu_kernels *k)
     k->xq_kind[LLM_Q6_K] = LLM_XQ32K;
     k->batch_rows = 3;
     k->xg_rows = 16;
+    k->rows16 = 1;
     k->xq_kind_batch[LLM_Q4_0] = LLM_XQ32;
     k->xq_kind_batch[LLM_Q4_1] = LLM_XQ32;
     k->xq_kind_batch[LLM_Q8_0] = LLM_XQ32;

@@ -75,6 +75,7 @@ typedef struct embed_job {
     llm_cpu_ctx        *c;
     llm_tensor         *out;
     const llm_tensor   *table;
+    uint8_t            *rows;       /* ROWS16 table: a plain row per thread */
 } embed_job;
 
 
@@ -89,6 +90,15 @@ embed_task(void *arg, int ith, int nth)
         const uint8_t *src = (const uint8_t *) j->table->data
                              + (size_t) j->c->batch.tokens[t] * j->table->nb;
         float         *dst = row_f32(j->out, t);
+
+        if (j->table->layout == LLM_LAYOUT_ROWS16) {
+            uint8_t *row = j->rows + (size_t) ith * j->table->nb;
+
+            llm_cpu_rows16_row(j->table->type, j->table->data,
+                               j->table->ne[1], j->c->batch.tokens[t],
+                               j->table->ne[0], row);
+            src = row;
+        }
 
         if (j->table->type == LLM_F16) {
             j->c->kern.f16_to_f32((const uint16_t *) src, dst,
@@ -113,7 +123,11 @@ llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table)
     if (table == NULL || table->data == NULL
         || llm_dtype_get(table->type) == NULL
         || llm_row_bytes(table->type, table->ne[0]) == 0
-        || table->nb < llm_row_bytes(table->type, table->ne[0]))
+        || table->nb < llm_row_bytes(table->type, table->ne[0])
+        || (table->layout != LLM_LAYOUT_ROWS
+            && (table->layout != LLM_LAYOUT_ROWS16
+                || !llm_cpu_rows16_type(table->type)
+                || table->nb != llm_row_bytes(table->type, table->ne[0]))))
     {
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: embed: bad table");
     }
@@ -135,7 +149,15 @@ llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table)
     j.c = c;
     j.out = out;
     j.table = table;
+    j.rows = NULL;
+    if (table->layout == LLM_LAYOUT_ROWS16) {
+        j.rows = llm_malloc(table->nb * (size_t) c->n_threads);
+        if (j.rows == NULL) {
+            return llm_cpu_fail(c, LLM_ENOMEM, "cpu: embed: out of memory");
+        }
+    }
     run(c, embed_task, &j, c->batch.n_tokens * dim * 4);
+    llm_free(j.rows);
     return 0;
 }
 

@@ -106,6 +106,7 @@ kt_tensor(void *data, int type, int64_t cols, int64_t rows)
 {
     llm_tensor t;
 
+    memset(&t, 0, sizeof(t));
     t.data = data;
     t.type = type;
     t.ne[0] = cols;

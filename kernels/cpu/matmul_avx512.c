@@ -1000,6 +1000,77 @@ t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
 }
 
 
+#define RPF_BLOCKS  16           /* rows16_direct's prefetch distance */
+
+/* One or two activation rows on a whole ROWS16 group of 16 weight rows
+ * (lanes): each block's quants go from their load to the dot products
+ * without the t_tile round trip, which at so few rows costs more than
+ * it saves.  The same integer sums and float steps as t_rows. */
+INLINE void
+rows16_direct(const llm_cpu_gemm *g, int type, int RB, const uint8_t *grp,
+              int64_t j0, __m512 bias)
+{
+    const int      bs = b32_size(type);
+    const int      sb = type == LLM_Q4_1 ? 64 : 32;   /* scale bytes */
+    const int      nu = type == LLM_Q8_0 ? 8 : 4;     /* quant vectors */
+    const int64_t  nb = g->k / 32;
+    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
+    __m512         acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };
+    t_act          xa[2];
+    int64_t        b;
+    int            r, u;
+
+    for (r = 0; r < RB; r++) {
+        xa[r] = act_of(g, type, r, 0);
+    }
+    for (b = 0; b < nb; b++) {
+        const uint8_t *p = grp + (size_t) b * 16 * (size_t) bs;
+        __m512         dw = _mm512_cvtph_ps(
+            _mm256_loadu_si256((const __m256i *) p));
+        __m512         mw = type == LLM_Q4_1
+            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (p + 32)))
+            : _mm512_setzero_ps();
+        __m512i        is[2] = { _mm512_setzero_si512(),
+                                 _mm512_setzero_si512() };
+
+        for (u = 0; u < 16 * bs; u += 64) {
+            /* a few blocks ahead: the stream of one thread alone does
+             * not keep enough lines in flight */
+            _mm_prefetch((const char *) p + RPF_BLOCKS * 16 * bs + u,
+                         _MM_HINT_T0);
+        }
+        for (u = 0; u < nu; u++) {
+            __m512i v = _mm512_loadu_si512(p + sb + 64 * u), w0, w1;
+
+            if (type == LLM_Q8_0) {
+                w0 = _mm512_xor_si512(v, _mm512_set1_epi32((int) 0x80808080u));
+            } else {
+                w0 = _mm512_and_si512(v, lo4);
+                w1 = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
+            }
+            for (r = 0; r < RB; r++) {
+                int32_t x0, x1;
+
+                memcpy(&x0, xa[r].q + 32 * b + 4 * u, 4);
+                is[r] = _mm512_dpbusd_epi32(is[r], w0, _mm512_set1_epi32(x0));
+                if (type != LLM_Q8_0) {
+                    memcpy(&x1, xa[r].q + 32 * b + 16 + 4 * u, 4);
+                    is[r] = _mm512_dpbusd_epi32(is[r], w1,
+                                                _mm512_set1_epi32(x1));
+                }
+            }
+        }
+        for (r = 0; r < RB; r++) {
+            acc[r] = step_b32(type, acc[r], is[r], xa[r].sum[b], dw, mw,
+                              xa[r].d[b], xa[r].s1[b]);
+        }
+    }
+    for (r = 0; r < RB; r++) {
+        _mm512_storeu_ps(out_row(g, r) + j0, _mm512_add_ps(acc[r], bias));
+    }
+}
+
+
 INLINE void
 gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 {
@@ -1015,6 +1086,16 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
         __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
                                  : _mm512_setzero_ps();
 
+        if (g->w_rows16 && rows == 16 && g->n <= 2 && !kq) {
+            if (g->n == 1) {
+                rows16_direct(g, type, 1, g->w + (size_t) j0 * g->w_nb, j0,
+                              bias);
+            } else {
+                rows16_direct(g, type, 2, g->w + (size_t) j0 * g->w_nb, j0,
+                              bias);
+            }
+            continue;
+        }
         for (s0 = 0; s0 < nb; s0 += TSEG) {
             int            ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
             int            last = s0 + ns == nb;
@@ -1268,6 +1349,16 @@ gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
         __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
                                  : _mm512_setzero_ps();
 
+        if (g->w_rows16 && rows == 16 && g->n <= 2 && !kq) {
+            if (g->n == 1) {
+                rows16_direct(g, type, 1, g->w + (size_t) j0 * g->w_nb, j0,
+                              bias);
+            } else {
+                rows16_direct(g, type, 2, g->w + (size_t) j0 * g->w_nb, j0,
+                              bias);
+            }
+            continue;
+        }
         for (s0 = 0; s0 < nb; s0 += TSEG) {
             int            ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
             const uint8_t *base = g->w + (size_t) j0 * g->w_nb

@@ -598,10 +598,11 @@ lane_byte(__m512i v, int i)
 
 
 /* K-quants: nb / 8 super-blocks (nb a multiple of 8) of 16 rows, each
- * into 8 blocks of 32. */
+ * into 8 blocks of 32.  rows16: base is the first super-block of a whole
+ * ROWS16 group (rows16.c), whose dwords are loads, not gathers. */
 INLINE void
 t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
-           int nb, int with_quants, t_tile *t)
+           int nb, int with_quants, int rows16, t_tile *t)
 {
     const int      bs = k_size(type);
     const __m512i  idx = _mm512_mullo_epi32(
@@ -612,18 +613,24 @@ t_repack_k(int type, const uint8_t *base, size_t stride, __mmask16 rm,
     const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
     int            sb, s, u;
 
-#define GATHER(off)  _mm512_mask_i32gather_epi32(zero, rm, idx, base + (off), 1)
+#define GATHER(off)                                                         \
+    (rows16 ? _mm512_loadu_si512(base + 16 * (off))                         \
+            : _mm512_mask_i32gather_epi32(zero, rm, idx, base + (off), 1))
 
-    for (sb = 0; sb < nb / 8; sb++, base += bs) {
+    for (sb = 0; sb < nb / 8; sb++, base += rows16 ? 16 * bs : bs) {
         int b = 8 * sb;
 
         if (type == LLM_Q6_K) {
             __m512i scw[4];
             int     h;
 
-            /* d from the dword that ends with it (bytes 206..209) */
-            t->d[b] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
-                _mm512_srli_epi32(GATHER(206), 16)));
+            /* d from the dword that ends with it (bytes 206..209), or
+             * ROWS16's 16 x d after the 52 dwords */
+            t->d[b] = rows16
+                ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                      (const __m256i *) (base + 16 * 208)))
+                : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                      _mm512_srli_epi32(GATHER(206), 16)));
             for (u = 0; u < 4; u++) {
                 scw[u] = GATHER(192 + 4 * u);
             }
@@ -1103,8 +1110,12 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
                                   + (kq ? (size_t) (s0 / 8) * bs
                                         : (size_t) s0 * bs);
 
-            if (kq) {
-                t_repack_k(type, base, g->w_nb, rm, ns, 1, &t);
+            if (kq && g->w_rows16 && rows == 16) {
+                t_repack_k(type, g->w + (size_t) j0 * g->w_nb
+                                 + (size_t) (s0 / 8) * 16 * bs,
+                           g->w_nb, rm, ns, 1, 1, &t);
+            } else if (kq) {
+                t_repack_k(type, base, g->w_nb, rm, ns, 1, 0, &t);
             } else if (g->w_rows16 && rows == 16) {
                 t_unpack16(type, g->w + (size_t) j0 * g->w_nb, s0, ns, &t);
             } else {
@@ -1349,16 +1360,6 @@ gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
         __m512    bias = g->bias ? _mm512_maskz_loadu_ps(rm, g->bias + j0)
                                  : _mm512_setzero_ps();
 
-        if (g->w_rows16 && rows == 16 && g->n <= 2 && !kq) {
-            if (g->n == 1) {
-                rows16_direct(g, type, 1, g->w + (size_t) j0 * g->w_nb, j0,
-                              bias);
-            } else {
-                rows16_direct(g, type, 2, g->w + (size_t) j0 * g->w_nb, j0,
-                              bias);
-            }
-            continue;
-        }
         for (s0 = 0; s0 < nb; s0 += TSEG) {
             int            ns = nb - s0 < TSEG ? (int) (nb - s0) : TSEG;
             const uint8_t *base = g->w + (size_t) j0 * g->w_nb
@@ -1367,7 +1368,7 @@ gemm_rows(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
 
             /* only the scales are repacked here */
             if (kq) {
-                t_repack_k(type, base, g->w_nb, rm, ns, 0, &t);
+                t_repack_k(type, base, g->w_nb, rm, ns, 0, 0, &t);
             } else {
                 t_repack(type, base, g->w_nb, rm, ns, 0, &t);
             }

@@ -1,69 +1,91 @@
 /*
  * The ROWS16 weight layout (LLM_LAYOUT_ROWS16, kernels/backend.h): the
- * blocks of 32 of Q4_0, Q4_1 and Q8_0 rearranged at load so that the
- * batched AVX-512 / AMX kernels read 16 rows' block as whole vectors
- * instead of transposing it on every product (matmul_avx512.c t_repack:
- * a fifth of a 32-row product's time on SmolLM2's shapes).
+ * blocks of Q4_0, Q4_1, Q8_0 and of the K-quants rearranged at load so
+ * that the batched AVX-512 / AMX kernels read 16 rows' block as whole
+ * vectors instead of transposing or gathering it on every product
+ * (matmul_avx512.c t_repack: a fifth of a 32-row product's time on
+ * SmolLM2's shapes).
  *
  * A group of 16 rows keeps its own bytes (16 x nb, nb the plain row
- * size); block b of the group, 16 x bs bytes at 16 * bs * b, holds
+ * size); block b of the group, 16 x bs bytes at 16 * bs * b, holds the
+ * block's fields one after the other, each as 16 rows side by side
+ * (lane j = row j of the group):
  *
- *   the f16 scales, field by field:  16 x d  (then 16 x m for Q4_1)
- *   the quants, 4 bytes at a time:   for u < qb / 4, 16 x bytes
- *                                    4u .. 4u+3 of each row's quants
+ *   Q4_0, Q8_0:  16 x d (f16), then for each 4 quant bytes u, 16 x u
+ *   Q4_1:        16 x d, 16 x m, then 16 x each 4 quant bytes
+ *   Q4_K, Q5_K:  16 x each 4 bytes of the super-block
+ *   Q6_K:        16 x each 4 of its first 208 bytes, then 16 x d
  *
- * lane j of every field being row j of the group (qb: 16 quant bytes for
- * Q4_0 and Q4_1, 32 for Q8_0).  Rows past the last whole group of 16 are
- * left as they are.  The weights stay quantized and take the same bytes.
+ * Rows past the last whole group of 16 are left as they are.  The
+ * weights stay quantized and take the same bytes.
  */
 #include "cpu.h"
 
 #include <string.h>
 
 
-/* Block bytes, f16 scale fields and quant bytes of a ROWS16 type. */
+/* A block of a ROWS16 type: its elements, its bytes, and how they are
+ * cut into fields across the 16 rows: nh leading 2-byte fields (the f16
+ * scales of blocks of 32), then nd 4-byte ones, then nt trailing 2-byte
+ * ones (Q6_K's d).  In the group's block, field by field, each field's 16
+ * rows side by side. */
+typedef struct {
+    int elems, bs, nh, nd, nt;
+} r16_shape;
+
+
 static int
-block_shape(int type, int *bs, int *ns, int *qb)
+block_shape(int type, r16_shape *sh)
 {
-    switch (type) {
-    case LLM_Q4_0: *bs = 18; *ns = 1; break;
-    case LLM_Q4_1: *bs = 20; *ns = 2; break;
-    case LLM_Q8_0: *bs = 34; *ns = 1; break;
-    default:       return 0;
+    static const struct { int type; r16_shape sh; } shapes[] = {
+        { LLM_Q4_0, {  32,  18, 1,  4, 0 } },
+        { LLM_Q4_1, {  32,  20, 2,  4, 0 } },
+        { LLM_Q8_0, {  32,  34, 1,  8, 0 } },
+        { LLM_Q4_K, { 256, 144, 0, 36, 0 } },
+        { LLM_Q5_K, { 256, 176, 0, 44, 0 } },
+        { LLM_Q6_K, { 256, 210, 0, 52, 1 } },
+    };
+    size_t i;
+
+    for (i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+        if (shapes[i].type == type) {
+            *sh = shapes[i].sh;
+            return 1;
+        }
     }
-    *qb = *bs - 2 * *ns;
-    return 1;
+    return 0;
 }
 
 
 int
 llm_cpu_rows16_type(int type)
 {
-    int bs, ns, qb;
+    r16_shape sh;
 
-    return block_shape(type, &bs, &ns, &qb);
+    return block_shape(type, &sh);
 }
 
 
 /* Moves row j's block between its plain bytes and its group's block:
- * to_group 1 from plain to group, 0 back.  The scale fields are 2
- * bytes and the quants 4 at a time. */
+ * to_group 1 from plain to group, 0 back. */
 static void
-block_move(int ns, int qb, int j, uint8_t *plain, uint8_t *group,
+block_move(const r16_shape *sh, int j, uint8_t *plain, uint8_t *group,
            int to_group)
 {
-    int f, u;
+    int f;
 
-    for (f = 0; f < ns; f++) {
-        uint8_t *g = group + 32 * f + 2 * j, *p = plain + 2 * f;
+    for (f = 0; f < sh->nh + sh->nd + sh->nt; f++) {
+        int      w = f < sh->nh || f >= sh->nh + sh->nd ? 2 : 4;
+        int      po = f < sh->nh ? 2 * f
+                      : f < sh->nh + sh->nd ? 2 * sh->nh + 4 * (f - sh->nh)
+                      : 2 * sh->nh + 4 * sh->nd + 2 * (f - sh->nh - sh->nd);
+        int      go = f < sh->nh ? 32 * f
+                      : f < sh->nh + sh->nd ? 32 * sh->nh + 64 * (f - sh->nh)
+                      : 32 * sh->nh + 64 * sh->nd
+                        + 32 * (f - sh->nh - sh->nd);
+        uint8_t *g = group + go + w * j, *p = plain + po;
 
-        memcpy(to_group ? g : p, to_group ? p : g, 2);
-    }
-    for (u = 0; u < qb / 4; u++) {
-        uint8_t *g = group + 32 * ns + 64 * u + 4 * j;
-        uint8_t *p = plain + 2 * ns + 4 * u;
-
-        memcpy(to_group ? g : p, to_group ? p : g, 4);
+        memcpy(to_group ? g : p, to_group ? p : g, (size_t) w);
     }
 }
 
@@ -72,25 +94,27 @@ void
 llm_cpu_rows16_pack(int type, const uint8_t *src, int64_t rows, int64_t k,
                     uint8_t *dst)
 {
-    int      bs, ns, qb, j;
-    int64_t  nb, g, b;
-    size_t   row_bytes;
+    r16_shape sh;
+    int       j;
+    int64_t   nb, g, b;
+    size_t    row_bytes, bs;
 
-    if (!block_shape(type, &bs, &ns, &qb)) {
+    if (!block_shape(type, &sh)) {
         return;
     }
-    nb = k / 32;
-    row_bytes = (size_t) nb * (size_t) bs;
+    nb = k / sh.elems;
+    bs = (size_t) sh.bs;
+    row_bytes = (size_t) nb * bs;
     for (g = 0; g + 16 <= rows; g += 16) {
         const uint8_t *s = src + (size_t) g * row_bytes;
         uint8_t       *d = dst + (size_t) g * row_bytes;
 
         for (b = 0; b < nb; b++) {
-            uint8_t *db = d + (size_t) b * 16 * (size_t) bs;
+            uint8_t *db = d + (size_t) b * 16 * bs;
 
             for (j = 0; j < 16; j++) {
-                block_move(ns, qb, j, (uint8_t *) s + (size_t) j * row_bytes
-                                      + (size_t) b * (size_t) bs, db, 1);
+                block_move(&sh, j, (uint8_t *) s + (size_t) j * row_bytes
+                                   + (size_t) b * bs, db, 1);
             }
         }
     }
@@ -105,22 +129,23 @@ void
 llm_cpu_rows16_row(int type, const uint8_t *w, int64_t rows, int64_t r,
                    int64_t k, uint8_t *row)
 {
-    int      bs, ns, qb;
-    int64_t  nb, b, g = r - r % 16;
-    size_t   row_bytes;
+    r16_shape sh;
+    int64_t   nb, b, g = r - r % 16;
+    size_t    row_bytes, bs;
 
-    if (!block_shape(type, &bs, &ns, &qb)) {
+    if (!block_shape(type, &sh)) {
         return;
     }
-    nb = k / 32;
-    row_bytes = (size_t) nb * (size_t) bs;
+    nb = k / sh.elems;
+    bs = (size_t) sh.bs;
+    row_bytes = (size_t) nb * bs;
     if (g + 16 > rows) {
         memcpy(row, w + (size_t) r * row_bytes, row_bytes);
         return;
     }
     for (b = 0; b < nb; b++) {
-        block_move(ns, qb, (int) (r % 16), row + (size_t) b * (size_t) bs,
-                   (uint8_t *) w + (size_t) g * row_bytes
-                   + (size_t) b * 16 * (size_t) bs, 0);
+        block_move(&sh, (int) (r % 16), row + (size_t) b * bs,
+                   (uint8_t *) w + (size_t) g * row_bytes + (size_t) b * 16 * bs,
+                   0);
     }
 }

@@ -35,10 +35,29 @@ r16_weights(int type, int64_t m, int64_t k)
     int64_t  j, i;
 
     for (j = 0; j < m; j++) {
+        uint8_t *wr = w + (size_t) j * rb;
+
+        if (type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K) {
+            /* no quantizer for these: random bytes, sane f16 scales */
+            size_t   bs = llm_dtype_get(type)->type_size, off;
+            uint16_t d = llm_f32_to_f16(0.002f + 0.01f * (float) (j % 7));
+
+            for (off = 0; off < rb; off++) {
+                r16_uni();
+                wr[off] = (uint8_t) (r16_rng >> 32);
+            }
+            for (off = 0; off < rb; off += bs) {
+                memcpy(wr + off + (type == LLM_Q6_K ? 208 : 0), &d, 2);
+                if (type != LLM_Q6_K) {
+                    memcpy(wr + off + 2, &d, 2);
+                }
+            }
+            continue;
+        }
         for (i = 0; i < k; i++) {
             row[i] = r16_uni() * (1.0f + (float) (j % 5));
         }
-        llm_quantize_row(type, row, w + (size_t) j * rb, k);
+        llm_quantize_row(type, row, wr, k);
     }
     free(row);
     return w;
@@ -78,7 +97,22 @@ r16_open(const char *isa)
 }
 
 
-static const int r16_types[] = { LLM_Q4_0, LLM_Q4_1, LLM_Q8_0 };
+static const int r16_types[] = { LLM_Q4_0, LLM_Q4_1, LLM_Q8_0, LLM_Q4_K,
+                                  LLM_Q5_K, LLM_Q6_K };
+#define R16_TYPES  6
+
+
+/* Row lengths for a type: blocks of 32 or super-blocks of 256, past one
+ * segment of the kernels (64 blocks of 32) in the last. */
+static void
+r16_ks(int type, int64_t ks[3])
+{
+    int big = type == LLM_Q4_K || type == LLM_Q5_K || type == LLM_Q6_K;
+
+    ks[0] = big ? 256 : 32;
+    ks[1] = big ? 768 : 576;
+    ks[2] = big ? 2304 : 2080;
+}
 
 
 /* Test names with their own storage (the runner prints them later). */
@@ -97,12 +131,13 @@ r16_name(const char *what, const char *isa)
 TEST_SUITE(rows16_layout)
 {
     static const int64_t rows[] = { 16, 35, 48 };
-    static const int64_t ks[] = { 32, 576 };
+    int64_t              ks[3];
     int                  ti, ri, ki, ok = 1;
 
     test("ROWS16: every row comes back byte for byte (whole groups and"
-         " the rows after the last)");
-    for (ti = 0; ti < 3; ti++) {
+         " the rows after the last), every type");
+    for (ti = 0; ti < R16_TYPES; ti++) {
+        r16_ks(r16_types[ti], ks);
         for (ri = 0; ri < 3; ri++) {
             for (ki = 0; ki < 2; ki++) {
                 int      type = r16_types[ti];
@@ -147,17 +182,19 @@ r16_matmul_on(const char *isa)
 {
     static const int64_t ns[] = { 1, 2, 3, 5, 16, 17, 32, 33 };
     static const int64_t ms[] = { 16, 48, 67 };
-    static const int64_t ks[] = { 32, 576, 2080 };
+    int64_t              ks[3];
     llm_backend         *be = r16_open(isa);
     int                  ti, mi, ki, ni, ok = 1, adopted = 1;
 
     test(r16_name("ROWS16 weights: products bit-identical to the plain"
-                  " rows, 1 to 33 activation rows, bias or none", isa));
+                  " rows, every type, 1 to 33 activation rows, bias or none",
+                  isa));
     if (be == NULL) {
         test_skip("this CPU lacks the instruction set");
         return;
     }
-    for (ti = 0; ti < 3; ti++) {
+    for (ti = 0; ti < R16_TYPES; ti++) {
+        r16_ks(r16_types[ti], ks);
         for (mi = 0; mi < 3; mi++) {
             for (ki = 0; ki < 3; ki++) {
                 int         type = r16_types[ti];
@@ -263,16 +300,19 @@ r16_others_on(const char *isa)
               == 0;
     }
 
-    {
-        /* token ids in whole groups and after the last (V = 67) */
+    for (i = 0; i < 2; i++) {
+        /* token ids in whole groups and after the last (V = 67); a Q8_0
+         * table and a Q6_K one (llama.cpp's Q4_K_M files embed in Q6_K) */
+        int         type = i == 0 ? LLM_Q8_0 : LLM_Q6_K;
+        int64_t     dim = i == 0 ? K : 256;
         int32_t     tokens[T] = { 0, 17, 31, 47, 64, 66 };
         int32_t     pos[T] = { 0, 1, 2, 3, 4, 5 }, seq[T] = { 0 };
         llm_batch   b;
-        float       e1[T * K], e2[T * K];
-        uint8_t    *tab = r16_weights(LLM_Q8_0, V, K);
-        llm_tensor  plain = r16_tensor(tab, LLM_Q8_0, K, V), packed = plain;
-        llm_tensor  te1 = r16_tensor(e1, LLM_F32, K, T);
-        llm_tensor  te2 = r16_tensor(e2, LLM_F32, K, T);
+        static float e1[T * K], e2[T * K];
+        uint8_t    *tab = r16_weights(type, V, dim);
+        llm_tensor  plain = r16_tensor(tab, type, dim, V), packed = plain;
+        llm_tensor  te1 = r16_tensor(e1, LLM_F32, dim, T);
+        llm_tensor  te2 = r16_tensor(e2, LLM_F32, dim, T);
 
         memset(&b, 0, sizeof(b));
         b.n_tokens = T;
@@ -286,7 +326,7 @@ r16_others_on(const char *isa)
               && be->ops->set_batch(be, &b) == 0
               && be->ops->embed(be, &te1, &plain) == 0
               && be->ops->embed(be, &te2, &packed) == 0
-              && memcmp(e1, e2, sizeof(e1)) == 0;
+              && memcmp(e1, e2, sizeof(float) * T * (size_t) dim) == 0;
         free(tab);
     }
     for (i = 0; i < 3; i++) {

@@ -186,3 +186,19 @@ llm_kv_check_batch(const llm_kv_pool *kv, const llm_batch *b, char *msg,
     }
     return 0;
 }
+
+
+llm_tensor
+llm_tensor_of(void *data, int type, int64_t cols, int64_t rows)
+{
+    llm_tensor t;
+
+    memset(&t, 0, sizeof(t));
+    t.data = data;
+    t.type = type;
+    t.ne[0] = cols;
+    t.ne[1] = rows;
+    t.nb = llm_row_bytes(type, cols);
+    t.layout = LLM_LAYOUT_ROWS;
+    return t;
+}

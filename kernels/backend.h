@@ -301,6 +301,11 @@ void llm_tensor_release(llm_backend *be, llm_tensor *t);
 /* A view of rows [first, first + n) of t. */
 llm_tensor llm_tensor_rows(const llm_tensor *t, int64_t first, int64_t n);
 
+/* A tensor over existing memory the backend addresses (on the CPU
+ * backend, host memory): rows of llm_row_bytes(type, cols), plain
+ * layout.  For tests and tools. */
+llm_tensor llm_tensor_of(void *data, int type, int64_t cols, int64_t rows);
+
 /* Constructors of the built-in backends. NULL with err set on failure. */
 struct llm_err;
 llm_backend *llm_backend_cpu_new(int n_threads, struct llm_err *err);

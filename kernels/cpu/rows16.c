@@ -90,37 +90,44 @@ block_move(const r16_shape *sh, int j, uint8_t *plain, uint8_t *group,
 }
 
 
+/* Moves row j of a whole group (group: its first byte) between its
+ * plain bytes and the group's blocks, every block of the row. */
+static void
+row_move(const r16_shape *sh, int64_t nb, uint8_t *group, int j,
+         uint8_t *plain, int to_group)
+{
+    int64_t b;
+
+    for (b = 0; b < nb; b++) {
+        block_move(sh, j, plain + (size_t) b * (size_t) sh->bs,
+                   group + (size_t) b * 16 * (size_t) sh->bs, to_group);
+    }
+}
+
+
 void
 llm_cpu_rows16_pack(int type, const uint8_t *src, int64_t rows, int64_t k,
                     uint8_t *dst)
 {
     r16_shape sh;
+    int64_t   nb, g;
+    size_t    rb;
     int       j;
-    int64_t   nb, g, b;
-    size_t    row_bytes, bs;
 
     if (!block_shape(type, &sh)) {
         return;
     }
     nb = k / sh.elems;
-    bs = (size_t) sh.bs;
-    row_bytes = (size_t) nb * bs;
+    rb = (size_t) nb * (size_t) sh.bs;
     for (g = 0; g + 16 <= rows; g += 16) {
-        const uint8_t *s = src + (size_t) g * row_bytes;
-        uint8_t       *d = dst + (size_t) g * row_bytes;
-
-        for (b = 0; b < nb; b++) {
-            uint8_t *db = d + (size_t) b * 16 * bs;
-
-            for (j = 0; j < 16; j++) {
-                block_move(&sh, j, (uint8_t *) s + (size_t) j * row_bytes
-                                   + (size_t) b * bs, db, 1);
-            }
+        for (j = 0; j < 16; j++) {
+            row_move(&sh, nb, dst + (size_t) g * rb, j,
+                     (uint8_t *) src + (size_t) (g + j) * rb, 1);
         }
     }
     if (g < rows) {
-        memcpy(dst + (size_t) g * row_bytes, src + (size_t) g * row_bytes,
-               (size_t) (rows - g) * row_bytes);
+        memcpy(dst + (size_t) g * rb, src + (size_t) g * rb,
+               (size_t) (rows - g) * rb);
     }
 }
 
@@ -130,22 +137,18 @@ llm_cpu_rows16_row(int type, const uint8_t *w, int64_t rows, int64_t r,
                    int64_t k, uint8_t *row)
 {
     r16_shape sh;
-    int64_t   nb, b, g = r - r % 16;
-    size_t    row_bytes, bs;
+    int64_t   nb, g = r - r % 16;
+    size_t    rb;
 
     if (!block_shape(type, &sh)) {
         return;
     }
     nb = k / sh.elems;
-    bs = (size_t) sh.bs;
-    row_bytes = (size_t) nb * bs;
+    rb = (size_t) nb * (size_t) sh.bs;
     if (g + 16 > rows) {
-        memcpy(row, w + (size_t) r * row_bytes, row_bytes);
-        return;
-    }
-    for (b = 0; b < nb; b++) {
-        block_move(&sh, (int) (r % 16), row + (size_t) b * bs,
-                   (uint8_t *) w + (size_t) g * row_bytes + (size_t) b * 16 * bs,
-                   0);
+        memcpy(row, w + (size_t) r * rb, rb);
+    } else {
+        row_move(&sh, nb, (uint8_t *) w + (size_t) g * rb, (int) (r - g),
+                 row, 0);
     }
 }

@@ -101,20 +101,6 @@ kt_open(int isa, int threads)
 }
 
 
-static llm_tensor
-kt_tensor(void *data, int type, int64_t cols, int64_t rows)
-{
-    llm_tensor t;
-
-    memset(&t, 0, sizeof(t));
-    t.data = data;
-    t.type = type;
-    t.ne[0] = cols;
-    t.ne[1] = rows;
-    t.nb = llm_row_bytes(type, cols);
-    return t;
-}
-
 
 /* -------------------------------------------- quantization fixtures */
 
@@ -434,10 +420,10 @@ kt_matmul_case(llm_backend *be, int type, int64_t n, int64_t k, int64_t m,
             memcpy(xh + r * k, x + r * k, (size_t) k * 4);
         }
     }
-    tx = kt_tensor(x, LLM_F32, k, n);
-    tw = kt_tensor(w, type, k, m);
-    to = kt_tensor(out, LLM_F32, m, n);
-    tb = kt_tensor(bias, LLM_F32, m, 1);
+    tx = llm_tensor_of(x, LLM_F32, k, n);
+    tw = llm_tensor_of(w, type, k, m);
+    to = llm_tensor_of(out, LLM_F32, m, n);
+    tb = llm_tensor_of(bias, LLM_F32, m, 1);
     rc = be->ops->matmul(be, &to, &tx, &tw, with_bias ? &tb : NULL);
     if (rc != 0) {
         printf("       matmul %s: %s\n", ti->name, llm_backend_error(be));
@@ -507,16 +493,16 @@ kt_invariance(llm_backend *be, int type, int64_t k, int64_t m)
     kt_weights(type, m, k, w, wf);
     kt_fill(x, N * k, 1.0f);
     kt_fill(bias, m, 1.0f);
-    tw = kt_tensor(w, type, k, m);
-    tb = kt_tensor(bias, LLM_F32, m, 1);
-    tx = kt_tensor(x, LLM_F32, k, N);
-    to = kt_tensor(full, LLM_F32, m, N);
+    tw = llm_tensor_of(w, type, k, m);
+    tb = llm_tensor_of(bias, LLM_F32, m, 1);
+    tx = llm_tensor_of(x, LLM_F32, k, N);
+    to = llm_tensor_of(full, LLM_F32, m, N);
     ok &= be->ops->matmul(be, &to, &tx, &tw, &tb) == 0;
     for (i = 0; i < 3; i++) {
         n = ns[i];
         for (r = 0; r + n <= N; r += n) {
-            tx = kt_tensor(x + (size_t) r * k, LLM_F32, k, n);
-            to = kt_tensor(part, LLM_F32, m, n);
+            tx = llm_tensor_of(x + (size_t) r * k, LLM_F32, k, n);
+            to = llm_tensor_of(part, LLM_F32, m, n);
             ok &= be->ops->matmul(be, &to, &tx, &tw, &tb) == 0;
             if (memcmp(part, full + (size_t) r * m, (size_t) n * m * 4) != 0) {
                 printf("       %s k=%lld m=%lld: rows %d..%d differ when"
@@ -556,12 +542,12 @@ kt_cross_isa(llm_backend *a, llm_backend *b, int type, int64_t n, int64_t k,
     kt_weights(type, m, k, w, wf);
     kt_fill(x, n * k, 1.0f);
     kt_fill(bias, m, 1.0f);
-    tx = kt_tensor(x, LLM_F32, k, n);
-    tw = kt_tensor(w, type, k, m);
-    tb = kt_tensor(bias, LLM_F32, m, 1);
-    to = kt_tensor(oa, LLM_F32, m, n);
+    tx = llm_tensor_of(x, LLM_F32, k, n);
+    tw = llm_tensor_of(w, type, k, m);
+    tb = llm_tensor_of(bias, LLM_F32, m, 1);
+    to = llm_tensor_of(oa, LLM_F32, m, n);
     ok = a->ops->matmul(a, &to, &tx, &tw, &tb) == 0;
-    to = kt_tensor(ob, LLM_F32, m, n);
+    to = llm_tensor_of(ob, LLM_F32, m, n);
     ok &= b->ops->matmul(b, &to, &tx, &tw, &tb) == 0;
     if (ok && memcmp(oa, ob, (size_t) n * m * 4) != 0) {
         printf("       %s n=%lld: the two paths differ\n",
@@ -624,21 +610,21 @@ kt_matmul_n_case(llm_backend *be, const int *types, const int64_t *ms,
     kt_fill(x, n * k, 1.0f);
     bias = malloc((size_t) ms[0] * 4);
     kt_fill(bias, ms[0], 1.0f);
-    tb = kt_tensor(bias, LLM_F32, ms[0], 1);
-    tx = kt_tensor(x, LLM_F32, k, n);
+    tb = llm_tensor_of(bias, LLM_F32, ms[0], 1);
+    tx = llm_tensor_of(x, LLM_F32, k, n);
     for (i = 0; i < np; i++) {
         float *wf = malloc((size_t) ms[i] * k * 4);
 
         w[i] = malloc(llm_row_bytes(types[i], k) * ms[i]);
         kt_weights(types[i], ms[i], k, w[i], wf);
         free(wf);
-        tw[i] = kt_tensor(w[i], types[i], k, ms[i]);
+        tw[i] = llm_tensor_of(w[i], types[i], k, ms[i]);
         one[i] = malloc((size_t) n * ms[i] * 4);
         grp[i] = malloc((size_t) n * ms[i] * 4);
-        to[i] = kt_tensor(one[i], LLM_F32, ms[i], n);
+        to[i] = llm_tensor_of(one[i], LLM_F32, ms[i], n);
         ok &= be->ops->matmul(be, &to[i], &tx, &tw[i], i == 0 ? &tb : NULL)
               == 0;
-        to[i] = kt_tensor(grp[i], LLM_F32, ms[i], n);
+        to[i] = llm_tensor_of(grp[i], LLM_F32, ms[i], n);
         outs[i] = &to[i];
         ws[i] = &tw[i];
         bs[i] = i == 0 ? &tb : NULL;
@@ -792,9 +778,9 @@ TEST_SUITE(kernels_matmul)
             {
                 float      xs[64], os[64];
                 uint8_t    ws[256];
-                llm_tensor tx = kt_tensor(xs, LLM_F32, 32, 2);
-                llm_tensor tw = kt_tensor(ws, LLM_Q8_0, 32, 4);
-                llm_tensor to = kt_tensor(os, LLM_F32, 3, 2);
+                llm_tensor tx = llm_tensor_of(xs, LLM_F32, 32, 2);
+                llm_tensor tw = llm_tensor_of(ws, LLM_Q8_0, 32, 4);
+                llm_tensor to = llm_tensor_of(os, LLM_F32, 3, 2);
                 int        r1, r2, r3;
 
                 memset(ws, 0, sizeof(ws));
@@ -899,10 +885,10 @@ kt_ops(llm_backend *be, const char *isa)
     kt_fill(a, T * D, 2.0f);
     kt_fill(bb, T * D, 1.0f);
     kt_fill(w, D, 1.0f);
-    ta = kt_tensor(a, LLM_F32, D, T);
-    tb = kt_tensor(bb, LLM_F32, D, T);
-    to = kt_tensor(o, LLM_F32, D, T);
-    tw = kt_tensor(w, LLM_F32, D, 1);
+    ta = llm_tensor_of(a, LLM_F32, D, T);
+    tb = llm_tensor_of(bb, LLM_F32, D, T);
+    to = llm_tensor_of(o, LLM_F32, D, T);
+    tw = llm_tensor_of(w, LLM_F32, D, 1);
 
     test(kt_name("rmsnorm (%s)", isa));
     for (t = 0; t < T; t++) {
@@ -923,7 +909,7 @@ kt_ops(llm_backend *be, const char *isa)
     for (i = 0; i < T * D; i++) {
         ref[i] = (float) (a[i] / (1.0 + exp(-(double) a[i])) * bb[i]);
     }
-    to = kt_tensor(o, LLM_F32, D, T);
+    to = llm_tensor_of(o, LLM_F32, D, T);
     rc = be->ops->silu_mul(be, &to, &to, &tb);
     ok = rc == 0 && kt_close(o, ref, T * D, 2e-6, 1e-7);
     for (i = 0; i < T * D; i++) {
@@ -937,9 +923,9 @@ kt_ops(llm_backend *be, const char *isa)
         float g[19] = { -100, -87.5f, -50, -20, -5, -1e-3f, 0, 1e-3f, 0.5f, 1,
                         5, 20, 50, 87.5f, 100, 3e4f, -3e4f, 1e-30f, -1e-30f };
         float u[19], out19[19], r19[19];
-        llm_tensor tg = kt_tensor(g, LLM_F32, 19, 1);
-        llm_tensor tu = kt_tensor(u, LLM_F32, 19, 1);
-        llm_tensor tt = kt_tensor(out19, LLM_F32, 19, 1);
+        llm_tensor tg = llm_tensor_of(g, LLM_F32, 19, 1);
+        llm_tensor tu = llm_tensor_of(u, LLM_F32, 19, 1);
+        llm_tensor tt = llm_tensor_of(out19, LLM_F32, 19, 1);
         for (i = 0; i < 19; i++) {
             u[i] = 1.5f;
             r19[i] = (float) (g[i] / (1.0 + exp(-(double) g[i])) * 1.5);
@@ -965,7 +951,7 @@ kt_ops(llm_backend *be, const char *isa)
         test(kt_name("rope %s%s (%s)",
                  rp.neox ? "neox (HF halves)" : "adjacent pairs (GGUF)",
                  mode < 2 ? "" : ", n_rot < head_dim, factors, scale", isa));
-        ta = kt_tensor(a, LLM_F32, nh * hd, T);
+        ta = llm_tensor_of(a, LLM_F32, nh * hd, T);
         kt_fill(a, T * nh * hd, 1.0f);
         memcpy(ref, a, sizeof(float) * T * nh * hd);
         memcpy(bb, a, sizeof(float) * T * nh * hd);
@@ -980,11 +966,11 @@ kt_ops(llm_backend *be, const char *isa)
              && kt_close(a, bb, T * nh * hd, 0, 2e-3);
         test_cond(ok);
     }
-    tb = kt_tensor(bb, LLM_F32, D, T);
+    tb = llm_tensor_of(bb, LLM_F32, D, T);
 
     test(kt_name("gather_out_rows (%s)", isa));
-    ta = kt_tensor(a, LLM_F32, D, T);
-    to = kt_tensor(o, LLM_F32, D, 3);
+    ta = llm_tensor_of(a, LLM_F32, D, T);
+    to = llm_tensor_of(o, LLM_F32, D, 3);
     rc = be->ops->gather_out_rows(be, &to, &ta);
     test_cond(rc == 0 && memcmp(o, a + 36 * D, D * 4) == 0
               && memcmp(o + D, a, D * 4) == 0
@@ -1003,8 +989,8 @@ kt_ops(llm_backend *be, const char *isa)
         for (ti = 0; ti < 6; ti++) {
             float   *tf = malloc(vocab * dim * 4);
             uint8_t *tq = malloc(llm_row_bytes(types[ti], dim) * vocab);
-            llm_tensor tt = kt_tensor(tq, types[ti], dim, vocab);
-            llm_tensor te = kt_tensor(eo, LLM_F32, dim, T);
+            llm_tensor tt = llm_tensor_of(tq, types[ti], dim, vocab);
+            llm_tensor te = llm_tensor_of(eo, LLM_F32, dim, T);
 
             kt_weights(types[ti], vocab, dim, tq, tf);
             rc = be->ops->embed(be, &te, &tt);
@@ -1117,10 +1103,10 @@ kt_attn_step(kt_attn *A, const int *add, int check)
     b.max_blocks = A->max_blocks;
     rc = A->be->ops->set_batch(A->be, &b);
 
-    tq = kt_tensor(q, LLM_F32, qw, T);
-    tk = kt_tensor(k, LLM_F32, row, T);
-    tv = kt_tensor(v, LLM_F32, row, T);
-    to = kt_tensor(out, LLM_F32, qw, T);
+    tq = llm_tensor_of(q, LLM_F32, qw, T);
+    tk = llm_tensor_of(k, LLM_F32, row, T);
+    tv = llm_tensor_of(v, LLM_F32, row, T);
+    to = llm_tensor_of(out, LLM_F32, qw, T);
     rc |= A->be->ops->kv_store(A->be, &A->kv, A->layer, &tk, &tv);
     if (check) {
         rc |= A->be->ops->attention(A->be, &to, &tq, &A->kv, A->layer,
@@ -1346,7 +1332,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     b.seq_start = st;
     b.block_table = table;
     b.max_blocks = MB;
-    tk = kt_tensor(k, LLM_F32, NKV * HD, n);
+    tk = llm_tensor_of(k, LLM_F32, NKV * HD, n);
     ok &= be->ops->set_batch(be, &b) == 0
           && be->ops->kv_store(be, &kv, 0, &tk, &tk) == 0;
 
@@ -1358,8 +1344,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
         b.pos = &p1;
         b.tok_seq = &s1;
         b.tokens = &t0;
-        tq = kt_tensor(q + i * NH * HD, LLM_F32, NH * HD, 1);
-        to = kt_tensor(alone[i], LLM_F32, NH * HD, 1);
+        tq = llm_tensor_of(q + i * NH * HD, LLM_F32, NH * HD, 1);
+        to = llm_tensor_of(alone[i], LLM_F32, NH * HD, 1);
         ok &= be->ops->set_batch(be, &b) == 0
               && be->ops->attention(be, &to, &tq, &kv, 0, NH, 0.125f) == 0;
     }
@@ -1377,8 +1363,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
         b.pos = bp;
         b.tok_seq = bsq;
         b.tokens = bt;
-        tq = kt_tensor(bq, LLM_F32, NH * HD, 4);
-        to = kt_tensor(batch, LLM_F32, NH * HD, 4);
+        tq = llm_tensor_of(bq, LLM_F32, NH * HD, 4);
+        to = llm_tensor_of(batch, LLM_F32, NH * HD, 4);
         for (pass = 0; pass < 2; pass++) {
             llm_backend *e = pass == 0 ? be : be1;
             ok &= e->ops->set_batch(e, &b) == 0
@@ -1522,7 +1508,7 @@ TEST_SUITE(kernels_backend)
         float       kv16[2 * 8];
         llm_kv_pool kv;
         llm_batch   b;
-        llm_tensor  tk = kt_tensor(kv16, LLM_F32, 8, 2);
+        llm_tensor  tk = llm_tensor_of(kv16, LLM_F32, 8, 2);
 
         memset(&kv, 0, sizeof(kv));
         kv.type = LLM_F32;
@@ -1580,8 +1566,8 @@ TEST_SUITE(kernels_backend)
     {
         llm_backend *b2 = llm_backend_cpu_new(1, &err);
         float        x[4];
-        llm_tensor   tx = kt_tensor(x, LLM_F32, 4, 1);
-        llm_tensor   tt = kt_tensor(x, LLM_F32, 4, 1);
+        llm_tensor   tx = llm_tensor_of(x, LLM_F32, 4, 1);
+        llm_tensor   tt = llm_tensor_of(x, LLM_F32, 4, 1);
         test_cond(b2 != NULL
                   && b2->ops->embed(b2, &tx, &tt) == LLM_ESTATE
                   && b2->ops->set_batch(b2, NULL) == LLM_EINVAL

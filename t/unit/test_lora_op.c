@@ -55,13 +55,8 @@ op_rand(void)
 static llm_tensor
 op_tensor(float *data, int64_t cols, int64_t rows, size_t stride)
 {
-    llm_tensor t;
+    llm_tensor t = llm_tensor_of(data, LLM_F32, cols, rows);
 
-    memset(&t, 0, sizeof(t));
-    t.data = data;
-    t.type = LLM_F32;
-    t.ne[0] = cols;
-    t.ne[1] = rows;
     t.nb = stride * sizeof(float);
     return t;
 }

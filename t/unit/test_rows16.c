@@ -64,20 +64,6 @@ r16_weights(int type, int64_t m, int64_t k)
 }
 
 
-static llm_tensor
-r16_tensor(void *data, int type, int64_t cols, int64_t rows)
-{
-    llm_tensor t;
-
-    memset(&t, 0, sizeof(t));
-    t.data = data;
-    t.type = type;
-    t.ne[0] = cols;
-    t.ne[1] = rows;
-    t.nb = llm_row_bytes(type, cols);
-    return t;
-}
-
 
 /* A CPU backend on isa ("avx512", "amx", "avx2"); NULL where the CPU
  * lacks it. */
@@ -169,9 +155,9 @@ static int
 r16_product(llm_backend *be, const llm_tensor *w, const float *x, int64_t n,
             const float *bias, float *out)
 {
-    llm_tensor tx = r16_tensor((void *) x, LLM_F32, w->ne[0], n);
-    llm_tensor to = r16_tensor(out, LLM_F32, w->ne[1], n);
-    llm_tensor tb = r16_tensor((void *) bias, LLM_F32, w->ne[1], 1);
+    llm_tensor tx = llm_tensor_of((void *) x, LLM_F32, w->ne[0], n);
+    llm_tensor to = llm_tensor_of(out, LLM_F32, w->ne[1], n);
+    llm_tensor tb = llm_tensor_of((void *) bias, LLM_F32, w->ne[1], 1);
 
     return be->ops->matmul(be, &to, &tx, w, bias != NULL ? &tb : NULL);
 }
@@ -201,7 +187,7 @@ r16_matmul_on(const char *isa)
                 int64_t     m = ms[mi], k = ks[ki];
                 size_t      rb = llm_row_bytes(type, k);
                 uint8_t    *w = r16_weights(type, m, k);
-                llm_tensor  plain = r16_tensor(w, type, k, m);
+                llm_tensor  plain = llm_tensor_of(w, type, k, m);
                 llm_tensor  packed = plain;
                 float      *x = malloc(sizeof(float) * 33 * (size_t) k);
                 float      *bias = malloc(sizeof(float) * (size_t) m);
@@ -275,12 +261,12 @@ r16_others_on(const char *isa)
     for (i = 0; i < N * K; i++) {
         x[i] = r16_uni();
     }
-    tx = r16_tensor(x, LLM_F32, K, N);
+    tx = llm_tensor_of(x, LLM_F32, K, N);
     for (i = 0; i < 3; i++) {
         int type = r16_types[i];
 
         w[i] = r16_weights(type, ms[i], K);
-        tw[i] = r16_tensor(w[i], type, K, ms[i]);
+        tw[i] = llm_tensor_of(w[i], type, K, ms[i]);
         if (i < 2) {
             ok &= llm_backend_adopt_tensor(be, &tw[i], w[i],
                                            tw[i].nb * (size_t) ms[i]) == 0
@@ -288,9 +274,9 @@ r16_others_on(const char *isa)
         }
         one[i] = malloc(sizeof(float) * N * (size_t) ms[i]);
         grp[i] = malloc(sizeof(float) * N * (size_t) ms[i]);
-        to[i] = r16_tensor(one[i], LLM_F32, ms[i], N);
+        to[i] = llm_tensor_of(one[i], LLM_F32, ms[i], N);
         ok &= be->ops->matmul(be, &to[i], &tx, &tw[i], NULL) == 0;
-        to[i] = r16_tensor(grp[i], LLM_F32, ms[i], N);
+        to[i] = llm_tensor_of(grp[i], LLM_F32, ms[i], N);
         outs[i] = &to[i];
         ws[i] = &tw[i];
     }
@@ -310,9 +296,9 @@ r16_others_on(const char *isa)
         llm_batch   b;
         static float e1[T * K], e2[T * K];
         uint8_t    *tab = r16_weights(type, V, dim);
-        llm_tensor  plain = r16_tensor(tab, type, dim, V), packed = plain;
-        llm_tensor  te1 = r16_tensor(e1, LLM_F32, dim, T);
-        llm_tensor  te2 = r16_tensor(e2, LLM_F32, dim, T);
+        llm_tensor  plain = llm_tensor_of(tab, type, dim, V), packed = plain;
+        llm_tensor  te1 = llm_tensor_of(e1, LLM_F32, dim, T);
+        llm_tensor  te2 = llm_tensor_of(e2, LLM_F32, dim, T);
 
         memset(&b, 0, sizeof(b));
         b.n_tokens = T;
@@ -358,7 +344,7 @@ TEST_SUITE(rows16_matmul)
     }
     {
         uint8_t    *w = r16_weights(LLM_Q4_1, 32, 64);
-        llm_tensor  t = r16_tensor(w, LLM_Q4_1, 64, 32), bad = t;
+        llm_tensor  t = llm_tensor_of(w, LLM_Q4_1, 64, 32), bad = t;
         float       x[64], o[32];
         int         ok;
 

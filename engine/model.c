@@ -1221,6 +1221,7 @@ load_entry(loader *ld, plan_entry *e)
     if ((uintptr_t) t->data % type_align(t->type) != 0) {
         /* safetensors does not promise aligned data: copy */
         rc = upload_copy(ld, e->name, t->data, t->nbytes, &p);
+        ld->m->copied_bytes += rc == 0 ? t->nbytes : 0;
     } else {
         /* a device backend may convert the type here (quantized weights
          * expanded once at load), so the tensor is handed over whole */
@@ -1230,6 +1231,7 @@ load_entry(loader *ld, plan_entry *e)
             /* the backend keeps its own copy (another layout or type):
              * the mapping's pages of this tensor are not read again */
             llm_map_file_drop(t->data, t->nbytes);
+            ld->m->copied_bytes += t->nbytes;
         }
         if (rc != 0) {
             rc = llm_err_set(ld->err, rc == LLM_ENOMEM ? LLM_ENOMEM
@@ -1516,7 +1518,13 @@ llm_model_describe(const llm_model *m, char *buf, size_t size)
             first = 0;
         }
     }
-    DESC("), weights %.1f MiB\n", (double) m->weight_bytes / (1 << 20));
+    DESC("), weights %.1f MiB", (double) m->weight_bytes / (1 << 20));
+    if (m->copied_bytes > 0) {
+        DESC(" (the %s backend holds its own copy of %.1f MiB)",
+             m->be != NULL ? m->be->ops->name : "?",
+             (double) m->copied_bytes / (1 << 20));
+    }
+    DESC("\n");
     DESC("fingerprint: %s\n", llm_sha256_hex(m->fingerprint, hex));
 
 #undef DESC

@@ -56,6 +56,8 @@ typedef struct llm_model {
                                            tied */
     llm_layer_weights  *layers;         /* [n_layers] */
     size_t              weight_bytes;
+    size_t              copied_bytes;   /* of them, held in the backend's
+                                           own memory, not the mapping */
     int                 type_counts[LLM_DTYPE_COUNT];  /* tensors per type */
     uint8_t             fingerprint[32];/* identifies the weights (for
                                            cache keys) */

@@ -781,17 +781,37 @@ t_dots(const t_tile *t, const t_act *xa, int b, int u0, int NU, int RB,
 }
 
 
+/* Prefetches the bytes of one unit (a block of 32, or a K-quant
+ * super-block) of a ROWS16 group: n bytes at p. */
+INLINE void
+prefetch_unit(const uint8_t *p, int n)
+{
+    int o;
+
+    for (o = 0; o < n; o += 64) {
+        _mm_prefetch((const char *) p + o, _MM_HINT_T0);
+    }
+}
+
+
 /* acc[r] (lanes: the 16 weight rows) += blocks 0 .. nb of the segment, for
- * RB activation rows. */
+ * RB activation rows.  pf: where the weights of the next segment start in
+ * a ROWS16 tensor (its bytes follow this one's), fetched a unit per unit
+ * computed, so that memory keeps streaming while the products run; or
+ * NULL. */
 INLINE void
 t_rows(const t_tile *t, int type, int nb, const t_act *xa, int RB,
-       __m512 *acc)
+       __m512 *acc, const uint8_t *pf)
 {
     __m512i is[8], isb[8];
     int     b, r, s, h;
 
     if (!is_kq(type)) {
         for (b = 0; b < nb; b++) {
+            if (pf != NULL) {
+                prefetch_unit(pf + (size_t) b * 16 * b32_size(type),
+                              16 * b32_size(type));
+            }
             t_dots(t, xa, b, 0, 8, RB, is);
 #pragma GCC unroll 8
             for (r = 0; r < RB; r++) {
@@ -803,6 +823,10 @@ t_rows(const t_tile *t, int type, int nb, const t_act *xa, int RB,
     }
 
     for (b = 0; b < nb; b += 8) {
+        if (pf != NULL) {
+            prefetch_unit(pf + (size_t) (b / 8) * 16 * k_size(type),
+                          16 * k_size(type));
+        }
 #pragma GCC unroll 8
         for (r = 0; r < RB; r++) {
             isb[r] = _mm512_setzero_si512();
@@ -849,7 +873,7 @@ t_rows(const t_tile *t, int type, int nb, const t_act *xa, int RB,
 INLINE void
 t_rows_out(const t_tile *t, int type, int nb, int64_t b0, int last,
            const llm_cpu_gemm *g, int64_t r0, int RB, int64_t j0,
-           __mmask16 rm, __m512 bias)
+           __mmask16 rm, __m512 bias, const uint8_t *pf)
 {
     __m512 acc[8];
     t_act  xa[8];
@@ -861,7 +885,7 @@ t_rows_out(const t_tile *t, int type, int nb, int64_t b0, int last,
         acc[r] = b0 == 0 ? _mm512_setzero_ps()
                          : _mm512_maskz_loadu_ps(rm, out_row(g, r0 + r) + j0);
     }
-    t_rows(t, type, nb, xa, RB, acc);
+    t_rows(t, type, nb, xa, RB, acc, pf);
 #pragma GCC unroll 8
     for (r = 0; r < RB; r++) {
         if (last) {
@@ -948,7 +972,7 @@ amx_configure(void)
 INLINE void
 t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
                const llm_cpu_gemm *g, int64_t r0, int64_t j0, __mmask16 rm,
-               __m512 bias)
+               __m512 bias, const uint8_t *pf)
 {
     int32_t        c[2][16][16] __attribute__((aligned(64)));
     __m512         acc[16];
@@ -970,6 +994,10 @@ t_rows_out_amx(const t_tile *t, int type, int nb, int64_t b0, int last,
      * never wait for the tile store just issued */
     AMX_PRODUCT(0, 0);
     for (b = 0; b <= nb; b++) {
+        if (pf != NULL && b < nb) {
+            prefetch_unit(pf + (size_t) b * 16 * b32_size(type),
+                          16 * b32_size(type));
+        }
         if (b < nb) {
             if (b + 1 < nb) {
                 if (b % 2 == 0) {
@@ -1084,8 +1112,9 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
     const int kq = is_kq(type);
     /* bytes of one block of 32 (K-quants: of a super-block) */
     const int bs = kq ? k_size(type) : b32_size(type);
-    t_tile    t __attribute__((aligned(64)));
-    int64_t   nb = g->k / 32, j0, s0, r;
+    t_tile         t __attribute__((aligned(64)));
+    int64_t        nb = g->k / 32, j0, s0, r;
+    const uint8_t *pf;
 
     for (j0 = m0; j0 < m1; j0 += 16) {
         int       rows = m1 - j0 < 16 ? (int) (m1 - j0) : 16;
@@ -1121,30 +1150,43 @@ gemm_tiles(const llm_cpu_gemm *g, int64_t m0, int64_t m1, int type)
             } else {
                 t_repack(type, base, g->w_nb, rm, ns, 1, &t);
             }
+            /* a ROWS16 group's next segment (or the next group) follows
+             * this one: the first pass over this one prefetches it */
+            pf = g->w_rows16 && rows == 16
+                 ? g->w + (size_t) j0 * g->w_nb
+                   + (size_t) (kq ? (s0 + ns) / 8 : s0 + ns) * 16 * bs
+                 : NULL;
             r = 0;
             if (g->amx && !kq && g->xg != NULL) {
-                for (; r + 16 <= g->n; r += 16) {
+                for (; r + 16 <= g->n; r += 16, pf = NULL) {
                     t_rows_out_amx(&t, type, ns, s0, last, g, r, j0, rm,
-                                   bias);
+                                   bias, pf);
                 }
             }
-            for (; r + 8 <= g->n; r += 8) {
-                t_rows_out(&t, type, ns, s0, last, g, r, 8, j0, rm, bias);
+            for (; r + 8 <= g->n; r += 8, pf = NULL) {
+                t_rows_out(&t, type, ns, s0, last, g, r, 8, j0, rm, bias, pf);
             }
             switch (g->n - r) {
-            case 7: t_rows_out(&t, type, ns, s0, last, g, r, 7, j0, rm, bias);
+            case 7: t_rows_out(&t, type, ns, s0, last, g, r, 7, j0, rm, bias,
+                               pf);
                     break;
-            case 6: t_rows_out(&t, type, ns, s0, last, g, r, 6, j0, rm, bias);
+            case 6: t_rows_out(&t, type, ns, s0, last, g, r, 6, j0, rm, bias,
+                               pf);
                     break;
-            case 5: t_rows_out(&t, type, ns, s0, last, g, r, 5, j0, rm, bias);
+            case 5: t_rows_out(&t, type, ns, s0, last, g, r, 5, j0, rm, bias,
+                               pf);
                     break;
-            case 4: t_rows_out(&t, type, ns, s0, last, g, r, 4, j0, rm, bias);
+            case 4: t_rows_out(&t, type, ns, s0, last, g, r, 4, j0, rm, bias,
+                               pf);
                     break;
-            case 3: t_rows_out(&t, type, ns, s0, last, g, r, 3, j0, rm, bias);
+            case 3: t_rows_out(&t, type, ns, s0, last, g, r, 3, j0, rm, bias,
+                               pf);
                     break;
-            case 2: t_rows_out(&t, type, ns, s0, last, g, r, 2, j0, rm, bias);
+            case 2: t_rows_out(&t, type, ns, s0, last, g, r, 2, j0, rm, bias,
+                               pf);
                     break;
-            case 1: t_rows_out(&t, type, ns, s0, last, g, r, 1, j0, rm, bias);
+            case 1: t_rows_out(&t, type, ns, s0, last, g, r, 1, j0, rm, bias,
+                               pf);
                     break;
             }
         }

@@ -1337,6 +1337,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
 {
     llm_batch  b;
     llm_seq   *s;
+    float     *logits;
     int        n_seqs, n_spans, i, rc, n_vocab = e->model->cfg.n_vocab;
 
     /* Report cancellations first: their blocks are already free. */
@@ -1395,7 +1396,14 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
     build_batch(e, n_seqs, &b);
     n_spans = build_spans(e, n_seqs);
 
-    rc = llm_forward_run(&e->fw, &b, e->spans, n_spans, e->logits, err);
+    /* the logits in place where the backend is host memory (the CPU),
+     * else a copy in e->logits */
+    logits = llm_forward_logits(&e->fw);
+    rc = llm_forward_run(&e->fw, &b, e->spans, n_spans,
+                         logits != NULL ? NULL : e->logits, err);
+    if (logits == NULL) {
+        logits = e->logits;
+    }
     if (rc != 0) {
         /* the batch's sequences cannot trust their pages any more */
         for (i = 0; i < n_seqs; i++) {
@@ -1448,7 +1456,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
         ev.seq_id = s->id;
         ev.user_tag = s->user_tag;
         ev.pos = e->out_pos[i];
-        ev.logits = e->logits + (size_t) i * n_vocab;
+        ev.logits = logits + (size_t) i * n_vocab;
         ev.n_vocab = n_vocab;
         cb(ud, &ev);
     }
@@ -1460,7 +1468,7 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
             continue;
         }
         s = e->plan[e->out_seq[i]];
-        finish = seq_advance(e, s, e->logits + (size_t) i * n_vocab, cb, ud,
+        finish = seq_advance(e, s, logits + (size_t) i * n_vocab, cb, ud,
                              &failed);
         if (finish != LLM_FINISH_NONE) {
             llm_scheduler_drop(&e->sched, s);

@@ -312,8 +312,20 @@ llm_forward_run(llm_forward *fw, const llm_batch *b,
     FW_TRY(ops->rmsnorm(be, &oh, &oh, &m->out_norm, c->norm_eps),
            "output_norm");
     FW_TRY(ops->matmul(be, &lg, &oh, &m->output, NULL), "output");
-    FW_TRY(ops->download(be, host_logits, lg.data,
-                         (size_t) b->n_out * (size_t) c->n_vocab
-                         * sizeof(float)), "download logits");
+    if (host_logits != NULL) {
+        FW_TRY(ops->download(be, host_logits, lg.data,
+                             (size_t) b->n_out * (size_t) c->n_vocab
+                             * sizeof(float)), "download logits");
+    } else if (llm_forward_logits(fw) == NULL) {
+        return llm_err_set(err, LLM_EINVAL, "forward: no host buffer for"
+                           " the logits of backend %s", be->ops->name);
+    }
     return 0;
+}
+
+
+float *
+llm_forward_logits(llm_forward *fw)
+{
+    return fw->be->ops->host_memory ? (float *) fw->logits.data : NULL;
 }

@@ -58,9 +58,15 @@ size_t llm_forward_kv_block_bytes(const llm_model_config *c, int block_size,
 
 /* Runs the model on batch b, with the adapters of spans[n_spans] (tokens
  * outside every span use the base model alone), and copies the logits of
- * b->out_rows into host_logits [b->n_out, n_vocab]. */
+ * b->out_rows into host_logits [b->n_out, n_vocab].  host_logits may be
+ * NULL where llm_forward_logits() is not (a backend in host memory):
+ * the logits are then read there, without the copy. */
 int  llm_forward_run(llm_forward *fw, const llm_batch *b,
                      const llm_lora_span *spans, int n_spans,
                      float *host_logits, llm_err *err);
+
+/* The last run's logits [n_out, n_vocab] in place, valid until the next
+ * run, where the backend's memory is the host's; else NULL. */
+float *llm_forward_logits(llm_forward *fw);
 
 #endif /* LLM_FORWARD_H */

@@ -219,6 +219,10 @@ typedef struct llm_backend_ops {
      * lossy: --adapter-dtype int8, and auto's choice on a base quantized
      * below 8 bits). */
     int   lora_i8;
+    /* 1: this backend's addresses are host memory, readable once an op
+     * has returned (the CPU): the engine may read results in place, the
+     * logits, instead of downloading a copy.  0 for a device. */
+    int   host_memory;
 
     /* Copies whole KV blocks between pools' block ids (same layout),
      * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */

@@ -478,7 +478,11 @@ profile(const char *model, const char *device, int threads, int c, int P,
         b.block_table = table + (size_t) s * max_blocks;
         b.n_out = 1;
         out_rows[0] = P - 1;
-        if (llm_forward_run(&fw, &b, NULL, 0, logits, &err) != 0) {
+        /* as the engine: logits in place where the backend allows */
+        if (llm_forward_run(&fw, &b, NULL, 0,
+                            llm_forward_logits(&fw) ? NULL : logits, &err)
+            != 0)
+        {
             fprintf(stderr, "llm-bench: prefill: %s\n", err.msg);
             goto done;
         }
@@ -502,7 +506,10 @@ profile(const char *model, const char *device, int threads, int c, int P,
         prof_st.on = g > 0;                /* the first step warms up */
         memcpy(prev, prof_st.ns, sizeof(prev));
         t0 = llm_now_ns();
-        if (llm_forward_run(&fw, &b, NULL, 0, logits, &err) != 0) {
+        if (llm_forward_run(&fw, &b, NULL, 0,
+                            llm_forward_logits(&fw) ? NULL : logits, &err)
+            != 0)
+        {
             fprintf(stderr, "llm-bench: decode: %s\n", err.msg);
             goto done;
         }

@@ -20,6 +20,13 @@
  *     reduction tree turns the 16 rows' partial sums into the same
  *     vectors of block sums, without repacking.
  *
+ * Weights the backend adopted in LLM_LAYOUT_ROWS16 (rows16.c) already
+ * hold each block of 16 rows as those registers: the tiles kernel loads
+ * them instead of repacking (t_unpack16, t_repack_k's loads) and runs at
+ * any number of activation rows, one or two taking their quants straight
+ * from the load (rows16_direct), and the next segment's bytes, which
+ * follow, are prefetched while a segment is multiplied.
+ *
  * Plain weights (F32, F16, BF16): register tiles of RB activation rows x
  * RW weight rows, f32 fused multiply-adds, lane sums at the end (the same
  * order for any RB, RW).

@@ -54,7 +54,9 @@ struct llm_engine {
     int32_t            *out_rows;       /* [cap_out] */
     int32_t            *out_seq;        /* [cap_out] seq index, or -1 */
     int32_t            *out_pos;        /* [cap_out] position of the row */
-    float              *logits;         /* [cap_out, n_vocab] */
+    float              *logits;         /* [cap_out, n_vocab], or NULL
+                                           where the backend's logits
+                                           are read in place */
 
     /* prefix cache: blocks named by hash chains over this fingerprint;
      * the Redis tier (may be NULL) and a host block for its writes */
@@ -518,13 +520,16 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
     e->out_rows = llm_calloc((size_t) cap_out, sizeof(int32_t));
     e->out_seq = llm_calloc((size_t) cap_out, sizeof(int32_t));
     e->out_pos = llm_calloc((size_t) cap_out, sizeof(int32_t));
-    e->logits = llm_malloc((size_t) cap_out * (size_t) n_vocab
-                           * sizeof(float));
+    if (llm_forward_logits(&e->fw) == NULL) {
+        /* a device backend: the logits are downloaded here */
+        e->logits = llm_malloc((size_t) cap_out * (size_t) n_vocab
+                               * sizeof(float));
+    }
     if (e->plan == NULL || e->tokens == NULL || e->pos == NULL
         || e->tok_seq == NULL || e->seq_start == NULL
         || e->seq_kv_len == NULL || e->block_table == NULL
         || e->out_rows == NULL || e->out_seq == NULL || e->out_pos == NULL
-        || e->logits == NULL)
+        || (e->logits == NULL && llm_forward_logits(&e->fw) == NULL))
     {
         llm_err_set(err, LLM_ENOMEM, "out of memory for step buffers");
         goto failed;
@@ -1396,14 +1401,10 @@ llm_engine_step(llm_engine *e, llm_event_fn cb, void *ud, llm_err *err)
     build_batch(e, n_seqs, &b);
     n_spans = build_spans(e, n_seqs);
 
-    /* the logits in place where the backend is host memory (the CPU),
-     * else a copy in e->logits */
-    logits = llm_forward_logits(&e->fw);
-    rc = llm_forward_run(&e->fw, &b, e->spans, n_spans,
-                         logits != NULL ? NULL : e->logits, err);
-    if (logits == NULL) {
-        logits = e->logits;
-    }
+    /* the logits in place where the backend is host memory (the CPU,
+     * e->logits NULL), else a copy in e->logits */
+    rc = llm_forward_run(&e->fw, &b, e->spans, n_spans, e->logits, err);
+    logits = e->logits != NULL ? e->logits : llm_forward_logits(&e->fw);
     if (rc != 0) {
         /* the batch's sequences cannot trust their pages any more */
         for (i = 0; i < n_seqs; i++) {

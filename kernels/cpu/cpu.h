@@ -305,6 +305,9 @@ void *llm_cpu_scratch(llm_cpu_ctx *c, size_t n);
  * rows (plain, contiguous) rearranged into dst; the plain bytes of row r
  * of a ROWS16 tensor of `rows` rows. */
 int  llm_cpu_rows16_type(int type);
+/* Whether t's layout is plain rows, or a well-formed ROWS16 (rows16_row
+ * reads it; the matmul kernels only where kern.rows16). */
+int  llm_cpu_layout_ok(const llm_tensor *t);
 void llm_cpu_rows16_pack(int type, const uint8_t *src, int64_t rows,
                          int64_t k, uint8_t *dst);
 void llm_cpu_rows16_row(int type, const uint8_t *w, int64_t rows, int64_t r,

@@ -700,10 +700,8 @@ mm_check(llm_cpu_ctx *c, const llm_tensor *out, const llm_tensor *x,
                             "cpu: matmul: weight type %d not supported",
                             w->type);
     }
-    if (w->layout != LLM_LAYOUT_ROWS
-        && (w->layout != LLM_LAYOUT_ROWS16 || !c->kern.rows16
-            || !llm_cpu_rows16_type(w->type)
-            || w->nb != llm_row_bytes(w->type, k)))
+    if (!llm_cpu_layout_ok(w)
+        || (w->layout == LLM_LAYOUT_ROWS16 && !c->kern.rows16))
     {
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: matmul: weight layout %d"
                             " not readable by these kernels", w->layout);

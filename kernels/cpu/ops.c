@@ -124,10 +124,7 @@ llm_cpu_embed(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *table)
         || llm_dtype_get(table->type) == NULL
         || llm_row_bytes(table->type, table->ne[0]) == 0
         || table->nb < llm_row_bytes(table->type, table->ne[0])
-        || (table->layout != LLM_LAYOUT_ROWS
-            && (table->layout != LLM_LAYOUT_ROWS16
-                || !llm_cpu_rows16_type(table->type)
-                || table->nb != llm_row_bytes(table->type, table->ne[0]))))
+        || !llm_cpu_layout_ok(table))
     {
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: embed: bad table");
     }

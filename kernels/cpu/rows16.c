@@ -66,6 +66,15 @@ llm_cpu_rows16_type(int type)
 }
 
 
+int
+llm_cpu_layout_ok(const llm_tensor *t)
+{
+    return t->layout == LLM_LAYOUT_ROWS
+           || (t->layout == LLM_LAYOUT_ROWS16 && llm_cpu_rows16_type(t->type)
+               && t->nb == llm_row_bytes(t->type, t->ne[0]));
+}
+
+
 /* Moves row j's block between its plain bytes and its group's block:
  * to_group 1 from plain to group, 0 back. */
 static void

@@ -496,6 +496,24 @@ t_transpose16x4(const uint8_t *const *p, size_t off, __m512i *v)
 }
 
 
+/* Four weight bytes per lane (a dword of 16 rows) as the unsigned quants
+ * vpdpbusd takes: Q8_0's signed bytes offset by 128 into *lo; for Q4_0
+ * and Q4_1 the low nibbles (elements 4u..) into *lo and the high ones
+ * (16 + 4u..) into *hi. */
+INLINE void
+weight_dword(int type, __m512i v, __m512i *lo, __m512i *hi)
+{
+    const __m512i lo4 = _mm512_set1_epi32(0x0f0f0f0f);
+
+    if (type == LLM_Q8_0) {
+        *lo = _mm512_xor_si512(v, _mm512_set1_epi32((int) 0x80808080u));
+    } else {
+        *lo = _mm512_and_si512(v, lo4);
+        *hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
+    }
+}
+
+
 /* Blocks of 32: nb blocks of 16 rows from base, rows stride bytes
  * apart; rows past the mask rm read row 0 again (their lanes are never
  * stored). */
@@ -504,7 +522,6 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
          int with_quants, t_tile *t)
 {
     const int      bs = b32_size(type);
-    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
     const __m512i  idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
                           15),
@@ -533,22 +550,17 @@ t_repack(int type, const uint8_t *base, size_t stride, __mmask16 rm, int nb,
         if (type == LLM_Q8_0) {
             t_transpose16x4(p, (size_t) b * bs + 2, v);
             for (u = 0; u < 4; u++) {
-                t->q[b][u] = _mm512_xor_si512(
-                    v[u], _mm512_set1_epi32((int) 0x80808080u));
+                weight_dword(type, v[u], &t->q[b][u], NULL);
             }
             t_transpose16x4(p, (size_t) b * bs + 18, v);
             for (u = 0; u < 4; u++) {
-                t->q[b][u + 4] = _mm512_xor_si512(
-                    v[u], _mm512_set1_epi32((int) 0x80808080u));
+                weight_dword(type, v[u], &t->q[b][u + 4], NULL);
             }
         } else {
             t_transpose16x4(p, (size_t) b * bs
                                + (type == LLM_Q4_0 ? 2 : 4), v);
             for (u = 0; u < 4; u++) {
-                /* low nibbles: elements 4u..; high: 16 + 4u.. */
-                t->q[b][u] = _mm512_and_si512(v[u], lo4);
-                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v[u], 4),
-                                                  lo4);
+                weight_dword(type, v[u], &t->q[b][u], &t->q[b][u + 4]);
             }
         }
     }
@@ -562,7 +574,6 @@ INLINE void
 t_unpack16(int type, const uint8_t *grp, int64_t s0, int nb, t_tile *t)
 {
     const int      bs = b32_size(type);
-    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
     int            b, u;
 
     for (b = 0; b < nb; b++) {
@@ -576,20 +587,10 @@ t_unpack16(int type, const uint8_t *grp, int64_t s0, int nb, t_tile *t)
         } else {
             p += 32;
         }
-        if (type == LLM_Q8_0) {
-            for (u = 0; u < 8; u++) {
-                t->q[b][u] = _mm512_xor_si512(
-                    _mm512_loadu_si512(p + 64 * u),
-                    _mm512_set1_epi32((int) 0x80808080u));
-            }
-        } else {
-            for (u = 0; u < 4; u++) {
-                __m512i v = _mm512_loadu_si512(p + 64 * u);
-
-                t->q[b][u] = _mm512_and_si512(v, lo4);
-                t->q[b][u + 4] = _mm512_and_si512(_mm512_srli_epi32(v, 4),
-                                                  lo4);
-            }
+        for (u = 0; u < (type == LLM_Q8_0 ? 8 : 4); u++) {
+            /* Q8_0: 8 dwords of bytes; 4-bit: 4 of two nibbles each */
+            weight_dword(type, _mm512_loadu_si512(p + 64 * u), &t->q[b][u],
+                         type == LLM_Q8_0 ? NULL : &t->q[b][u + 4]);
         }
     }
 }
@@ -1056,7 +1057,6 @@ rows16_direct(const llm_cpu_gemm *g, int type, int RB, const uint8_t *grp,
     const int      sb = type == LLM_Q4_1 ? 64 : 32;   /* scale bytes */
     const int      nu = type == LLM_Q8_0 ? 8 : 4;     /* quant vectors */
     const int64_t  nb = g->k / 32;
-    const __m512i  lo4 = _mm512_set1_epi32(0x0f0f0f0f);
     __m512         acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };
     t_act          xa[2];
     int64_t        b;
@@ -1075,21 +1075,13 @@ rows16_direct(const llm_cpu_gemm *g, int type, int RB, const uint8_t *grp,
         __m512i        is[2] = { _mm512_setzero_si512(),
                                  _mm512_setzero_si512() };
 
-        for (u = 0; u < 16 * bs; u += 64) {
-            /* a few blocks ahead: the stream of one thread alone does
-             * not keep enough lines in flight */
-            _mm_prefetch((const char *) p + RPF_BLOCKS * 16 * bs + u,
-                         _MM_HINT_T0);
-        }
+        /* a few blocks ahead: the stream of one thread alone does not
+         * keep enough lines in flight */
+        prefetch_unit(p + RPF_BLOCKS * 16 * bs, 16 * bs);
         for (u = 0; u < nu; u++) {
-            __m512i v = _mm512_loadu_si512(p + sb + 64 * u), w0, w1;
+            __m512i w0, w1;
 
-            if (type == LLM_Q8_0) {
-                w0 = _mm512_xor_si512(v, _mm512_set1_epi32((int) 0x80808080u));
-            } else {
-                w0 = _mm512_and_si512(v, lo4);
-                w1 = _mm512_and_si512(_mm512_srli_epi32(v, 4), lo4);
-            }
+            weight_dword(type, _mm512_loadu_si512(p + sb + 64 * u), &w0, &w1);
             for (r = 0; r < RB; r++) {
                 int32_t x0, x1;
 

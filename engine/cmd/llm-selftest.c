@@ -1513,14 +1513,8 @@ expand_f32(llm_tensor *t, st_owned *own)
     f = xmalloc(sizeof(float) * t->ne[0] * t->ne[1]);
     row = xmalloc(t->nb);
     for (r = 0; r < t->ne[1]; r++) {
-        const uint8_t *src = (const uint8_t *) t->data + (size_t) r * t->nb;
-
-        if (t->layout == LLM_LAYOUT_ROWS16) {
-            llm_cpu_rows16_row(t->type, t->data, t->ne[1], r, t->ne[0], row);
-            src = row;
-        }
-        llm_dequantize_row(t->type, src, f + (size_t) r * t->ne[0],
-                           t->ne[0]);
+        llm_dequantize_row(t->type, llm_cpu_tensor_row(t, r, row),
+                           f + (size_t) r * t->ne[0], t->ne[0]);
     }
     free(row);
     own->bufs = realloc(own->bufs, sizeof(void *) * (own->n + 1));

@@ -305,6 +305,10 @@ void *llm_cpu_scratch(llm_cpu_ctx *c, size_t n);
  * rows (plain, contiguous) rearranged into dst; the plain bytes of row r
  * of a ROWS16 tensor of `rows` rows. */
 int  llm_cpu_rows16_type(int type);
+/* The plain bytes of row r of t (t->nb of them): in place, or for a
+ * ROWS16 tensor put together in buf. */
+const uint8_t *llm_cpu_tensor_row(const llm_tensor *t, int64_t r,
+                                  uint8_t *buf);
 /* Whether t's layout is plain rows, or a well-formed ROWS16 (rows16_row
  * reads it; the matmul kernels only where kern.rows16). */
 int  llm_cpu_layout_ok(const llm_tensor *t);

@@ -87,18 +87,11 @@ embed_task(void *arg, int ith, int nth)
 
     llm_cpu_split(j->out->ne[1], ith, nth, 1, &t0, &t1);
     for (t = t0; t < t1; t++) {
-        const uint8_t *src = (const uint8_t *) j->table->data
-                             + (size_t) j->c->batch.tokens[t] * j->table->nb;
+        uint8_t       *buf = j->rows != NULL
+                             ? j->rows + (size_t) ith * j->table->nb : NULL;
+        const uint8_t *src = llm_cpu_tensor_row(j->table,
+                                                j->c->batch.tokens[t], buf);
         float         *dst = row_f32(j->out, t);
-
-        if (j->table->layout == LLM_LAYOUT_ROWS16) {
-            uint8_t *row = j->rows + (size_t) ith * j->table->nb;
-
-            llm_cpu_rows16_row(j->table->type, j->table->data,
-                               j->table->ne[1], j->c->batch.tokens[t],
-                               j->table->ne[0], row);
-            src = row;
-        }
 
         if (j->table->type == LLM_F16) {
             j->c->kern.f16_to_f32((const uint16_t *) src, dst,

@@ -161,3 +161,14 @@ llm_cpu_rows16_row(int type, const uint8_t *w, int64_t rows, int64_t r,
                  row, 0);
     }
 }
+
+
+const uint8_t *
+llm_cpu_tensor_row(const llm_tensor *t, int64_t r, uint8_t *buf)
+{
+    if (t->layout != LLM_LAYOUT_ROWS16) {
+        return (const uint8_t *) t->data + (size_t) r * t->nb;
+    }
+    llm_cpu_rows16_row(t->type, t->data, t->ne[1], r, t->ne[0], buf);
+    return buf;
+}

@@ -292,6 +292,9 @@ gguf_parse(llm_gguf *g, llm_err *err)
 
     g->data_offset = (c.pos + g->alignment - 1) / g->alignment
                      * g->alignment;
+    if (g->n_tensors == 0 && g->data_offset > g->size) {
+        g->data_offset = g->size;   /* vocabulary only: may end unpadded */
+    }
     if (g->data_offset > g->size) {
         return llm_err_set(err, LLM_EFORMAT,
                            "%s: truncated file: no tensor data section",

@@ -14,8 +14,16 @@
  *      table and merged pairwise by merge rank (lowest first, leftmost on
  *      ties) into vocabulary tokens.
  *
+ * SentencePiece vocabularies (GGUF tokenizer.ggml.model "llama": Llama 2,
+ * Mistral, TinyLlama, Phi-3, ...) take another road, llama.cpp's SPM
+ * tokenizer: each raw fragment gets a leading space when it starts the
+ * text or follows a special token, spaces become U+2581 "\xe2\x96\x81",
+ * and adjacent symbols (UTF-8 characters at first) merge into the
+ * vocabulary token of highest score, leftmost on ties; a symbol left over
+ * that is no token becomes its bytes' <0xXX> tokens.
+ *
  * Sections: tables and hashing, loading (common part, GGUF, tokenizer.json),
- * pre-tokenizers, BPE, encoding, decoding.
+ * pre-tokenizers, BPE, SentencePiece, encoding, decoding.
  */
 #include "tokenizer.h"
 
@@ -129,15 +137,18 @@ static const struct {
 /* Texts llama.cpp recognises as end-of-turn / end-of-generation. */
 static const char *const eot_texts[] = {
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
-    "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+    "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]",
     "<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>",
     "<end_of_utterance>", NULL
 };
 
 static const char *const eog_texts[] = {
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
-    "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
-    "<|end_of_text|>", "<end_of_utterance>", NULL
+    "<|flush|>", "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>",
+    "[e~[", NULL
 };
 
 /* FIM pad/repo/separator tokens, which llama.cpp also counts as EOG. */
@@ -172,6 +183,12 @@ struct llm_tokenizer {
 
     uint16_t    byte_cp[256];   /* bytes_to_unicode */
     int32_t     byte_tok[256];  /* token of each byte's mapped char or -1 */
+
+    int         spm;            /* SentencePiece vocabulary (see above) */
+    int         add_space_prefix;   /* SPM: a space before each fragment */
+    int32_t    *spm_rank;       /* [n_vocab] SPM merge order: 0 for the
+                                   highest score, equal scores equal */
+    int32_t     byte_fallback[256]; /* SPM: token of each byte, or -1 */
 
     int32_t    *special;        /* partitioned ids, longest text first */
     int32_t     n_special;
@@ -635,20 +652,102 @@ tok_decode_text(const char *s, size_t n, char *out)
 }
 
 
+/* The byte a <0xXX> token stands for, or -1 for another text. */
+static int
+tok_hex_byte(const char *s, size_t n)
+{
+    int k, v = 0, d;
+
+    if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') {
+        return -1;
+    }
+    for (k = 3; k < 5; k++) {
+        d = s[k] >= '0' && s[k] <= '9' ? s[k] - '0'
+            : s[k] >= 'A' && s[k] <= 'F' ? s[k] - 'A' + 10
+            : s[k] >= 'a' && s[k] <= 'f' ? s[k] - 'a' + 10 : -1;
+        if (d < 0) {
+            return -1;
+        }
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+
+/* The bytes token id stands for, as llama.cpp's token_to_piece with
+ * special set: special and user-defined tokens as written, normal ones
+ * decoded (byte-level, or U+2581 back to a space for SentencePiece), a
+ * byte token as its byte, anything else as nothing.  With out == NULL
+ * only measures. */
+static size_t
+tok_piece(const llm_tokenizer *t, int32_t id, char *out)
+{
+    const char *s;
+    size_t      n, i, o;
+    int         b;
+
+    s = tok_text(t, id, &n);
+    if (t->attr[id] & (TOK_CONTROL | TOK_UNKNOWN | TOK_USER)) {
+        if (out != NULL) {
+            memcpy(out, s, n);
+        }
+        return n;
+    }
+    if (t->attr[id] & TOK_NORMAL) {
+        if (!t->spm) {
+            return tok_decode_text(s, n, out);
+        }
+        for (i = 0, o = 0; i < n; o++) {
+            if (i + 3 <= n && memcmp(s + i, "\xe2\x96\x81", 3) == 0) {
+                if (out != NULL) {
+                    out[o] = ' ';
+                }
+                i += 3;
+            } else {
+                if (out != NULL) {
+                    out[o] = s[i];
+                }
+                i++;
+            }
+        }
+        return o;
+    }
+    if (t->attr[id] & TOK_BYTE) {
+        b = tok_hex_byte(s, n);
+        if (b < 0) {
+            return 0;
+        }
+        if (out != NULL) {
+            out[0] = (char) b;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+
 /* Everything after the vocabulary and merges are in: special ids, EOG
  * set, the partition list and the decoded pieces. */
 static int
 tok_finalize(llm_tokenizer *t, llm_err *err)
 {
-    const char *s;
     size_t      n, total = 0, o;
     int32_t     id, k;
     int         b;
-    char        mapped[4], *tmp;
+    char        mapped[4], hexname[8], *tmp;
 
     for (b = 0; b < 256; b++) {
         n = (size_t) llm_utf8_encode(t->byte_cp[b], mapped);
         t->byte_tok[b] = tok_lookup(t, mapped, n);
+
+        /* SPM byte fallback: "<0xXX>", else (llama.cpp's second try) the
+         * byte itself as a token */
+        snprintf(hexname, sizeof(hexname), "<0x%02X>", b);
+        t->byte_fallback[b] = tok_lookup(t, hexname, 6);
+        if (t->byte_fallback[b] < 0) {
+            mapped[0] = (char) b;
+            t->byte_fallback[b] = tok_lookup(t, mapped, 1);
+        }
     }
 
     /* end of turn: the GGUF key, else the first known text present
@@ -707,12 +806,7 @@ tok_finalize(llm_tokenizer *t, llm_err *err)
 
     /* pieces: what llm_token_to_piece returns with special = 1 */
     for (id = 0; id < t->n_vocab; id++) {
-        s = tok_text(t, id, &n);
-        if (t->attr[id] & (TOK_CONTROL | TOK_UNKNOWN | TOK_USER)) {
-            total += n;
-        } else if (t->attr[id] & TOK_NORMAL) {
-            total += tok_decode_text(s, n, NULL);
-        }
+        total += tok_piece(t, id, NULL);
         if (total > UINT32_MAX) {
             return llm_err_set(err, LLM_EFORMAT, "%s: decoded token texts "
                                "exceed 4 GiB", t->source);
@@ -727,13 +821,7 @@ tok_finalize(llm_tokenizer *t, llm_err *err)
     o = 0;
     for (id = 0; id < t->n_vocab; id++) {
         t->poff[id] = (uint32_t) o;
-        s = tok_text(t, id, &n);
-        if (t->attr[id] & (TOK_CONTROL | TOK_UNKNOWN | TOK_USER)) {
-            memcpy(tmp + o, s, n);
-            o += n;
-        } else if (t->attr[id] & TOK_NORMAL) {
-            o += tok_decode_text(s, n, tmp + o);
-        }
+        o += tok_piece(t, id, tmp + o);
     }
     t->poff[t->n_vocab] = (uint32_t) o;
     t->piece = llm_realloc(tmp, o + 1);
@@ -757,6 +845,7 @@ llm_tokenizer_free(llm_tokenizer *t)
     llm_free(t->poff);
     llm_free(t->map);
     llm_free(t->merges);
+    llm_free(t->spm_rank);
     llm_free(t->special);
     llm_free(t->chat_template);
     llm_free(t->source);
@@ -836,6 +925,100 @@ gguf_bool(const llm_gguf *g, const char *key, int *out, llm_err *err)
 
 
 static int
+cmp_score_desc(const void *a, const void *b, void *arg)
+{
+    const float *score = arg;
+    float        x = score[*(const int32_t *) a];
+    float        y = score[*(const int32_t *) b];
+
+    return x > y ? -1 : x < y;
+}
+
+
+/* Turns scores into merge priorities: t->spm_rank[id] is the number of
+ * distinct scores above id's, so that the BPE heap's order (lowest rank
+ * first, leftmost on ties) is llama.cpp's (highest score first, leftmost
+ * on ties). */
+static int
+spm_rank_scores(llm_tokenizer *t, const float *score, llm_err *err)
+{
+    int32_t *order, id, k, r = 0;
+
+    order = llm_malloc((size_t) t->n_vocab * sizeof(int32_t));
+    t->spm_rank = llm_malloc((size_t) t->n_vocab * sizeof(int32_t));
+    if (order == NULL || t->spm_rank == NULL) {
+        llm_free(order);
+        return llm_err_set(err, LLM_ENOMEM, "%s: out of memory", t->source);
+    }
+    for (id = 0; id < t->n_vocab; id++) {
+        order[id] = id;
+    }
+    qsort_r(order, (size_t) t->n_vocab, sizeof(int32_t), cmp_score_desc,
+            (void *) score);
+    for (k = 0; k < t->n_vocab; k++) {
+        if (k > 0 && score[order[k]] != score[order[k - 1]]) {
+            r++;
+        }
+        t->spm_rank[order[k]] = r;
+    }
+    llm_free(order);
+    return 0;
+}
+
+
+/* SentencePiece scores (tokenizer.ggml.scores, float or integer, one
+ * per token; all 0 without the key, as llama.cpp) become t->spm_rank. */
+static int
+spm_load_scores(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
+{
+    const llm_gguf_kv *ks = llm_gguf_find(g, "tokenizer.ggml.scores");
+    float             *score;
+    int64_t            v;
+    uint64_t           i;
+    int                rc;
+
+    score = llm_calloc((size_t) t->n_vocab, sizeof(float));
+    if (score == NULL) {
+        return llm_err_set(err, LLM_ENOMEM, "%s: out of memory", t->source);
+    }
+    if (ks != NULL) {
+        if (ks->type != LLM_GGUF_ARRAY
+            || (ks->arr_type != LLM_GGUF_F32 && ks->arr_type != LLM_GGUF_I32))
+        {
+            llm_free(score);
+            return llm_err_set(err, LLM_EFORMAT, "%s: tokenizer.ggml.scores "
+                               "is not an array of float32 or int32",
+                               t->source);
+        }
+        if (ks->arr_n < (uint64_t) t->n_vocab) {
+            llm_free(score);
+            return llm_err_set(err, LLM_EFORMAT, "%s: tokenizer.ggml.scores "
+                               "has %llu entries for %d tokens", t->source,
+                               (unsigned long long) ks->arr_n,
+                               (int) t->n_vocab);
+        }
+        for (i = 0; i < (uint64_t) t->n_vocab; i++) {
+            if (ks->arr_type == LLM_GGUF_F32) {
+                memcpy(&score[i], (const char *) ks->data + 4 * i, 4);
+            } else {
+                gguf_arr_int(ks, i, &v);
+                score[i] = (float) v;
+            }
+            if (score[i] != score[i]) {
+                llm_free(score);
+                return llm_err_set(err, LLM_EFORMAT, "%s: "
+                                   "tokenizer.ggml.scores[%llu] is NaN",
+                                   t->source, (unsigned long long) i);
+            }
+        }
+    }
+    rc = spm_rank_scores(t, score, err);
+    llm_free(score);
+    return rc;
+}
+
+
+static int
 tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
 {
     const llm_gguf_kv *ktok, *ktype, *kmerge;
@@ -855,15 +1038,12 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
         return rc;
     }
     if (llm_str_eq(s, "llama")) {
-        return llm_err_set(err, LLM_EUNSUP,
-                           "%s: tokenizer.ggml.model \"llama\" "
-                           "(SentencePiece) is not supported; only "
-                           "byte-level BPE (\"gpt2\") is", t->source);
-    }
-    if (!llm_str_eq(s, "gpt2")) {
+        t->spm = 1;
+    } else if (!llm_str_eq(s, "gpt2")) {
         return llm_err_set(err, LLM_EUNSUP,
                            "%s: tokenizer.ggml.model \"%.*s\" is not "
-                           "supported; only byte-level BPE (\"gpt2\") is",
+                           "supported; only byte-level BPE (\"gpt2\") and "
+                           "SentencePiece (\"llama\") are",
                            t->source, (int) (s.n > 32 ? 32 : s.n), s.p);
     }
 
@@ -902,14 +1082,16 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
         }
     }
     kmerge = llm_gguf_find(g, "tokenizer.ggml.merges");
-    if (kmerge == NULL || kmerge->type != LLM_GGUF_ARRAY
-        || kmerge->arr_type != LLM_GGUF_STRING)
+    if (t->spm) {
+        kmerge = NULL;          /* SentencePiece merges by score */
+    } else if (kmerge == NULL || kmerge->type != LLM_GGUF_ARRAY
+               || kmerge->arr_type != LLM_GGUF_STRING)
     {
         return llm_err_set(err, LLM_EFORMAT, "%s: tokenizer.ggml.merges %s",
                            t->source, kmerge ? "is not a string array"
                                              : "is missing");
     }
-    if (kmerge->arr_n >= INT32_MAX) {
+    if (kmerge != NULL && kmerge->arr_n >= INT32_MAX) {
         return llm_err_set(err, LLM_EFORMAT, "%s: tokenizer.ggml.merges "
                            "has too many entries", t->source);
     }
@@ -926,7 +1108,8 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
                                t->source, (unsigned long long) i);
         }
         src.text[i] = s.p;
-        src.len[i] = (uint32_t) s.n;
+        /* llama.cpp reads each text as a C string: it ends at a NUL */
+        src.len[i] = (uint32_t) strnlen(s.p, (size_t) s.n);
         src.attr[i] = TOK_NORMAL;
         if (ktype != NULL) {
             if (gguf_arr_int(ktype, i, &v) != 0) {
@@ -945,10 +1128,14 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
         return rc;
     }
 
-    if ((rc = tok_merges_alloc(t, kmerge->arr_n, err)) != 0) {
+    if (t->spm) {
+        if ((rc = spm_load_scores(t, g, err)) != 0) {
+            return rc;
+        }
+    } else if ((rc = tok_merges_alloc(t, kmerge->arr_n, err)) != 0) {
         return rc;
     }
-    for (i = 0; i < kmerge->arr_n; i++) {
+    for (i = 0; kmerge != NULL && i < kmerge->arr_n; i++) {
         if (llm_gguf_arr_str(kmerge, i, &s) != 0) {
             return llm_err_set(err, LLM_EFORMAT, "%s: "
                                "tokenizer.ggml.merges[%llu] is unreadable",
@@ -973,7 +1160,22 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
     }
 
     rc = llm_gguf_get_str(g, "tokenizer.ggml.pre", &s, err);
-    if (rc == LLM_ENOTFOUND) {
+    if (t->spm) {
+        /* llama.cpp's SPM defaults: no pre-tokenizer, BOS added, ids
+         * 1 (BOS), 2 (EOS) and 0 (unknown) unless the file says */
+        tok_set_pre(t, "default", 7);
+        snprintf(t->pre_name, sizeof(t->pre_name), "spm");
+        add_bos = 1;
+        t->add_space_prefix = 1;
+        t->bos = t->n_vocab > 1 ? 1 : -1;
+        t->eos = t->n_vocab > 2 ? 2 : -1;
+        t->unk = 0;
+        if ((rc = gguf_bool(g, "tokenizer.ggml.add_space_prefix",
+                            &t->add_space_prefix, err)) != 0)
+        {
+            return rc;
+        }
+    } else if (rc == LLM_ENOTFOUND) {
         add_bos = tok_set_pre(t, "default", 7);
     } else if (rc != 0) {
         return rc;
@@ -1773,6 +1975,9 @@ typedef struct {
     int32_t next;
 } tok_sym;
 
+/* A candidate merge of adjacent symbols left and right.  BPE: lid and
+ * rid are their token ids when queued; SentencePiece: their byte
+ * lengths.  Either way a popped pair whose sides changed is stale. */
 typedef struct {
     int32_t rank;
     int32_t left;
@@ -1780,6 +1985,15 @@ typedef struct {
     int32_t lid;
     int32_t rid;
 } tok_pair;
+
+/* A SentencePiece symbol: bytes [off, off + n) of the escaped text;
+ * n == 0 once merged into its left neighbour. */
+typedef struct {
+    int32_t off;
+    int32_t n;
+    int32_t prev;
+    int32_t next;
+} spm_sym;
 
 typedef struct {
     const llm_tokenizer *t;
@@ -1798,6 +2012,8 @@ typedef struct {
     size_t      mapped_cap;
     tok_sym    *sym;
     size_t      sym_cap;
+    spm_sym    *ssym;
+    size_t      ssym_cap;
     tok_pair   *heap;
     size_t      heap_n;
     size_t      heap_cap;
@@ -1838,6 +2054,7 @@ ws_free(tok_ws *ws)
     llm_free(ws->bytes);
     llm_free(ws->mapped);
     llm_free(ws->sym);
+    llm_free(ws->ssym);
     llm_free(ws->heap);
 }
 
@@ -2396,6 +2613,152 @@ encode_fragment(tok_ws *ws, const char *s, size_t n)
 
 
 /* ---------------------------------------------------------------------
+ * SentencePiece
+ * --------------------------------------------------------------------- */
+
+/* Queues the merge of SentencePiece symbols left and right if their
+ * bytes together are a token (any token, as llama.cpp looks them up). */
+static void
+spm_try_pair(tok_ws *ws, int32_t left, int32_t right)
+{
+    const spm_sym *l, *r;
+    tok_pair       p;
+    int32_t        id;
+
+    if (left < 0 || right < 0) {
+        return;
+    }
+    l = &ws->ssym[left];
+    r = &ws->ssym[right];
+    id = tok_lookup(ws->t, (const char *) ws->bytes + l->off,
+                    (size_t) l->n + (size_t) r->n);
+    if (id < 0) {
+        return;
+    }
+    p.rank = ws->t->spm_rank[id];
+    p.left = left;
+    p.right = right;
+    p.lid = l->n;
+    p.rid = r->n;
+    heap_push(ws, &p);
+}
+
+
+/* Encodes the escaped text ws->bytes[0, n) (llama.cpp's SPM session). */
+static int
+spm_encode(tok_ws *ws, size_t n)
+{
+    /* symbol length from a UTF-8 lead byte, by its top four bits; an
+     * invalid sequence is cut the same way, as llama.cpp does */
+    static const uint8_t lead_len[16] = { 1, 1, 1, 1, 1, 1, 1, 1,
+                                          1, 1, 1, 1, 2, 2, 3, 4 };
+    const llm_tokenizer *t = ws->t;
+    const uint8_t       *s = ws->bytes;
+    spm_sym             *sym;
+    tok_pair             p;
+    size_t               off, len, k;
+    int32_t              ns = 0, i, id;
+
+    if (n == 0) {
+        return 0;
+    }
+    if (n > INT32_MAX / 2
+        || ws_grow((void **) &ws->ssym, &ws->ssym_cap, n, sizeof(spm_sym))
+        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * n + 2,
+                   sizeof(tok_pair)))
+    {
+        return LLM_ENOMEM;
+    }
+    sym = ws->ssym;
+    for (off = 0; off < n; off += len) {
+        len = lead_len[s[off] >> 4];
+        if (len > n - off) {
+            len = n - off;
+        }
+        sym[ns].off = (int32_t) off;
+        sym[ns].n = (int32_t) len;
+        sym[ns].prev = ns - 1;
+        sym[ns].next = off + len < n ? ns + 1 : -1;
+        ns++;
+    }
+
+    ws->heap_n = 0;
+    for (i = 1; i < ns; i++) {
+        spm_try_pair(ws, i - 1, i);
+    }
+    while (ws->heap_n > 0) {
+        p = heap_pop(ws);
+        if (sym[p.left].n != p.lid || sym[p.right].n != p.rid) {
+            continue;                   /* a side was merged since */
+        }
+        sym[p.left].n += sym[p.right].n;
+        sym[p.right].n = 0;
+        sym[p.left].next = sym[p.right].next;
+        if (sym[p.right].next >= 0) {
+            sym[sym[p.right].next].prev = p.left;
+        }
+        if (ws->heap_n + 2 > ws->heap_cap
+            && ws_grow((void **) &ws->heap, &ws->heap_cap,
+                       ws->heap_n + 2, sizeof(tok_pair)) != 0)
+        {
+            return LLM_ENOMEM;
+        }
+        spm_try_pair(ws, sym[p.left].prev, p.left);
+        spm_try_pair(ws, p.left, sym[p.left].next);
+    }
+
+    for (i = 0; i >= 0; i = sym[i].next) {
+        id = tok_lookup(t, (const char *) s + sym[i].off, (size_t) sym[i].n);
+        if (id >= 0) {
+            ws_push(ws, id);
+            continue;
+        }
+        /* not a token (only a lone character can be): its bytes; a
+         * vocabulary without that byte token gives the unknown token
+         * (llama.cpp would throw) */
+        for (k = 0; k < (size_t) sym[i].n; k++) {
+            id = t->byte_fallback[s[sym[i].off + k]];
+            if (id < 0) {
+                id = t->unk;
+            }
+            if (id >= 0) {
+                ws_push(ws, id);
+            }
+        }
+    }
+    return 0;
+}
+
+
+/* Encodes one raw fragment: a leading space if asked, every space as
+ * U+2581, then the merges. */
+static int
+spm_fragment(tok_ws *ws, const char *s, size_t n, int space_prefix)
+{
+    size_t i, o = 0;
+
+    if (n > SIZE_MAX / 3 - 3
+        || ws_grow((void **) &ws->bytes, &ws->bytes_cap, 3 * n + 3, 1) != 0)
+    {
+        return LLM_ENOMEM;
+    }
+    if (space_prefix) {
+        memcpy(ws->bytes, "\xe2\x96\x81", 3);
+        o = 3;
+    }
+    for (i = 0; i < n; i++) {
+        if (s[i] == ' ') {
+            memcpy(ws->bytes + o, "\xe2\x96\x81", 3);
+            o += 3;
+        } else {
+            ws->bytes[o++] = (uint8_t) s[i];
+        }
+    }
+    return spm_encode(ws, o);
+}
+
+
+/* ---------------------------------------------------------------------
  * Encoding
  * --------------------------------------------------------------------- */
 
@@ -2561,6 +2924,12 @@ llm_tokenize(const llm_tokenizer *t, const char *text, size_t len,
     for (i = 0; rc == 0 && i < nf; i++) {
         if (frags[i].id >= 0) {
             ws_push(&ws, frags[i].id);
+        } else if (t->spm) {
+            /* the space prefix goes on the text's first fragment and on
+             * every one after a special token (llama.cpp) */
+            rc = spm_fragment(&ws, text + frags[i].off, frags[i].len,
+                              t->add_space_prefix
+                              && (i == 0 || frags[i - 1].id >= 0));
         } else {
             rc = encode_fragment(&ws, text + frags[i].off, frags[i].len);
         }

@@ -254,10 +254,14 @@ def write_gguf(a, path, w, meta, n_vocab):
     gw.add_file_type(ftypes[a.gguf_type])
 
     gw.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    gw.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    if "tokenizer.ggml.pre" in meta:
+        gw.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
     gw.add_token_list(meta["tokenizer.ggml.tokens"])
+    if "tokenizer.ggml.scores" in meta:
+        gw.add_token_scores([float(x) for x in meta["tokenizer.ggml.scores"]])
     gw.add_token_types([int(x) for x in meta["tokenizer.ggml.token_type"]])
-    gw.add_token_merges(meta["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in meta:
+        gw.add_token_merges(meta["tokenizer.ggml.merges"])
     for key, fn in (("bos_token_id", gw.add_bos_token_id),
                     ("eos_token_id", gw.add_eos_token_id),
                     ("unknown_token_id", gw.add_unk_token_id),
@@ -438,11 +442,74 @@ def write_hf(a, d, w, meta, n_vocab):
             "chat_template": meta.get("tokenizer.chat_template"),
             "clean_up_tokenization_spaces": False,
             "model_max_length": a.ctx,
-            "tokenizer_class": "GPT2Tokenizer",
+            "tokenizer_class": ("LlamaTokenizerFast"
+                                if meta["tokenizer.ggml.model"] == "llama"
+                                else "GPT2Tokenizer"),
         }, f, indent=2, ensure_ascii=False)
 
 
+def spm_merges(tokens, scores):
+    """Merges for a SentencePiece vocabulary as Hugging Face's converter
+    derives them: every split of a token into two tokens, ordered by the
+    merged token's score (highest first), then by the parts' ids."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for i, tok in enumerate(tokens):
+        for k in range(1, len(tok)):
+            a, b = tok[:k], tok[k:]
+            if a in ids and b in ids:
+                found.append((-float(scores[i]), ids[a], ids[b], a, b))
+    found.sort()
+    return [a + " " + b for _, _, _, a, b in found]
+
+
+def write_spm_tokenizer(d, meta):
+    """tokenizer.json as Llama 2 and Mistral folders carry it: BPE over
+    characters with byte fallback, spaces as U+2581 and one prepended."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    added = [{"id": i, "content": tok, "single_word": False,
+              "lstrip": False, "rstrip": False, "normalized": False,
+              "special": t != 4}
+             for i, (tok, t) in enumerate(zip(tokens, types)) if t in (2, 3, 4)]
+    tj = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "},
+             "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"},
+             "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": tokens[int(meta.get(
+                "tokenizer.ggml.unknown_token_id", 0))],
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {tok: i for i, tok in enumerate(tokens)},
+            "merges": spm_merges(tokens, meta["tokenizer.ggml.scores"]),
+        },
+    }
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(tj, f, ensure_ascii=False)
+
+
 def write_tokenizer(d, meta):
+    if meta["tokenizer.ggml.model"] == "llama":
+        write_spm_tokenizer(d, meta)
+        return
     tokens = meta["tokenizer.ggml.tokens"]
     types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
     added = []

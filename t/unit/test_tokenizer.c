@@ -223,6 +223,63 @@ check_cases(llm_tokenizer *t, const fixtures *f, const char *pre,
 }
 
 
+/* Decodes e's ids (without the BOS the encoding added) token by token
+ * and through the incremental detokenizer: both must give prefix then
+ * the input. */
+static int
+round_trip(const llm_tokenizer *t, const enc_case *e, const char *prefix)
+{
+    static char out[65536], out2[65536];
+    llm_detok   d;
+    size_t      o = 0, o2 = 0, np = strlen(prefix);
+    int         r, j;
+
+    llm_detok_init(&d, 1);
+    for (j = 0; j < e->n_ids; j++) {
+        int32_t id = e->ids[j];
+
+        if (j == 0 && e->add_special && llm_tokenizer_add_bos(t)) {
+            continue;
+        }
+        r = llm_token_to_piece(t, id, 1, out + o, (int) (sizeof(out) - o));
+        o += r > 0 ? (size_t) r : 0;
+        r = llm_detok_push(&d, t, id, out2 + o2, (int) (sizeof(out2) - o2));
+        o2 += r > 0 ? (size_t) r : 0;
+    }
+    r = llm_detok_flush(&d, out2 + o2, (int) (sizeof(out2) - o2));
+    o2 += r > 0 ? (size_t) r : 0;
+    return o == np + e->input_len && memcmp(out, prefix, np) == 0
+           && memcmp(out + np, e->input, e->input_len) == 0
+           && o2 == o && memcmp(out2, out, o) == 0;
+}
+
+
+/* Compares llm_token_to_piece with every piece case; returns the
+ * mismatches. */
+static int
+check_pieces(const llm_tokenizer *t, const fixtures *f)
+{
+    int i, bad = 0;
+
+    for (i = 0; i < f->n_piece; i++) {
+        char buf[512];
+        int  m = llm_token_to_piece(t, f->piece[i].id, f->piece[i].special,
+                                    buf, sizeof(buf));
+
+        if (m != (int) f->piece[i].len
+            || memcmp(buf, f->piece[i].bytes, f->piece[i].len) != 0)
+        {
+            if (bad++ < 5) {
+                printf("       piece %d special=%d: got %d bytes, want "
+                       "%zu\n", f->piece[i].id, f->piece[i].special, m,
+                       f->piece[i].len);
+            }
+        }
+    }
+    return bad;
+}
+
+
 static llm_tokenizer *
 load_default(void)
 {
@@ -306,34 +363,15 @@ TEST_SUITE(tokenizer_llamacpp)
     llm_tokenizer_set_pre(t, "smollm");
 
     test("token pieces match llama_token_to_piece");
-    bad = 0;
-    for (i = 0; i < f.n_piece; i++) {
-        char buf[512];
-        int  m = llm_token_to_piece(t, f.piece[i].id, f.piece[i].special,
-                                    buf, sizeof(buf));
-
-        if (m != (int) f.piece[i].len
-            || memcmp(buf, f.piece[i].bytes, f.piece[i].len) != 0)
-        {
-            if (bad++ < 5) {
-                printf("       piece %d special=%d: got %d bytes, want "
-                       "%zu\n", f.piece[i].id, f.piece[i].special, m,
-                       f.piece[i].len);
-            }
-        }
-    }
-    test_cond(bad == 0);
+    test_cond(check_pieces(t, &f) == 0);
 
     test("decode(encode(x)) == x for every valid UTF-8 case");
     bad = 0;
     for (i = 0; i < f.n_enc; i++) {
         const enc_case *e = &f.enc[i];
-        static char     out[65536];
-        llm_detok       d;
-        size_t          o = 0, o2 = 0, p;
+        size_t          p;
         uint32_t        cp;
-        int             r, j, ok = 1;
-        static char     out2[65536];
+        int             r, ok = 1;
 
         if (strcmp(e->pre, "smollm") != 0) {
             continue;
@@ -359,27 +397,8 @@ TEST_SUITE(tokenizer_llamacpp)
         if (!ok) {
             continue;
         }
-        llm_detok_init(&d, 1);
-        for (j = 0; j < e->n_ids; j++) {
-            int32_t id = e->ids[j];
-
-            if (j == 0 && e->add_special && llm_tokenizer_add_bos(t)) {
-                continue;
-            }
-            r = llm_token_to_piece(t, id, 1, out + o, (int) (sizeof(out) - o));
-            o += r > 0 ? (size_t) r : 0;
-            r = llm_detok_push(&d, t, id, out2 + o2,
-                               (int) (sizeof(out2) - o2));
-            o2 += r > 0 ? (size_t) r : 0;
-        }
-        r = llm_detok_flush(&d, out2 + o2, (int) (sizeof(out2) - o2));
-        o2 += r > 0 ? (size_t) r : 0;
-        if (o != e->input_len || memcmp(out, e->input, o) != 0
-            || o2 != o || memcmp(out2, out, o) != 0)
-        {
-            if (bad++ < 3) {
-                print_hex("round trip failed for", e->input, e->input_len);
-            }
+        if (!round_trip(t, e, "") && bad++ < 3) {
+            print_hex("round trip failed for", e->input, e->input_len);
         }
     }
     test_cond(bad == 0);
@@ -400,6 +419,108 @@ TEST_SUITE(tokenizer_llamacpp)
     test_cond(llm_tokenizer_pre_fallback(t));
     test_cond(llm_tokenizer_set_pre(t, "smollm") == 0
               && !llm_tokenizer_pre_fallback(t));
+
+    llm_tokenizer_free(t);
+    fixtures_free(&f);
+}
+
+
+/* ---------------------------------------------------------------------
+ * SentencePiece: llama.cpp fixtures on tools/make_spm_vocab.py's
+ * vocabulary (derived from the default model's)
+ * --------------------------------------------------------------------- */
+
+TEST_SUITE(tokenizer_spm_llamacpp)
+{
+    llm_tokenizer *t;
+    fixtures       f;
+    llm_err        err;
+    char           path[512], cmd[1024];
+    int            bad, checked, i, n;
+
+    test("SentencePiece fixtures are present");
+    snprintf(path, sizeof(path), "%s/tokenizer/spm.txt",
+             llm_test_fixture_dir());
+    if (fixtures_load(&f, path) != 0) {
+        test_skip("t/fixtures/tokenizer/spm.txt missing");
+        return;
+    }
+    test_cond(f.n_enc >= 400 && f.n_piece > 0);
+
+    test("loads a SentencePiece vocabulary (tokenizer.ggml.model llama)");
+    if (llm_test_default_model() == NULL) {
+        test_skip("default model not installed (the vocabulary is made "
+                  "from it)");
+        fixtures_free(&f);
+        return;
+    }
+    snprintf(path, sizeof(path), "%s/spm.gguf", llm_test_tmp_dir());
+    snprintf(cmd, sizeof(cmd), "python3 tools/make_spm_vocab.py %s "
+             ">/dev/null 2>&1", path);
+    if (system(cmd) != 0) {
+        test_skip("tools/make_spm_vocab.py failed (python3 with gguf?)");
+        fixtures_free(&f);
+        return;
+    }
+    t = llm_tokenizer_load(path, &err);
+    test_cond(t != NULL);
+    if (t == NULL) {
+        printf("       %s\n", err.msg);
+        fixtures_free(&f);
+        return;
+    }
+    /* the fixtures' last piece is the last token */
+    test_cond(llm_tokenizer_n_vocab(t) == f.piece[f.n_piece - 1].id + 1);
+    test_cond(strcmp(llm_tokenizer_pre_name(t), "spm") == 0
+              && !llm_tokenizer_pre_fallback(t));
+    test_cond(llm_tokenizer_bos(t) == 1 && llm_tokenizer_eos(t) == 2
+              && llm_tokenizer_add_bos(t));
+    test_cond(llm_tokenizer_find(t, "[INST]") == 259
+              && llm_tokenizer_is_control(t, 259));
+    n = 0;
+    for (i = 0; i < llm_tokenizer_n_vocab(t); i++) {
+        n += llm_tokenizer_is_eog(t, i);
+    }
+    test_cond(n == 1 && llm_tokenizer_is_eog(t, 2));
+    test_cond(llm_tokenizer_chat_template(t) != NULL
+              && strstr(llm_tokenizer_chat_template(t), "[INST]"));
+
+    test("llama.cpp ids, SentencePiece");
+    bad = check_cases(t, &f, "spm", &checked);
+    printf("       spm: %d/%d cases agree with llama.cpp\n", checked - bad,
+           checked);
+    test_cond(checked == f.n_enc && bad == 0);
+
+    test("token pieces match llama_token_to_piece, SentencePiece");
+    test_cond(check_pieces(t, &f) == 0);
+
+    test("decode(encode(x)) is a space then x, SentencePiece");
+    bad = 0;
+    checked = 0;
+    for (i = 0; i < f.n_enc; i++) {
+        const enc_case *e = &f.enc[i];
+        size_t          p;
+        uint32_t        cp;
+        int             r = 1, ok = e->input_len > 0 && !e->parse_special;
+
+        /* U+2581 itself decodes to a space; "<|" starts the
+         * user-defined tokens, which restart the space prefix */
+        ok = ok && memmem(e->input, e->input_len, "\xe2\x96\x81", 3) == NULL
+             && memmem(e->input, e->input_len, "<|", 2) == NULL;
+        for (p = 0; ok && p < e->input_len; p += (size_t) r) {
+            r = llm_utf8_decode_strict(e->input + p, e->input_len - p, &cp);
+            ok = r > 0;
+        }
+        if (!ok) {
+            continue;
+        }
+        checked++;
+        if (!round_trip(t, e, " ") && bad++ < 3) {
+            print_hex("round trip failed for", e->input, e->input_len);
+        }
+    }
+    printf("       %d round trips\n", checked);
+    test_cond(checked >= 100 && bad == 0);
 
     llm_tokenizer_free(t);
     fixtures_free(&f);
@@ -785,6 +906,30 @@ w_kv_i32s(gguf_w *w, const char *key, const int32_t *v, int n)
 }
 
 
+static void
+w_kv_f32s(gguf_w *w, const char *key, const float *v, int n)
+{
+    w_str(w, key);
+    w_u32(w, 9);
+    w_u32(w, 6);
+    w_u64(w, (uint64_t) n);
+    w_raw(w, v, 4 * (size_t) n);
+    w->n_kv++;
+}
+
+
+static void
+w_kv_bool(gguf_w *w, const char *key, int val)
+{
+    uint8_t b = (uint8_t) (val != 0);
+
+    w_str(w, key);
+    w_u32(w, 7);
+    w_raw(w, &b, 1);
+    w->n_kv++;
+}
+
+
 /* Writes a GGUF with the key/values in body (kv count n_kv). */
 static int
 w_file(const char *path, const gguf_w *body)
@@ -811,7 +956,9 @@ w_file(const char *path, const gguf_w *body)
 
 enum {
     BAD_NONE, BAD_MODEL, BAD_TYPES_LEN, BAD_MERGE, BAD_MERGE_RESULT,
-    BAD_BOS, BAD_NO_MERGES, BAD_MERGE_FORM
+    BAD_BOS, BAD_NO_MERGES, BAD_MERGE_FORM,
+    /* SentencePiece (tiny_spm_gguf) */
+    SPM_NO_PREFIX, BAD_SCORES_LEN, BAD_SCORES_TYPE, BAD_SCORE_NAN
 };
 
 
@@ -829,7 +976,7 @@ tiny_gguf(gguf_w *w, int bad)
 
     memset(w, 0, sizeof(*w));
     w_kv_str(w, "general.architecture", "llama");
-    w_kv_str(w, "tokenizer.ggml.model", bad == BAD_MODEL ? "llama" : "gpt2");
+    w_kv_str(w, "tokenizer.ggml.model", bad == BAD_MODEL ? "bert" : "gpt2");
     w_kv_str(w, "tokenizer.ggml.pre", "smollm");
     w_kv_strs(w, "tokenizer.ggml.tokens", toks, 11);
     w_kv_i32s(w, "tokenizer.ggml.token_type", types,
@@ -846,6 +993,159 @@ tiny_gguf(gguf_w *w, int bad)
     }
     w_kv_u32(w, "tokenizer.ggml.bos_token_id", bad == BAD_BOS ? 11 : 8);
     w_kv_u32(w, "tokenizer.ggml.eos_token_id", 8);
+}
+
+
+/* A SentencePiece vocabulary small enough to work out by hand:
+ * "\xe2\x96\x81" is U+2581, the escaped space. */
+static void
+tiny_spm_gguf(gguf_w *w, int bad)
+{
+    static const char *const toks[] = {
+        "<unk>", "<s>", "</s>", "<0x7A>", "<0xC3>", "<0xA9>",
+        "\xe2\x96\x81", "a", "b", "c", "ab", "bc", "abc",
+        "\xe2\x96\x81" "a", "<u>", "x", "y", "xy", "yx"
+    };
+    static const int32_t types[] = { 2, 3, 3, 6, 6, 6, 1, 1, 1, 1, 1, 1,
+                                     1, 1, 4, 1, 1, 1, 1 };
+    float scores[] = { 0, 0, 0, 0, 0, 0, -1, -2, -3, -4, -5, -1, -6, -2,
+                       0, -7, -7, -8, -8 };
+
+    memset(w, 0, sizeof(*w));
+    if (bad == BAD_SCORE_NAN) {
+        scores[7] = 0.0f / 0.0f;
+    }
+    w_kv_str(w, "general.architecture", "llama");
+    w_kv_str(w, "tokenizer.ggml.model", "llama");
+    w_kv_strs(w, "tokenizer.ggml.tokens", toks, 19);
+    w_kv_i32s(w, "tokenizer.ggml.token_type", types, 19);
+    if (bad == BAD_SCORES_TYPE) {
+        w_kv_strs(w, "tokenizer.ggml.scores", toks, 19);
+    } else {
+        w_kv_f32s(w, "tokenizer.ggml.scores", scores,
+                  bad == BAD_SCORES_LEN ? 18 : 19);
+    }
+    if (bad == SPM_NO_PREFIX) {
+        w_kv_bool(w, "tokenizer.ggml.add_space_prefix", 0);
+    }
+}
+
+
+/* Encodes text and compares with want[n] (-1 ends want). */
+static int
+enc_is(const llm_tokenizer *t, const char *text, int add, int parse,
+       const int32_t *want)
+{
+    int32_t got[32];
+    int     n, k;
+
+    n = llm_tokenize(t, text, strlen(text), add, parse, got, 32);
+    for (k = 0; k < n && want[k] >= 0; k++) {
+        if (got[k] != want[k]) {
+            break;
+        }
+    }
+    if (k == n && want[k] < 0) {
+        return 1;
+    }
+    printf("       \"%s\":", text);
+    for (k = 0; k < n; k++) {
+        printf(" %d", got[k]);
+    }
+    printf("\n");
+    return 0;
+}
+
+
+TEST_SUITE(tokenizer_spm_rules)
+{
+    static const struct {
+        int         bad;
+        const char *field;
+    } cases[] = {
+        { BAD_SCORES_LEN, "tokenizer.ggml.scores" },
+        { BAD_SCORES_TYPE, "tokenizer.ggml.scores" },
+        { BAD_SCORE_NAN, "tokenizer.ggml.scores[7]" },
+    };
+    gguf_w         w;
+    char           path[512], name[128], buf[16];
+    llm_tokenizer *t;
+    llm_err        err;
+    size_t         i;
+
+    snprintf(path, sizeof(path), "%s/tiny-spm.gguf", llm_test_tmp_dir());
+    test("a tiny SentencePiece vocabulary loads with llama.cpp's defaults");
+    tiny_spm_gguf(&w, BAD_NONE);
+    test_cond(w_file(path, &w) == 0);
+    t = llm_tokenizer_load(path, &err);
+    test_cond(t != NULL);
+    if (t == NULL) {
+        printf("       %s\n", err.msg);
+        return;
+    }
+    test_cond(llm_tokenizer_bos(t) == 1 && llm_tokenizer_eos(t) == 2
+              && llm_tokenizer_add_bos(t) && llm_tokenizer_is_eog(t, 2));
+
+    test("the highest score merges first");
+    /* "\xe2\x96\x81abc": bc (-1) before \xe2\x96\x81a (-2) before ab (-5) */
+    test_cond(enc_is(t, "abc", 0, 0, (const int32_t[]) { 13, 11, -1 }));
+
+    test("equal scores merge the leftmost pair first");
+    test_cond(enc_is(t, "xyx", 0, 0, (const int32_t[]) { 6, 17, 15, -1 }));
+    test_cond(enc_is(t, "yxy", 0, 0, (const int32_t[]) { 6, 18, 16, -1 }));
+
+    test("characters without a token become byte tokens, else unknown");
+    test_cond(enc_is(t, "z\xc3\xa9", 0, 0,
+                     (const int32_t[]) { 6, 3, 4, 5, -1 }));
+    test_cond(enc_is(t, "q", 0, 0, (const int32_t[]) { 6, 0, -1 }));
+
+    test("BOS, and a space prefix after each special token");
+    test_cond(enc_is(t, "a", 1, 0, (const int32_t[]) { 1, 13, -1 }));
+    test_cond(enc_is(t, "", 1, 0, (const int32_t[]) { 1, -1 }));
+    test_cond(enc_is(t, "", 0, 0, (const int32_t[]) { -1 }));
+    test_cond(enc_is(t, "a<s>b", 0, 1,
+                     (const int32_t[]) { 13, 1, 6, 8, -1 }));
+    test_cond(enc_is(t, "a<s>b", 0, 0,
+                     (const int32_t[]) { 13, 0, 0, 0, 8, -1 }));
+    test_cond(enc_is(t, "a<u>b", 0, 0,
+                     (const int32_t[]) { 13, 14, 6, 8, -1 }));
+
+    test("pieces: U+2581 as a space, byte tokens as their byte");
+    test_cond(llm_token_to_piece(t, 13, 0, buf, 16) == 2
+              && memcmp(buf, " a", 2) == 0);
+    test_cond(llm_token_to_piece(t, 3, 0, buf, 16) == 1 && buf[0] == 'z');
+    test_cond(llm_token_to_piece(t, 4, 0, buf, 16) == 1
+              && buf[0] == '\xc3');
+    test_cond(llm_token_to_piece(t, 1, 0, buf, 16) == 0);
+    test_cond(llm_token_to_piece(t, 1, 1, buf, 16) == 3
+              && memcmp(buf, "<s>", 3) == 0);
+    test_cond(llm_token_to_piece(t, 14, 0, buf, 16) == 3);
+    llm_tokenizer_free(t);
+
+    test("tokenizer.ggml.add_space_prefix false");
+    tiny_spm_gguf(&w, SPM_NO_PREFIX);
+    test_cond(w_file(path, &w) == 0);
+    t = llm_tokenizer_load(path, &err);
+    test_cond(t != NULL);
+    if (t != NULL) {
+        test_cond(enc_is(t, "ab", 0, 0, (const int32_t[]) { 10, -1 }));
+        test_cond(enc_is(t, "a b", 0, 0, (const int32_t[]) { 7, 6, 8, -1 }));
+        llm_tokenizer_free(t);
+    }
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(name, sizeof(name), "malformed SentencePiece GGUF names "
+                 "%s", cases[i].field);
+        test(name);
+        tiny_spm_gguf(&w, cases[i].bad);
+        test_cond(w_file(path, &w) == 0);
+        memset(&err, 0, sizeof(err));
+        t = llm_tokenizer_load(path, &err);
+        test_cond(t == NULL && err.code == LLM_EFORMAT);
+        llm_tokenizer_free(t);
+        test_cond(strstr(err.msg, path) != NULL
+                  && strstr(err.msg, cases[i].field) != NULL);
+    }
 }
 
 
@@ -991,7 +1291,10 @@ fail_realloc(void *p, size_t n)
 }
 
 
-TEST_SUITE(tokenizer_alloc_failures)
+/* Fails each allocation in turn while loading the tiny byte-level BPE
+ * (spm 0) or SentencePiece (spm 1) vocabulary and while encoding. */
+static void
+alloc_failures(int spm)
 {
     static const llm_allocators fa = { fail_malloc, fail_calloc,
                                        fail_realloc, free };
@@ -1004,10 +1307,15 @@ TEST_SUITE(tokenizer_alloc_failures)
     int            n_want, k, r, load_ok = 1, enc_ok = 1, loaded = 0;
 
     snprintf(path, sizeof(path), "%s/tiny-alloc.gguf", llm_test_tmp_dir());
-    tiny_gguf(&w, BAD_NONE);
+    if (spm) {
+        tiny_spm_gguf(&w, BAD_NONE);
+    } else {
+        tiny_gguf(&w, BAD_NONE);
+    }
     w_file(path, &w);
     ok = llm_tokenizer_load(path, &err);
-    test("every failed allocation while loading is reported");
+    test(spm ? "every failed allocation while loading is reported (SPM)"
+             : "every failed allocation while loading is reported");
     test_cond(ok != NULL);
     if (ok == NULL) {
         return;
@@ -1031,7 +1339,8 @@ TEST_SUITE(tokenizer_alloc_failures)
     }
     test_cond(loaded && load_ok);
 
-    test("every failed allocation while encoding is reported");
+    test(spm ? "every failed allocation while encoding is reported (SPM)"
+             : "every failed allocation while encoding is reported");
     for (k = 0; k < 200; k++) {
         fail_after = k;
         llm_set_allocators(&fa);
@@ -1049,4 +1358,11 @@ TEST_SUITE(tokenizer_alloc_failures)
     }
     test_cond(enc_ok);
     llm_tokenizer_free(ok);
+}
+
+
+TEST_SUITE(tokenizer_alloc_failures)
+{
+    alloc_failures(0);
+    alloc_failures(1);
 }

@@ -53,6 +53,18 @@ enum {
     TOK_EOG     = 0x100
 };
 
+/* Where a SentencePiece vocabulary puts a space before a raw fragment
+ * (the text between special tokens). */
+enum {
+    SPM_PREFIX_NONE = 0,
+    SPM_PREFIX_EACH,            /* every fragment (llama.cpp; tokenizer.json
+                                   normalizer Prepend) */
+    SPM_PREFIX_UNLESS_SPACE,    /* every fragment not starting with a space
+                                   (Metaspace prepend_scheme "always") */
+    SPM_PREFIX_FIRST            /* only at the text's start, unless a space
+                                   is there (Metaspace "first") */
+};
+
 /* Pre-tokenizers: families of llama.cpp's LLAMA_VOCAB_PRE_TYPE_*. */
 enum {
     PRE_GPT2 = 0,
@@ -185,10 +197,15 @@ struct llm_tokenizer {
     int32_t     byte_tok[256];  /* token of each byte's mapped char or -1 */
 
     int         spm;            /* SentencePiece vocabulary (see above) */
-    int         add_space_prefix;   /* SPM: a space before each fragment */
-    int32_t    *spm_rank;       /* [n_vocab] SPM merge order: 0 for the
-                                   highest score, equal scores equal */
-    int32_t     byte_fallback[256]; /* SPM: token of each byte, or -1 */
+    int         spm_prefix;     /* SPM_PREFIX_*: where a space goes first */
+    int         spm_split;      /* tokenizer.json Metaspace split: each
+                                   U+2581 starts a word of its own */
+    int         spm_by_rank;    /* tokenizer.json: BPE merges by rank over
+                                   characters; GGUF: merges by score */
+    int         fuse_unk;       /* tokenizer.json: unknown runs are one */
+    int32_t    *spm_rank;       /* [n_vocab] GGUF SPM merge order: 0 for
+                                   the highest score, equal scores equal */
+    int32_t     byte_fallback[256]; /* <0xXX> token of each byte, or -1 */
 
     int32_t    *special;        /* partitioned ids, longest text first */
     int32_t     n_special;
@@ -740,14 +757,8 @@ tok_finalize(llm_tokenizer *t, llm_err *err)
         n = (size_t) llm_utf8_encode(t->byte_cp[b], mapped);
         t->byte_tok[b] = tok_lookup(t, mapped, n);
 
-        /* SPM byte fallback: "<0xXX>", else (llama.cpp's second try) the
-         * byte itself as a token */
         snprintf(hexname, sizeof(hexname), "<0x%02X>", b);
         t->byte_fallback[b] = tok_lookup(t, hexname, 6);
-        if (t->byte_fallback[b] < 0) {
-            mapped[0] = (char) b;
-            t->byte_fallback[b] = tok_lookup(t, mapped, 1);
-        }
     }
 
     /* end of turn: the GGUF key, else the first known text present
@@ -1027,7 +1038,7 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
     int64_t            v;
     uint64_t           i;
     size_t             sp;
-    int                rc, add_bos;
+    int                rc, add_bos, space;
 
     rc = llm_gguf_get_str(g, "tokenizer.ggml.model", &s, err);
     if (rc == LLM_ENOTFOUND) {
@@ -1166,15 +1177,16 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
         tok_set_pre(t, "default", 7);
         snprintf(t->pre_name, sizeof(t->pre_name), "spm");
         add_bos = 1;
-        t->add_space_prefix = 1;
+        space = 1;
         t->bos = t->n_vocab > 1 ? 1 : -1;
         t->eos = t->n_vocab > 2 ? 2 : -1;
         t->unk = 0;
-        if ((rc = gguf_bool(g, "tokenizer.ggml.add_space_prefix",
-                            &t->add_space_prefix, err)) != 0)
+        if ((rc = gguf_bool(g, "tokenizer.ggml.add_space_prefix", &space,
+                            err)) != 0)
         {
             return rc;
         }
+        t->spm_prefix = space ? SPM_PREFIX_EACH : SPM_PREFIX_NONE;
     } else if (rc == LLM_ENOTFOUND) {
         add_bos = tok_set_pre(t, "default", 7);
     } else if (rc != 0) {
@@ -1593,6 +1605,116 @@ hf_load_config(llm_tokenizer *t, const char *dir, json_t *root,
 
 
 static int
+hf_is_meta(const char *s)
+{
+    return s != NULL && strcmp(s, "\xe2\x96\x81") == 0;
+}
+
+
+/* One normalizer of a SentencePiece-style tokenizer.json: Prepend U+2581
+ * (the space prefix) or Replace " " by U+2581 (the escape); returns 0,
+ * or -1 for anything else. */
+static int
+hf_spm_normalizer(llm_tokenizer *t, json_t *n, int *escape)
+{
+    const char *type = json_str(n, "type");
+
+    if (type != NULL && strcmp(type, "Prepend") == 0
+        && hf_is_meta(json_str(n, "prepend")))
+    {
+        t->spm_prefix = SPM_PREFIX_EACH;
+        return 0;
+    }
+    if (type != NULL && strcmp(type, "Replace") == 0
+        && json_str(json_object_get(n, "pattern"), "String") != NULL
+        && strcmp(json_str(json_object_get(n, "pattern"), "String"), " ")
+           == 0
+        && hf_is_meta(json_str(n, "content")))
+    {
+        *escape = 1;
+        return 0;
+    }
+    return -1;
+}
+
+
+/* Recognises SentencePiece-style BPE in a tokenizer.json (Llama 2,
+ * Mistral, TinyLlama folders): byte_fallback, spaces as U+2581 through
+ * the normalizer (Prepend + Replace) or a Metaspace pre-tokenizer.
+ * Returns 1 and configures t, 0 for byte-level BPE, or an error for a
+ * SentencePiece-style file with steps we do not implement. */
+static int
+hf_spm_config(llm_tokenizer *t, const char *path, json_t *root,
+              json_t *model, llm_err *err)
+{
+    json_t     *norm = json_object_get(root, "normalizer");
+    json_t     *pre = json_object_get(root, "pre_tokenizer");
+    json_t     *e;
+    const char *pt = json_str(pre, "type"), *nt = json_str(norm, "type");
+    const char *scheme;
+    int         escape = 0, bad = 0, meta;
+    size_t      i;
+
+    if (nt != NULL && strcmp(nt, "Sequence") == 0) {
+        json_array_foreach(json_object_get(norm, "normalizers"), i, e) {
+            bad |= hf_spm_normalizer(t, e, &escape);
+        }
+    } else if (nt != NULL) {
+        bad |= hf_spm_normalizer(t, norm, &escape);
+    }
+    meta = pt != NULL && strcmp(pt, "Metaspace") == 0;
+    if (!meta && !escape && t->spm_prefix == SPM_PREFIX_NONE
+        && !json_flag(model, "byte_fallback", 0))
+    {
+        t->spm_prefix = SPM_PREFIX_NONE;
+        return 0;               /* byte-level (or not ours at all) */
+    }
+    t->spm = 1;
+    t->spm_by_rank = 1;
+    t->fuse_unk = json_flag(model, "fuse_unk", 0);
+    if (bad) {
+        return llm_err_set(err, LLM_EUNSUP, "%s: normalizer: only Prepend "
+                           "and Replace of \" \" by U+2581 are supported "
+                           "for SentencePiece-style BPE", path);
+    }
+    if (meta) {
+        if (!hf_is_meta(json_str(pre, "replacement"))) {
+            return llm_err_set(err, LLM_EUNSUP, "%s: pre_tokenizer "
+                               "Metaspace: only the replacement U+2581 is "
+                               "supported", path);
+        }
+        escape = 1;
+        t->spm_split = json_flag(pre, "split", 1);
+        scheme = json_str(pre, "prepend_scheme");
+        if (scheme == NULL) {
+            t->spm_prefix = json_flag(pre, "add_prefix_space", 1)
+                            ? SPM_PREFIX_UNLESS_SPACE : SPM_PREFIX_NONE;
+        } else if (strcmp(scheme, "always") == 0) {
+            t->spm_prefix = SPM_PREFIX_UNLESS_SPACE;
+        } else if (strcmp(scheme, "first") == 0) {
+            t->spm_prefix = SPM_PREFIX_FIRST;
+        } else if (strcmp(scheme, "never") == 0) {
+            t->spm_prefix = SPM_PREFIX_NONE;
+        } else {
+            return llm_err_set(err, LLM_EFORMAT, "%s: pre_tokenizer "
+                               "Metaspace: unknown prepend_scheme \"%.32s\"",
+                               path, scheme);
+        }
+    } else if (pre != NULL && !json_is_null(pre)) {
+        return llm_err_set(err, LLM_EUNSUP, "%s: pre_tokenizer \"%.32s\" "
+                           "with SentencePiece-style BPE is not supported",
+                           path, pt ? pt : "?");
+    }
+    if (!escape) {
+        return llm_err_set(err, LLM_EUNSUP, "%s: SentencePiece-style BPE "
+                           "that keeps spaces as they are is not supported",
+                           path);
+    }
+    return 1;
+}
+
+
+static int
 tok_load_hf(llm_tokenizer *t, const char *path, llm_err *err)
 {
     json_t      *root, *model, *vocab, *merges, *added, *v, *e;
@@ -1629,19 +1751,23 @@ tok_load_hf(llm_tokenizer *t, const char *path, llm_err *err)
                          "missing or malformed", path);
         goto done;
     }
+    if ((rc = hf_spm_config(t, path, root, model, err)) < 0) {
+        goto done;
+    }
+    rc = 0;
     {
         json_t     *dec = json_object_get(root, "decoder");
         json_t     *prej = json_object_get(root, "pre_tokenizer");
         const char *dt = json_str(dec, "type");
         int         ur;
 
-        if (json_flag(model, "byte_fallback", 0)
-            || (dt != NULL && strcmp(dt, "ByteLevel") != 0
-                && hf_is_bytelevel(prej, &ur) == 0))
+        if (!t->spm && dt != NULL && strcmp(dt, "ByteLevel") != 0
+            && hf_is_bytelevel(prej, &ur) == 0)
         {
-            rc = llm_err_set(err, LLM_EUNSUP, "%s: only byte-level BPE is "
-                             "supported (this looks like SentencePiece-"
-                             "style BPE)", path);
+            rc = llm_err_set(err, LLM_EUNSUP, "%s: decoder \"%.32s\" "
+                             "without a ByteLevel pre-tokenizer: neither "
+                             "byte-level nor SentencePiece-style BPE", path,
+                             dt);
             goto done;
         }
     }
@@ -1684,7 +1810,10 @@ tok_load_hf(llm_tokenizer *t, const char *path, llm_err *err)
         id = json_integer_value(v);
         src.text[id] = key;
         src.len[id] = (uint32_t) strlen(key);
-        src.attr[id] = TOK_NORMAL;
+        /* SentencePiece-style: <0xXX> are byte tokens (the ByteFallback
+         * decoder turns them into their byte) */
+        src.attr[id] = t->spm && tok_hex_byte(key, strlen(key)) >= 0
+                       ? TOK_BYTE : TOK_NORMAL;
     }
     json_array_foreach(added, i, e) {
         const char *c = json_str(e, "content");
@@ -1769,7 +1898,12 @@ tok_load_hf(llm_tokenizer *t, const char *path, llm_err *err)
     }
 
     pre = hf_pre_name(json_object_get(root, "pre_tokenizer"));
-    if (pre == NULL) {
+    if (t->spm) {
+        tok_set_pre(t, "default", 7);
+        snprintf(t->pre_name, sizeof(t->pre_name), "spm");
+        key = json_str(model, "unk_token");
+        t->unk = key != NULL ? tok_lookup(t, key, strlen(key)) : -1;
+    } else if (pre == NULL) {
         tok_set_pre(t, "tokenizer.json", 14);
     } else {
         tok_set_pre(t, pre, strlen(pre));
@@ -2170,12 +2304,13 @@ bpe_push_unknown(tok_ws *ws, uint8_t byte)
 }
 
 
+static int bpe_merge(tok_ws *ws, int32_t n);
+
+
 static int
 bpe_word(tok_ws *ws, const uint8_t *w, size_t n)
 {
     const llm_tokenizer *t = ws->t;
-    const tok_merge     *m;
-    tok_pair             p;
     size_t               i, o;
     int32_t              id, k;
 
@@ -2216,9 +2351,33 @@ bpe_word(tok_ws *ws, const uint8_t *w, size_t n)
         ws->sym[i].prev = (int32_t) i - 1;
         ws->sym[i].next = i + 1 < n ? (int32_t) i + 1 : -1;
     }
+    if (bpe_merge(ws, (int32_t) n) != 0) {
+        return LLM_ENOMEM;
+    }
+    for (k = 0; k >= 0; k = ws->sym[k].next) {
+        if (ws->sym[k].id >= 0) {
+            ws_push(ws, ws->sym[k].id);
+        } else {
+            bpe_push_unknown(ws, w[k]);
+        }
+    }
+    return 0;
+}
+
+
+/* Merges the linked symbols ws->sym[0, n) (token ids, -1 for none) by
+ * merge rank, lowest first, leftmost on ties; the heap has room for
+ * 2n + 2 entries. */
+static int
+bpe_merge(tok_ws *ws, int32_t n)
+{
+    const tok_merge *m;
+    tok_pair         p;
+    int32_t          i;
+
     ws->heap_n = 0;
     for (i = 1; i < n; i++) {
-        bpe_try_pair(ws, (int32_t) i - 1, (int32_t) i);
+        bpe_try_pair(ws, i - 1, i);
     }
 
     while (ws->heap_n > 0) {
@@ -2230,7 +2389,7 @@ bpe_word(tok_ws *ws, const uint8_t *w, size_t n)
         {
             continue;
         }
-        m = tok_merge_find(t, p.lid, p.rid);
+        m = tok_merge_find(ws->t, p.lid, p.rid);
         ws->sym[p.left].id = m->result;
         ws->sym[p.left].next = ws->sym[p.right].next;
         if (ws->sym[p.right].next >= 0) {
@@ -2249,14 +2408,6 @@ bpe_word(tok_ws *ws, const uint8_t *w, size_t n)
         }
         bpe_try_pair(ws, ws->sym[p.left].prev, p.left);
         bpe_try_pair(ws, p.left, ws->sym[p.left].next);
-    }
-
-    for (k = 0; k >= 0; k = ws->sym[k].next) {
-        if (ws->sym[k].id >= 0) {
-            ws_push(ws, ws->sym[k].id);
-        } else {
-            bpe_push_unknown(ws, w[k]);
-        }
     }
     return 0;
 }
@@ -2644,14 +2795,22 @@ spm_try_pair(tok_ws *ws, int32_t left, int32_t right)
 }
 
 
+/* A character's length from its UTF-8 lead byte, by the top four bits;
+ * invalid sequences are cut the same way (llama.cpp's unicode_len_utf8). */
+static inline size_t
+utf8_lead_len(uint8_t c)
+{
+    static const uint8_t lead_len[16] = { 1, 1, 1, 1, 1, 1, 1, 1,
+                                          1, 1, 1, 1, 2, 2, 3, 4 };
+
+    return lead_len[c >> 4];
+}
+
+
 /* Encodes the escaped text ws->bytes[0, n) (llama.cpp's SPM session). */
 static int
 spm_encode(tok_ws *ws, size_t n)
 {
-    /* symbol length from a UTF-8 lead byte, by its top four bits; an
-     * invalid sequence is cut the same way, as llama.cpp does */
-    static const uint8_t lead_len[16] = { 1, 1, 1, 1, 1, 1, 1, 1,
-                                          1, 1, 1, 1, 2, 2, 3, 4 };
     const llm_tokenizer *t = ws->t;
     const uint8_t       *s = ws->bytes;
     spm_sym             *sym;
@@ -2671,7 +2830,7 @@ spm_encode(tok_ws *ws, size_t n)
     }
     sym = ws->ssym;
     for (off = 0; off < n; off += len) {
-        len = lead_len[s[off] >> 4];
+        len = utf8_lead_len(s[off]);
         if (len > n - off) {
             len = n - off;
         }
@@ -2713,11 +2872,14 @@ spm_encode(tok_ws *ws, size_t n)
             ws_push(ws, id);
             continue;
         }
-        /* not a token (only a lone character can be): its bytes; a
-         * vocabulary without that byte token gives the unknown token
-         * (llama.cpp would throw) */
+        /* not a token (only a lone character can be): its bytes' <0xXX>
+         * tokens, else the byte as a token; a vocabulary with neither
+         * gives the unknown token (llama.cpp would throw) */
         for (k = 0; k < (size_t) sym[i].n; k++) {
             id = t->byte_fallback[s[sym[i].off + k]];
+            if (id < 0) {
+                id = tok_lookup(t, (const char *) s + sym[i].off + k, 1);
+            }
             if (id < 0) {
                 id = t->unk;
             }
@@ -2730,12 +2892,76 @@ spm_encode(tok_ws *ws, size_t n)
 }
 
 
+/* tokenizer.json's SentencePiece-style BPE (Hugging Face's BPE model with
+ * byte_fallback) on the escaped text ws->bytes[a, b): each character is
+ * its token, else its bytes' <0xXX> tokens if all exist, else the
+ * unknown token (one per run with fuse_unk); then merges by rank. */
+static int
+spm_rank_encode(tok_ws *ws, size_t a, size_t b)
+{
+    const llm_tokenizer *t = ws->t;
+    const uint8_t       *s = ws->bytes;
+    size_t               off, len, k;
+    int32_t              n = 0, id, i;
+    int                  all;
+
+    if (b <= a) {
+        return 0;
+    }
+    if (b - a > INT32_MAX / 2
+        || ws_grow((void **) &ws->sym, &ws->sym_cap, b - a, sizeof(tok_sym))
+        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * (b - a) + 2,
+                   sizeof(tok_pair)))
+    {
+        return LLM_ENOMEM;
+    }
+    for (off = a; off < b; off += len) {
+        len = utf8_lead_len(s[off]);
+        if (len > b - off) {
+            len = b - off;
+        }
+        id = tok_lookup(t, (const char *) s + off, len);
+        if (id < 0) {
+            for (k = 0, all = 1; k < len; k++) {
+                all &= t->byte_fallback[s[off + k]] >= 0;
+            }
+            if (all) {
+                for (k = 0; k < len; k++) {
+                    ws->sym[n++].id = t->byte_fallback[s[off + k]];
+                }
+                continue;
+            }
+            if (t->unk < 0 || (t->fuse_unk && n > 0
+                               && ws->sym[n - 1].id == t->unk))
+            {
+                continue;
+            }
+            id = t->unk;
+        }
+        ws->sym[n++].id = id;
+    }
+    for (i = 0; i < n; i++) {
+        ws->sym[i].prev = i - 1;
+        ws->sym[i].next = i + 1 < n ? i + 1 : -1;
+    }
+    if (bpe_merge(ws, n) != 0) {
+        return LLM_ENOMEM;
+    }
+    for (i = 0; n > 0 && i >= 0; i = ws->sym[i].next) {
+        ws_push(ws, ws->sym[i].id);
+    }
+    return 0;
+}
+
+
 /* Encodes one raw fragment: a leading space if asked, every space as
- * U+2581, then the merges. */
+ * U+2581, then the merges (for tokenizer.json's Metaspace split, word by
+ * word, each word starting at a U+2581). */
 static int
 spm_fragment(tok_ws *ws, const char *s, size_t n, int space_prefix)
 {
-    size_t i, o = 0;
+    size_t i, o = 0, w;
+    int    rc;
 
     if (n > SIZE_MAX / 3 - 3
         || ws_grow((void **) &ws->bytes, &ws->bytes_cap, 3 * n + 3, 1) != 0)
@@ -2754,7 +2980,23 @@ spm_fragment(tok_ws *ws, const char *s, size_t n, int space_prefix)
             ws->bytes[o++] = (uint8_t) s[i];
         }
     }
-    return spm_encode(ws, o);
+    if (!ws->t->spm_by_rank) {
+        return spm_encode(ws, o);
+    }
+    if (!ws->t->spm_split) {
+        return spm_rank_encode(ws, 0, o);
+    }
+    for (w = 0, i = 1; i <= o; i++) {
+        if (i == o || (i + 3 <= o
+                       && memcmp(ws->bytes + i, "\xe2\x96\x81", 3) == 0))
+        {
+            if ((rc = spm_rank_encode(ws, w, i)) != 0) {
+                return rc;
+            }
+            w = i;
+        }
+    }
+    return 0;
 }
 
 
@@ -2897,6 +3139,29 @@ partition(const llm_tokenizer *t, const char *text, size_t len,
 }
 
 
+/* Whether raw fragment f gets a space in front.  Every raw fragment
+ * starts the text or follows a special token (llama.cpp's rule for
+ * SPM_PREFIX_EACH); Metaspace adds none where a space or U+2581 is. */
+static int
+spm_prefix_here(const llm_tokenizer *t, const char *text, const tok_frag *f)
+{
+    int spaced = text[f->off] == ' '
+                 || (f->len >= 3
+                     && memcmp(text + f->off, "\xe2\x96\x81", 3) == 0);
+
+    switch (t->spm_prefix) {
+    case SPM_PREFIX_EACH:
+        return 1;
+    case SPM_PREFIX_UNLESS_SPACE:
+        return !spaced;
+    case SPM_PREFIX_FIRST:
+        return f->off == 0 && !spaced;
+    default:
+        return 0;
+    }
+}
+
+
 int
 llm_tokenize(const llm_tokenizer *t, const char *text, size_t len,
              int add_special, int parse_special, int32_t *out, int cap)
@@ -2925,11 +3190,8 @@ llm_tokenize(const llm_tokenizer *t, const char *text, size_t len,
         if (frags[i].id >= 0) {
             ws_push(&ws, frags[i].id);
         } else if (t->spm) {
-            /* the space prefix goes on the text's first fragment and on
-             * every one after a special token (llama.cpp) */
             rc = spm_fragment(&ws, text + frags[i].off, frags[i].len,
-                              t->add_space_prefix
-                              && (i == 0 || frags[i - 1].id >= 0));
+                              spm_prefix_here(t, text, &frags[i]));
         } else {
             rc = encode_fragment(&ws, text + frags[i].off, frags[i].len);
         }

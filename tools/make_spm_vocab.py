@@ -17,7 +17,9 @@ download and comes out the same on every machine:
 The chat template is Llama 2's (t/fixtures/chat/llama2.tmpl).
 
 With --model-dir DIR it also writes a tiny random Llama model with this
-vocabulary (tools/make_tiny_model.py --vocab-from) into DIR.
+vocabulary (tools/make_tiny_model.py --vocab-from) into DIR; with
+--hf-json DIR a Hugging Face tokenizer.json (+ tokenizer_config.json) of
+it, in one of the layouts such folders use (--hf-style).
 
 Exit status: 0 ok, 1 failure, 2 no vocabulary source (the default model
 is not installed).
@@ -26,6 +28,7 @@ Example: tools/make_spm_vocab.py /tmp/spm.gguf
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +113,10 @@ def main():
                     "(default: the default model)")
     ap.add_argument("--model-dir", help="also write a tiny random model "
                     "with this vocabulary here")
+    ap.add_argument("--hf-json", metavar="DIR", help="also write "
+                    "tokenizer.json and tokenizer_config.json here")
+    ap.add_argument("--hf-style", choices=make_tiny_model.SPM_STYLES,
+                    default="prepend")
     args = ap.parse_args()
     src = args.source or make_tiny_model.default_vocab_source()
     if src is None:
@@ -123,6 +130,21 @@ def main():
         template = f.read()
     write_vocab(args.out, texts, scores, types, template)
     print("%s: %d tokens" % (args.out, len(texts)))
+    if args.hf_json:
+        os.makedirs(args.hf_json, exist_ok=True)
+        make_tiny_model.write_spm_tokenizer(
+            args.hf_json, {"tokenizer.ggml.tokens": texts,
+                           "tokenizer.ggml.scores": scores,
+                           "tokenizer.ggml.token_type": types,
+                           "tokenizer.ggml.unknown_token_id": 0},
+            args.hf_style)
+        with open(os.path.join(args.hf_json, "tokenizer_config.json"),
+                  "w") as f:
+            json.dump({"add_bos_token": True, "add_eos_token": False,
+                       "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "chat_template": template,
+                       "tokenizer_class": "LlamaTokenizerFast"}, f,
+                      indent=2)
     if args.model_dir:
         cmd = [sys.executable, os.path.join(HERE, "make_tiny_model.py"),
                "--layers", "2", "--dim", "64", "--heads", "4",

@@ -463,9 +463,15 @@ def spm_merges(tokens, scores):
     return [a + " " + b for _, _, _, a, b in found]
 
 
-def write_spm_tokenizer(d, meta):
+SPM_STYLES = ("prepend", "metaspace-first", "metaspace-always-split")
+
+
+def write_spm_tokenizer(d, meta, style="prepend"):
     """tokenizer.json as Llama 2 and Mistral folders carry it: BPE over
-    characters with byte fallback, spaces as U+2581 and one prepended."""
+    characters with byte fallback, spaces as U+2581 and one prepended,
+    by the normalizer ("prepend", as those folders have it) or by a
+    Metaspace pre-tokenizer (newer exports: prepend_scheme "first", or
+    "always" with split)."""
     tokens = meta["tokenizer.ggml.tokens"]
     types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
     added = [{"id": i, "content": tok, "single_word": False,
@@ -480,8 +486,12 @@ def write_spm_tokenizer(d, meta):
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "\u2581"},
             {"type": "Replace", "pattern": {"String": " "},
-             "content": "\u2581"}]},
-        "pre_tokenizer": None,
+             "content": "\u2581"}]} if style == "prepend" else None,
+        "pre_tokenizer": None if style == "prepend" else {
+            "type": "Metaspace", "replacement": "\u2581",
+            "prepend_scheme": "first" if style == "metaspace-first"
+            else "always",
+            "split": style == "metaspace-always-split"},
         "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u2581"},

@@ -527,6 +527,68 @@ TEST_SUITE(tokenizer_spm_llamacpp)
 }
 
 
+/* tokenizer.json files of that vocabulary in the layouts Llama 2 /
+ * Mistral folders use, against Hugging Face tokenizers' ids. */
+TEST_SUITE(tokenizer_spm_hf)
+{
+    static const char *const styles[] = {
+        "prepend", "metaspace-first", "metaspace-always-split", NULL
+    };
+    llm_tokenizer *t;
+    fixtures       f;
+    llm_err        err;
+    char           path[512], dir[512], cmd[1280], name[96], pre[64];
+    int            bad, checked, k, total = 0;
+
+    test("tokenizer.json SentencePiece fixtures are present");
+    snprintf(path, sizeof(path), "%s/tokenizer/spm_hf.txt",
+             llm_test_fixture_dir());
+    if (fixtures_load(&f, path) != 0) {
+        test_skip("t/fixtures/tokenizer/spm_hf.txt missing");
+        return;
+    }
+    test_cond(f.n_enc >= 300);
+    if (llm_test_default_model() == NULL) {
+        test_skip("default model not installed (the vocabulary is made "
+                  "from it)");
+        fixtures_free(&f);
+        return;
+    }
+    for (k = 0; styles[k] != NULL; k++) {
+        snprintf(name, sizeof(name), "Hugging Face tokenizers' ids, %s",
+                 styles[k]);
+        test(name);
+        snprintf(dir, sizeof(dir), "%s/spm-hf-%s", llm_test_tmp_dir(),
+                 styles[k]);
+        snprintf(cmd, sizeof(cmd), "python3 tools/make_spm_vocab.py "
+                 "%s/spm.gguf --hf-json %s --hf-style %s >/dev/null 2>&1",
+                 llm_test_tmp_dir(), dir, styles[k]);
+        if (system(cmd) != 0) {
+            test_skip("tools/make_spm_vocab.py failed (python3 with gguf?)");
+            continue;
+        }
+        t = llm_tokenizer_load(dir, &err);
+        test_cond(t != NULL);
+        if (t == NULL) {
+            printf("       %s\n", err.msg);
+            continue;
+        }
+        test_cond(strcmp(llm_tokenizer_pre_name(t), "spm") == 0
+                  && llm_tokenizer_add_bos(t) && llm_tokenizer_bos(t) == 1);
+        snprintf(pre, sizeof(pre), "hf-%s", styles[k]);
+        bad = check_cases(t, &f, pre, &checked);
+        printf("       %s: %d/%d cases agree with tokenizers\n", styles[k],
+               checked - bad, checked);
+        test_cond(checked >= 100 && bad == 0);
+        total += checked;
+        llm_tokenizer_free(t);
+    }
+    test("every fixture case was checked");
+    test_cond(total == f.n_enc);
+    fixtures_free(&f);
+}
+
+
 /* ---------------------------------------------------------------------
  * tokenizer.json built from the same vocabulary
  * --------------------------------------------------------------------- */
@@ -1249,6 +1311,39 @@ TEST_SUITE(tokenizer_errors)
     }
     t = llm_tokenizer_load(path, &err);
     test_cond(t == NULL && err.code == LLM_EUNSUP);
+
+    test("SentencePiece-style tokenizer.json steps we lack are refused");
+    {
+        static const char *const bad[] = {
+            /* a normalizer other than Prepend / Replace */
+            "{\"normalizer\": {\"type\": \"Sequence\", \"normalizers\": "
+            "[{\"type\": \"NFKC\"}, {\"type\": \"Prepend\", "
+            "\"prepend\": \"\u2581\"}]}, ",
+            /* Metaspace with another replacement */
+            "{\"pre_tokenizer\": {\"type\": \"Metaspace\", "
+            "\"replacement\": \"_\"}, ",
+            /* byte fallback with a ByteLevel pre-tokenizer */
+            "{\"pre_tokenizer\": {\"type\": \"ByteLevel\"}, ",
+            NULL
+        };
+        int k;
+
+        for (k = 0; bad[k] != NULL; k++) {
+            FILE *f = fopen(path, "w");
+
+            fprintf(f, "%s\"model\": {\"type\": \"BPE\", "
+                    "\"byte_fallback\": true, \"vocab\": {\"a\": 0}, "
+                    "\"merges\": []}}", bad[k]);
+            fclose(f);
+            t = llm_tokenizer_load(path, &err);
+            test_cond(t == NULL && err.code == LLM_EUNSUP
+                      && strstr(err.msg, path) != NULL);
+            if (t != NULL || err.code != LLM_EUNSUP) {
+                printf("       case %d: %s\n", k, t ? "loaded" : err.msg);
+            }
+            llm_tokenizer_free(t);
+        }
+    }
 }
 
 

@@ -129,13 +129,16 @@ def trim_vocab(meta, n):
     tokens = list(meta["tokenizer.ggml.tokens"])[:n]
     kept = set(tokens)
     merges = []
-    for m in meta["tokenizer.ggml.merges"]:
+    for m in meta.get("tokenizer.ggml.merges", []):
         left, _, right = m.partition(" ")
         if left in kept and right in kept and left + right in kept:
             merges.append(m)
     meta["tokenizer.ggml.tokens"] = tokens
     meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:n]
-    meta["tokenizer.ggml.merges"] = merges
+    if "tokenizer.ggml.merges" in meta:
+        meta["tokenizer.ggml.merges"] = merges
+    if "tokenizer.ggml.scores" in meta:
+        meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"][:n]
     for key in list(meta):
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") \
                 and int(meta[key]) >= n:

@@ -4,7 +4,9 @@ per target, from files the repository's own tools generate:
 
   gguf/       tiny models (tools/make_tiny_model.py --vocab-size 400):
               Q8_0 llama with tied embeddings, F16 qwen2-style with qkv
-              bias and an untied output
+              bias and an untied output, F32 llama with a SentencePiece
+              vocabulary (tools/make_spm_vocab.py, whose whole vocabulary
+              work/spm.gguf is the tokenizer target's second one)
   hf/         the same models' Hugging Face folders, parts joined by
               fuzz.h's FUZZ_SEP (config, tokenizer.json,
               tokenizer_config.json, model.safetensors)
@@ -66,7 +68,12 @@ def models(out, work):
         os.path.join(work, "a"))
     run(tiny, *common, "--gguf-type", "f16", "--qkv-bias", "--untied",
         "--seed", "1", "--out", os.path.join(work, "b"))
-    for m in "ab":
+    # a SentencePiece vocabulary (also the tokenizer target's second one)
+    spm = os.path.join(work, "spm.gguf")
+    run(os.path.join(ROOT, "tools", "make_spm_vocab.py"), spm)
+    run(tiny, *common, "--vocab-from", spm, "--seed", "2", "--out",
+        os.path.join(work, "c"))
+    for m in "abc":
         put(out, "gguf", m + ".gguf",
             read(os.path.join(work, m, "model.gguf")))
         hf = os.path.join(work, m, "hf")

@@ -34,7 +34,9 @@ LLM_FUZZ_MODEL=$SEEDS/work/a/hf
 LLM_FUZZ_ADAPTERS=$SEEDS/work/adapters
 LLM_FUZZ_TOKENIZER=$(tools/default-model.sh) \
     || { echo "fuzz: the default model is not installed"; exit 1; }
-export LLM_FUZZ_MODEL LLM_FUZZ_ADAPTERS LLM_FUZZ_TOKENIZER
+LLM_FUZZ_TOKENIZER_SPM=$SEEDS/work/spm.gguf
+export LLM_FUZZ_MODEL LLM_FUZZ_ADAPTERS LLM_FUZZ_TOKENIZER \
+    LLM_FUZZ_TOKENIZER_SPM
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:symbolize=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 

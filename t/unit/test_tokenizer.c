@@ -590,6 +590,142 @@ TEST_SUITE(tokenizer_spm_hf)
 
 
 /* ---------------------------------------------------------------------
+ * llama.cpp's own vocabulary test files (LLM_TEST_VOCAB_DIR)
+ *
+ * llama.cpp ships vocabulary-only GGUF files of real models with inputs
+ * (NAME.gguf.inp, cases separated by "\n__ggml_vocab_test__\n") and the
+ * ids Hugging Face's tokenizer gives them (NAME.gguf.out, a line each;
+ * no BOS, special texts not parsed): its models/ folder, e.g. in the
+ * llama-cpp-python source package.  Not in CI (the files are not ours);
+ * a vocabulary whose tokenizer or pre-tokenizer we do not implement is
+ * listed, not failed.
+ * --------------------------------------------------------------------- */
+
+static char *
+read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    char *b = NULL;
+    long  n;
+
+    if (f == NULL) {
+        return NULL;
+    }
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0
+        && fseek(f, 0, SEEK_SET) == 0 && (b = malloc((size_t) n + 1)) != NULL)
+    {
+        *len = fread(b, 1, (size_t) n, f);
+        b[*len] = '\0';
+    }
+    fclose(f);
+    return b;
+}
+
+
+/* Checks one NAME.gguf against NAME.gguf.inp/.out; returns the cases
+ * that differ, or -1 if the files are not there, -2 if unsupported. */
+static int
+check_vocab_file(const char *gguf, int *n_cases)
+{
+    static const char sep[] = "\n__ggml_vocab_test__\n";
+    char           path[1024], *inp, *out, *p, *q, *line, *nl;
+    size_t         ilen, olen;
+    llm_tokenizer *t;
+    llm_err        err;
+    int32_t        got[4096], want[4096];
+    int            n, nw, bad = 0;
+
+    snprintf(path, sizeof(path), "%s.inp", gguf);
+    inp = read_all(path, &ilen);
+    snprintf(path, sizeof(path), "%s.out", gguf);
+    out = read_all(path, &olen);
+    if (inp == NULL || out == NULL) {
+        free(inp);
+        free(out);
+        return -1;
+    }
+    t = llm_tokenizer_load(gguf, &err);
+    if (t == NULL || llm_tokenizer_pre_fallback(t)) {
+        printf("       %s: not supported (%s)\n", gguf,
+               t ? "pre-tokenizer" : err.msg);
+        llm_tokenizer_free(t);
+        free(inp);
+        free(out);
+        return -2;
+    }
+    *n_cases = 0;
+    line = out;
+    for (p = inp; line < out + olen; p = q + sizeof(sep) - 1) {
+        nl = strchr(line, '\n');
+        if (nl != NULL) {
+            *nl = '\0';
+        }
+        q = strstr(p, sep);
+        if (q == NULL) {
+            q = inp + ilen;
+        }
+        n = llm_tokenize(t, p, (size_t) (q - p), 0, 0, got, 4096);
+        for (nw = 0; nw < 4096 && *line; ) {
+            char *end;
+            long  v = strtol(line, &end, 10);
+
+            if (end == line) {
+                break;
+            }
+            want[nw++] = (int32_t) v;
+            line = end;
+        }
+        (*n_cases)++;
+        if (n != nw || memcmp(got, want, sizeof(int32_t) * (size_t) nw)) {
+            if (bad++ < 3) {
+                print_hex("differs", p, (size_t) (q - p));
+            }
+        }
+        line = nl != NULL ? nl + 1 : out + olen;
+        if (q == inp + ilen) {
+            break;
+        }
+    }
+    llm_tokenizer_free(t);
+    free(inp);
+    free(out);
+    return bad;
+}
+
+
+TEST_SUITE(tokenizer_vocab_files)
+{
+    const char *dir = getenv("LLM_TEST_VOCAB_DIR");
+    char        cmd[1024], gguf[1024];
+    FILE       *ls;
+    int         bad, n, files = 0;
+
+    test("llama.cpp's vocabulary test files agree");
+    if (dir == NULL || dir[0] == '\0') {
+        test_skip("LLM_TEST_VOCAB_DIR not set (llama.cpp's models/)");
+        return;
+    }
+    snprintf(cmd, sizeof(cmd), "ls %s/*.gguf 2>/dev/null", dir);
+    ls = popen(cmd, "r");
+    while (ls != NULL && fgets(gguf, sizeof(gguf), ls) != NULL) {
+        gguf[strcspn(gguf, "\n")] = '\0';
+        n = 0;
+        bad = check_vocab_file(gguf, &n);
+        if (bad >= 0) {
+            printf("       %s: %d/%d cases agree\n", strrchr(gguf, '/') + 1,
+                   n - bad, n);
+            test_cond(bad == 0 && n > 0);
+            files++;
+        }
+    }
+    if (ls != NULL) {
+        pclose(ls);
+    }
+    test_cond(files > 0);
+}
+
+
+/* ---------------------------------------------------------------------
  * tokenizer.json built from the same vocabulary
  * --------------------------------------------------------------------- */
 

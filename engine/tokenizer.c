@@ -2092,6 +2092,27 @@ llm_tokenizer_pre_fallback(const llm_tokenizer *t)
 
 
 int
+llm_tokenizer_describe(const llm_tokenizer *t, char *buf, size_t cap)
+{
+    if (t->spm) {
+        return snprintf(buf, cap, "SentencePiece (%s), %d tokens%s",
+                        t->spm_by_rank ? "BPE by merge rank"
+                                       : "merges by score",
+                        (int) t->n_vocab, t->add_bos ? ", BOS added" : "");
+    }
+    if (t->pre_fallback) {
+        return snprintf(buf, cap, "byte-level BPE, %d tokens; pre-tokenizer "
+                        "\"%s\" is not one we implement: GPT-2's split "
+                        "stands in, so ids may differ from the model's own",
+                        (int) t->n_vocab, t->pre_name);
+    }
+    return snprintf(buf, cap, "byte-level BPE, pre-tokenizer %s, %d tokens%s",
+                    t->pre_name, (int) t->n_vocab,
+                    t->add_bos ? ", BOS added" : "");
+}
+
+
+int
 llm_tokenizer_is_control(const llm_tokenizer *t, int32_t id)
 {
     return id >= 0 && id < t->n_vocab

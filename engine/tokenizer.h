@@ -39,6 +39,12 @@ const char *llm_tokenizer_chat_template(const llm_tokenizer *t);
 /* Token id of an exact token text (e.g. "<|im_end|>"), or -1. */
 int32_t llm_tokenizer_find(const llm_tokenizer *t, const char *text);
 
+/* One line saying what kind of tokenizer this is ("byte-level BPE,
+ * pre-tokenizer smollm, 49152 tokens", "SentencePiece, ...") and, when
+ * the pre-tokenizer is one we do not implement, that GPT-2's split stands
+ * in.  Returns what snprintf returns. */
+int  llm_tokenizer_describe(const llm_tokenizer *t, char *buf, size_t cap);
+
 /* Control (or unknown) token: rendered only when asked for special text. */
 int  llm_tokenizer_is_control(const llm_tokenizer *t, int32_t id);
 

@@ -829,6 +829,12 @@ ngx_http_llm_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (llm_tokenizer_pre_fallback(t)) {
+        llm_tokenizer_describe(t, piece, sizeof(piece));
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0, "llm_model \"%V\": %s",
+                           &path, piece);
+    }
+
     cln->handler = ngx_http_llm_tokenizer_cleanup;
     cln->data = t;
 

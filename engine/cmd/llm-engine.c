@@ -30,6 +30,7 @@
 #include "engine/engine.h"
 #include "engine/protocol.h"
 #include "engine/server.h"
+#include "engine/tokenizer.h"
 
 #define DEFAULT_LISTEN "unix:/run/ngx_llm/engine.sock"
 
@@ -394,6 +395,9 @@ main(int argc, char **argv)
     desc[0] = '\0';
     llm_model_describe(llm_engine_model(e), desc, sizeof(desc));
     log_lines(desc);
+    llm_tokenizer_describe(llm_engine_tokenizer(e), desc, sizeof(desc));
+    llm_log(llm_tokenizer_pre_fallback(llm_engine_tokenizer(e))
+            ? LLM_LOG_WARN : LLM_LOG_INFO, "tokenizer: %s", desc);
 
     s = llm_server_new(e, &sp, &err);
     if (s == NULL) {

@@ -294,9 +294,10 @@ main(int argc, char **argv)
         return 1;
     }
     if (!o.quiet) {
-        char desc[2048];
+        char desc[2048], tdesc[512];
         llm_model_describe(llm_engine_model(e), desc, sizeof(desc));
-        fprintf(stderr, "%s(loaded in %.2f s)\n", desc,
+        llm_tokenizer_describe(llm_engine_tokenizer(e), tdesc, sizeof(tdesc));
+        fprintf(stderr, "%stokenizer: %s\n(loaded in %.2f s)\n", desc, tdesc,
                 (double) (llm_now_ns() - t0) / 1e9);
         if (o.adapter != NULL) {
             llm_engine_stats st;

@@ -415,7 +415,17 @@ TEST_SUITE(tokenizer_llamacpp)
     llm_tokenizer_set_pre(t, "smollm");
 
     test("unknown pre-tokenizer falls back to GPT-2 with a flag");
-    test_cond(llm_tokenizer_set_pre(t, "no-such-pre") == LLM_ENOTFOUND);
+    {
+        char desc[256];
+
+        llm_tokenizer_describe(t, desc, sizeof(desc));
+        test_cond(strcmp(desc, "byte-level BPE, pre-tokenizer smollm, "
+                         "49152 tokens") == 0);
+        test_cond(llm_tokenizer_set_pre(t, "no-such-pre") == LLM_ENOTFOUND);
+        llm_tokenizer_describe(t, desc, sizeof(desc));
+        test_cond(strstr(desc, "\"no-such-pre\" is not one we implement")
+                  != NULL);
+    }
     test_cond(llm_tokenizer_pre_fallback(t));
     test_cond(llm_tokenizer_set_pre(t, "smollm") == 0
               && !llm_tokenizer_pre_fallback(t));
@@ -1283,6 +1293,13 @@ TEST_SUITE(tokenizer_spm_rules)
     }
     test_cond(llm_tokenizer_bos(t) == 1 && llm_tokenizer_eos(t) == 2
               && llm_tokenizer_add_bos(t) && llm_tokenizer_is_eog(t, 2));
+    {
+        char desc[256];
+
+        llm_tokenizer_describe(t, desc, sizeof(desc));
+        test_cond(strcmp(desc, "SentencePiece (merges by score), 19 tokens, "
+                         "BOS added") == 0);
+    }
 
     test("the highest score merges first");
     /* "\xe2\x96\x81abc": bc (-1) before \xe2\x96\x81a (-2) before ab (-5) */

@@ -802,3 +802,16 @@ llm_chat_render(int kind, const char *tmpl, const llm_chat_msg *msgs, int n,
     return llm_chat_render_ex(kind, tmpl, msgs, n, add_generation_prompt,
                               bos_text, NULL, out, out_len, err);
 }
+
+
+size_t
+llm_chat_strip_bos(char *text, size_t len, const char *bos_text, int add_bos)
+{
+    size_t n = bos_text != NULL ? strlen(bos_text) : 0;
+
+    if (!add_bos || n == 0 || len < n || memcmp(text, bos_text, n) != 0) {
+        return len;
+    }
+    memmove(text, text + n, len - n + 1);
+    return len - n;
+}

@@ -50,14 +50,23 @@ const char *llm_chat_name(int kind);
  * Renders msgs[n] in the template family kind.  tmpl (may be NULL) is the
  * template text, read for what it adds to the family (default system
  * prompt, dates).  add_generation_prompt: end with the assistant header.
- * bos_text: what the template's bos_token expands to (NULL: ""); a caller
- * whose tokenizer adds BOS itself should pass "".  *out is allocated with
+ * bos_text: what the template's bos_token expands to (NULL: ""): BOS's
+ * text, then llm_chat_strip_bos() if the tokenizer adds BOS itself (a
+ * template may write BOS before every turn, as Llama 2's does; only the
+ * first one is the tokenizer's).  *out is allocated with
  * llm_malloc and NUL-terminated; *out_len excludes the NUL.
  *
  * Errors (LLM_EINVAL, message in err): an unknown role, a kind out of
  * range, roles that do not alternate user/assistant where the template
  * requires it.
  */
+/* For a prompt tokenized with the model's own BOS added (add_bos): drops
+ * a bos_text the rendering begins with, so the prompt holds one BOS and
+ * the template's later ones stay (llama.cpp's rule).  Returns the new
+ * length; text stays NUL-terminated. */
+size_t llm_chat_strip_bos(char *text, size_t len, const char *bos_text,
+                          int add_bos);
+
 int llm_chat_render(int kind, const char *tmpl, const llm_chat_msg *msgs,
                     int n, int add_generation_prompt, const char *bos_text,
                     char **out, size_t *out_len, llm_err *err);

@@ -859,14 +859,14 @@ ngx_http_llm_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_set(&lmcf->bos_text, "");
 
     /*
-     * The template's bos_token: empty when the tokenizer adds BOS itself
-     * (the prompt is tokenized with add_special), else BOS's text, which
-     * parse_special turns back into the token.
+     * The template's bos_token: BOS's text, which parse_special turns
+     * back into the token; where the tokenizer adds BOS itself the
+     * rendering's leading one is dropped (llm_chat_strip_bos()).
      */
 
     bos = llm_tokenizer_bos(t);
 
-    if (bos >= 0 && !llm_tokenizer_add_bos(t)) {
+    if (bos >= 0) {
         n = llm_token_to_piece(t, bos, 1, piece, sizeof(piece) - 1);
 
         if (n > 0 && n < (int) sizeof(piece)) {

@@ -658,6 +658,12 @@ ngx_http_llm_parse_chat(ngx_http_request_t *r,
                          (const char *) lmcf->bos_text.data, &out, &out_len,
                          &lerr);
 
+    if (rc == 0) {
+        out_len = llm_chat_strip_bos(out, out_len,
+                                     (const char *) lmcf->bos_text.data,
+                                     llm_tokenizer_add_bos(lmcf->tokenizer));
+    }
+
     if (rc != 0) {
         ngx_http_llm_error_set(r->pool, err, NGX_HTTP_BAD_REQUEST,
                                NGX_HTTP_LLM_INVALID, "messages",
@@ -705,6 +711,12 @@ ngx_http_llm_parse_chat(ngx_http_request_t *r,
     rc = llm_chat_render(lmcf->chat_kind, tmpl, cm, (int) k, 0,
                          (const char *) lmcf->bos_text.data, &sys, &sys_len,
                          &lerr);
+
+    if (rc == 0) {
+        sys_len = llm_chat_strip_bos(sys, sys_len,
+                                     (const char *) lmcf->bos_text.data,
+                                     llm_tokenizer_add_bos(lmcf->tokenizer));
+    }
 
     if (rc == 0 && sys_len > 0 && sys_len <= p->prompt.len
         && ngx_memcmp(sys, p->prompt.data, sys_len) == 0)

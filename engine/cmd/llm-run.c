@@ -190,6 +190,7 @@ make_chat_prompt(const llm_tokenizer *tok, const char *user, llm_err *err)
     if (llm_chat_render(kind, tmpl, &msg, 1, 1, bos, &out, &len, err) != 0) {
         return NULL;
     }
+    llm_chat_strip_bos(out, len, bos, llm_tokenizer_add_bos(tok));
     return out;
 }
 
@@ -324,10 +325,10 @@ main(int argc, char **argv)
 
     cap = (int) strlen(text) + 16;
     ids = llm_malloc((size_t) cap * sizeof(int32_t));
-    /* a rendered chat prompt already holds BOS where the template wants
-     * it, so the tokenizer adds no special tokens of its own then */
-    n = ids ? llm_tokenize(st.tok, text, strlen(text), !o.chat, o.chat, ids,
-                           cap)
+    /* special token texts in a rendered chat prompt are tokens; BOS is
+     * the tokenizer's to add (make_chat_prompt left the template's first
+     * one out), as for the NGINX module */
+    n = ids ? llm_tokenize(st.tok, text, strlen(text), 1, o.chat, ids, cap)
             : LLM_ENOMEM;
     if (n < 0 || n > cap) {
         fprintf(stderr, "llm-run: tokenization failed (%d)\n", n);

@@ -115,3 +115,28 @@ def test_completion_matches_llm_run(served):
     r = n.openai().completions.create(model=NAME, prompt="Once upon a time",
                                       max_tokens=16, temperature=0)
     assert r.choices[0].text == ref[:-1]
+
+
+def test_llama2_turns_each_open_with_bos(served):
+    """Llama 2's template writes BOS before every user turn; the tokenizer
+    adds only the first (llama.cpp's and Hugging Face's prompts), so two
+    turns count one prompt each, the answer between them and its EOS."""
+    n, _ = served
+    c = n.openai()
+
+    def prompt_tokens(messages):
+        return c.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=1,
+            temperature=0).usage.prompt_tokens
+
+    q1, a1, q2 = "first question", "an answer", "second question"
+    one = prompt_tokens([{"role": "user", "content": q1}])
+    two = prompt_tokens([{"role": "user", "content": q2}])
+    # the answer as Llama 2 renders it after [/INST]: " a1 " then </s>;
+    # as a completion prompt it gets BOS and the same space prefix
+    ans = c.completions.create(model=NAME, prompt=" %s " % a1, max_tokens=1,
+                               temperature=0).usage.prompt_tokens - 1
+    both = prompt_tokens([{"role": "user", "content": q1},
+                          {"role": "assistant", "content": a1},
+                          {"role": "user", "content": q2}])
+    assert both == one + ans + 1 + two

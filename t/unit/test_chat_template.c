@@ -346,3 +346,26 @@ TEST_SUITE(chat_template_api)
         llm_tokenizer_free(t);
     }
 }
+
+
+TEST_SUITE(chat_template_strip_bos)
+{
+    char a[] = "<s>[INST] q [/INST] a </s><s>[INST] r [/INST]";
+    char b[] = "[INST] q [/INST]";
+    char c[] = "<s>x";
+    size_t n;
+
+    test("the tokenizer's BOS replaces only the rendering's first one");
+    n = llm_chat_strip_bos(a, strlen(a), "<s>", 1);
+    test_cond(n == strlen(a)
+              && strcmp(a, "[INST] q [/INST] a </s><s>[INST] r [/INST]")
+                 == 0);
+    n = llm_chat_strip_bos(b, strlen(b), "<s>", 1);
+    test_cond(n == strlen(b) && strcmp(b, "[INST] q [/INST]") == 0);
+    n = llm_chat_strip_bos(c, strlen(c), "<s>", 0);
+    test_cond(n == 4 && strcmp(c, "<s>x") == 0);
+    n = llm_chat_strip_bos(c, strlen(c), "", 1);
+    test_cond(n == 4);
+    n = llm_chat_strip_bos(c, strlen(c), NULL, 1);
+    test_cond(n == 4);
+}

@@ -278,6 +278,30 @@ llm_kv_record_size(const llm_kv_tier_params *p)
 }
 
 
+/* The offset of the first element of p[n] (F16 or F32, little-endian)
+ * that is a NaN or an infinity (all exponent bits set), or n. */
+static size_t
+tier_nonfinite(const uint8_t *p, size_t n, int dtype)
+{
+    size_t i;
+
+    if (dtype == LLM_F32) {
+        for (i = 0; i + 4 <= n; i += 4) {
+            if ((llm_get_le32(p + i) & 0x7f800000u) == 0x7f800000u) {
+                return i;
+            }
+        }
+    } else {
+        for (i = 0; i + 2 <= n; i += 2) {
+            if ((llm_get_le16(p + i) & 0x7c00u) == 0x7c00u) {
+                return i;
+            }
+        }
+    }
+    return n;
+}
+
+
 /* The header of a record; the payload must already be at REC_HEADER. */
 static void
 tier_encode_header(const llm_kv_tier_params *p, size_t payload_bytes,
@@ -315,7 +339,7 @@ llm_kv_record_decode(const llm_kv_tier_params *p, const uint8_t hash[32],
                      const uint8_t *rec, size_t len,
                      const uint8_t **payload, llm_err *err)
 {
-    size_t   want = llm_kv_tier_payload_bytes(p);
+    size_t   want = llm_kv_tier_payload_bytes(p), bad;
     uint32_t plen;
     char     hex[65];
 
@@ -383,6 +407,15 @@ llm_kv_record_decode(const llm_kv_tier_params *p, const uint8_t hash[32],
     {
         return llm_err_set(err, LLM_EFORMAT,
                            "kv record %s: bad checksum", hex);
+    }
+    /* the checksum catches damage, not a record written to harm: a NaN
+     * or infinity in a block would spread through every sequence that
+     * attends to it */
+    bad = tier_nonfinite(rec + REC_HEADER, want, p->dtype);
+    if (bad < want) {
+        return llm_err_set(err, LLM_EFORMAT,
+                           "kv record %s: byte %zu of the payload holds a NaN "
+                           "or an infinity", hex, bad);
     }
 
     *payload = rec + REC_HEADER;

@@ -56,17 +56,20 @@ block_hash(int i, uint8_t out[32])
 }
 
 
+/* Pseudo-random finite values: bit 14 of every 16-bit half cleared, so no
+ * F16 (nor F32) exponent is all ones. */
 static void
 block_payload(int i, uint8_t *out, size_t n)
 {
-    uint64_t x = 0x9e3779b97f4a7c15ULL * (uint64_t) (i + 1);
+    uint64_t x = 0x9e3779b97f4a7c15ULL * (uint64_t) (i + 1), v;
     size_t   k;
 
     for (k = 0; k < n; k += 8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        memcpy(out + k, &x, n - k < 8 ? n - k : 8);
+        v = x & 0xbfffbfffbfffbfffULL;
+        memcpy(out + k, &v, n - k < 8 ? n - k : 8);
     }
 }
 
@@ -155,6 +158,34 @@ TEST_SUITE(kv_tier_codec)
     test_cond(memcmp(bad, rec, rs) != 0);
     test_cond(llm_kv_record_decode(&p, h, bad, rs, &out, &e)
               == LLM_EFORMAT && has_msg(&e, "checksum"));
+
+    test("a NaN or an infinity under a valid checksum is refused");
+    {
+        static const uint16_t nonfinite[] = { 0x7c00, 0xfc00, 0x7e00,
+                                              0x7c01 };
+        llm_kv_tier_params q = p;
+        size_t             j;
+
+        for (j = 0; j < 4; j++) {
+            memcpy(bad, pl, pb);
+            memcpy(bad + 2 * (30 + j), &nonfinite[j], 2);
+            llm_kv_record_encode(&p, h, bad, bad);
+            test_cond(llm_kv_record_decode(&p, h, bad, rs, &out, &e)
+                      == LLM_EFORMAT && has_msg(&e, "NaN") && out == NULL);
+        }
+        /* the largest finite F16, and an F32 record with +inf */
+        memcpy(bad, pl, pb);
+        memcpy(bad + 60, &(uint16_t) { 0x7bff }, 2);
+        llm_kv_record_encode(&p, h, bad, bad);
+        test_cond(llm_kv_record_decode(&p, h, bad, rs, &out, &e) == 0);
+        q.dtype = LLM_F32;
+        q.head_dim = 4;         /* the same bytes as F32 */
+        memcpy(bad, pl, pb);
+        memcpy(bad + 64, &(uint32_t) { 0x7f800000u }, 4);
+        llm_kv_record_encode(&q, h, bad, bad);
+        test_cond(llm_kv_record_decode(&q, h, bad, rs, &out, &e)
+                  == LLM_EFORMAT && has_msg(&e, "byte 64"));
+    }
 
     test("truncated record refused");
     test_cond(llm_kv_record_decode(&p, h, rec, rs - 1, &out, &e)

@@ -71,7 +71,8 @@ enum {
     PRE_DEFAULT,
     PRE_SMOLLM,
     PRE_LLAMA3,
-    PRE_QWEN2
+    PRE_QWEN2,
+    PRE_DEEPSEEK_CODER
 };
 
 /* Split stages; a pre-tokenizer is a chain of them, each splitting the
@@ -86,10 +87,14 @@ enum {
     ST_EACH_NUM,    /* \p{N} */
     ST_NUM_RUN,     /* \p{N}+ */
     ST_PUNCT_RUN,   /* [\p{P}\$\+<=>\^~\|]+ */
-    ST_DIGIT3       /* [0-9][0-9][0-9] */
+    ST_DIGIT3,      /* [0-9][0-9][0-9] */
+    ST_CRLF,        /* [\r\n] */
+    ST_WS_LETTERS,  /* \s?\p{L}+ */
+    ST_WS_PUNCTS,   /* \s?\p{P}+ */
+    ST_CJK_HANGUL   /* [\x{800}-\x{9fa5}\x{ac00}-\x{d7ff}]+ */
 };
 
-#define TOK_MAX_STAGES  4
+#define TOK_MAX_STAGES  5
 
 static const uint8_t pre_stages[][TOK_MAX_STAGES] = {
     [PRE_GPT2]    = { ST_GPT2 },
@@ -97,6 +102,8 @@ static const uint8_t pre_stages[][TOK_MAX_STAGES] = {
     [PRE_SMOLLM]  = { ST_EACH_NUM, ST_GPT2 },
     [PRE_LLAMA3]  = { ST_LLAMA3 },
     [PRE_QWEN2]   = { ST_QWEN2 },
+    [PRE_DEEPSEEK_CODER] = { ST_CRLF, ST_WS_LETTERS, ST_WS_PUNCTS,
+                             ST_CJK_HANGUL, ST_EACH_NUM },
 };
 
 /* tokenizer.ggml.pre names, as llama.cpp groups them. */
@@ -144,6 +151,7 @@ static const struct {
     { "deepseek-r1-qwen", PRE_QWEN2,   0, 0 },
     { "stablelm2",        PRE_QWEN2,   0, 0 },
     { "hunyuan",          PRE_QWEN2,   0, 0 },
+    { "deepseek-coder",   PRE_DEEPSEEK_CODER, 0, 0 },
 };
 
 /* Texts llama.cpp recognises as end-of-turn / end-of-generation. */
@@ -2693,6 +2701,17 @@ is_punct_run(uint32_t c, unsigned f)
 }
 
 
+/* DeepSeek Coder's [\x{800}-\x{9fa5}\x{ac00}-\x{d7ff}] (written there as
+ * CJK and Hangul ranges); a space in that range (U+3000) does not match,
+ * as llama.cpp matches it on a copy where such spaces are ASCII's \v. */
+static inline int
+is_cjk_hangul(uint32_t c, unsigned f)
+{
+    return ((c >= 0x800 && c <= 0x9fa5) || (c >= 0xac00 && c <= 0xd7ff))
+           && !IS_WS(f);
+}
+
+
 /* A regex split with an isolated match class: runs (or single code
  * points) of the class are pieces, and so is the text between them. */
 static int
@@ -2706,6 +2725,10 @@ scan_class(tok_ws *ws, int stage, size_t a, size_t b, int kind)
             in = pos + 2 < b && ws->cpt[pos] >= '0' && ws->cpt[pos] <= '9'
                  && ws->cpt[pos + 1] >= '0' && ws->cpt[pos + 1] <= '9'
                  && ws->cpt[pos + 2] >= '0' && ws->cpt[pos + 2] <= '9';
+        } else if (kind == ST_CRLF) {
+            in = ws->cpt[pos] == '\r' || ws->cpt[pos] == '\n';
+        } else if (kind == ST_CJK_HANGUL) {
+            in = is_cjk_hangul(ws->cpt[pos], ws->fl[pos]);
         } else if (kind == ST_PUNCT_RUN) {
             in = is_punct_run(ws->cpt[pos], ws->fl[pos]);
         } else {
@@ -2721,8 +2744,12 @@ scan_class(tok_ws *ws, int stage, size_t a, size_t b, int kind)
         m = pos;
         if (kind == ST_DIGIT3) {
             pos += 3;
-        } else if (kind == ST_EACH_NUM) {
+        } else if (kind == ST_EACH_NUM || kind == ST_CRLF) {
             pos++;
+        } else if (kind == ST_CJK_HANGUL) {
+            while (pos < b && is_cjk_hangul(ws->cpt[pos], ws->fl[pos])) {
+                pos++;
+            }
         } else if (kind == ST_NUM_RUN) {
             while (pos < b && IS_N(ws->fl[pos])) {
                 pos++;
@@ -2733,6 +2760,74 @@ scan_class(tok_ws *ws, int stage, size_t a, size_t b, int kind)
             }
         }
         if ((rc = EMIT(m, pos)) != 0) {
+            return rc;
+        }
+        start = pos;
+    }
+    return EMIT(start, b);
+}
+
+
+/*
+ * The classes of llama.cpp's general regex path, which matches \p{..}
+ * on a copy of the text where each code point above ASCII stands for
+ * its category (whitespace first): ASCII keeps its own characters, so
+ * \p{L} there is A-Za-z, \p{P} the ASCII punctuation outside $+<=>^`|~,
+ * and \s the six ASCII spaces.
+ */
+static inline int
+rx_space(uint32_t c, unsigned f)
+{
+    return c < 128 ? (c == ' ' || (c >= '\t' && c <= '\r')) : IS_WS(f) != 0;
+}
+
+
+static inline int
+rx_letter(uint32_t c, unsigned f)
+{
+    return c < 128 ? ((c | 32) >= 'a' && (c | 32) <= 'z')
+                   : !IS_WS(f) && (f & LLM_U_LETTER);
+}
+
+
+static inline int
+rx_punct(uint32_t c, unsigned f)
+{
+    if (c < 128) {
+        return (c >= '!' && c <= '/' && c != '$' && c != '+')
+               || c == ':' || c == ';' || c == '?' || c == '@'
+               || c == '[' || c == '\\' || c == ']' || c == '_'
+               || c == '{' || c == '}';
+    }
+    return !IS_WS(f) && (f & LLM_U_PUNCT);
+}
+
+
+/* \s?X+ (X letters or punctuation), isolated: a match is an optional
+ * space then a run of X; the text between matches is a piece too. */
+static int
+scan_ws_run(tok_ws *ws, int stage, size_t a, size_t b, int kind)
+{
+    int    (*in)(uint32_t, unsigned) = kind == ST_WS_LETTERS ? rx_letter
+                                                             : rx_punct;
+    size_t pos = a, start = a, m;
+    int    rc;
+
+    while (pos < b) {
+        if (in(ws->cpt[pos], ws->fl[pos])) {
+            m = pos;
+        } else if (pos + 1 < b && rx_space(ws->cpt[pos], ws->fl[pos])
+                   && in(ws->cpt[pos + 1], ws->fl[pos + 1]))
+        {
+            m = pos++;
+        } else {
+            pos++;
+            continue;
+        }
+        while (pos < b && in(ws->cpt[pos], ws->fl[pos])) {
+            pos++;
+        }
+        if ((rc = EMIT(start, m)) != 0 || (rc = EMIT(m, pos)) != 0) {
             return rc;
         }
         start = pos;
@@ -2755,6 +2850,9 @@ split_piece(tok_ws *ws, int stage, size_t a, size_t b)
         return scan_llama3(ws, stage, a, b, 3);
     case ST_QWEN2:
         return scan_llama3(ws, stage, a, b, 1);
+    case ST_WS_LETTERS:
+    case ST_WS_PUNCTS:
+        return scan_ws_run(ws, stage, a, b, kind);
     default:
         return scan_class(ws, stage, a, b, kind);
     }

@@ -363,7 +363,7 @@ def gen_tokenizer(model, out_dir):
     del m
 
     with tempfile.TemporaryDirectory() as tmp:
-        for pre in ("gpt-2", "llama-bpe", "qwen2", "default"):
+        for pre in ("gpt-2", "llama-bpe", "qwen2", "default", "deepseek-coder"):
             path = os.path.join(tmp, "v.gguf")
             write_variant(model, path, pre)
             v = load_llama(path)

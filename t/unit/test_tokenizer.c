@@ -308,7 +308,8 @@ TEST_SUITE(tokenizer_llamacpp)
     fixtures       f;
     int            bad, n, i, k;
     static const char *const pres[] = { "smollm", "gpt-2", "llama-bpe",
-                                        "qwen2", "default", NULL };
+                                        "qwen2", "default", "deepseek-coder",
+                                        NULL };
 
     test("tokenizer fixtures are present");
     if (fixtures_load(&f, fixture_path()) != 0) {

@@ -427,6 +427,22 @@ adapter_dtype_pick(const llm_engine *e, int asked)
 }
 
 
+int
+llm_kv_type_parse(const char *name)
+{
+    return strcmp(name, "f16") == 0 ? LLM_F16
+           : strcmp(name, "f32") == 0 ? LLM_F32
+           : strcmp(name, "q8_0") == 0 ? LLM_Q8_0 : -1;
+}
+
+
+const char *
+llm_kv_type_name(int type)
+{
+    return type == LLM_F32 ? "f32" : type == LLM_Q8_0 ? "q8_0" : "f16";
+}
+
+
 llm_engine *
 llm_engine_new(const llm_engine_params *p, llm_err *err)
 {
@@ -447,7 +463,7 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
     if (e->p.kv_memory == 0) {
         e->p.kv_memory = (size_t) 256 << 20;
     }
-    if (e->p.kv_type != LLM_F32) {
+    if (e->p.kv_type != LLM_F32 && e->p.kv_type != LLM_Q8_0) {
         e->p.kv_type = LLM_F16;
     }
     if (e->p.max_seqs <= 0) {
@@ -472,6 +488,16 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
     }
     e->tok = llm_tokenizer_load(p->model_path, err);
     if (e->tok == NULL) {
+        goto failed;
+    }
+
+    if (e->p.kv_type == LLM_Q8_0
+        && (!e->be->ops->kv_q8_0 || e->model->cfg.head_dim % 32 != 0))
+    {
+        llm_err_set(err, LLM_EUNSUP, "KV type q8_0: %s", !e->be->ops->kv_q8_0
+                    ? "the backend does not implement Q8_0 KV pages; use "
+                      "f16 or f32"
+                    : "the head dimension is not a multiple of 32");
         goto failed;
     }
 

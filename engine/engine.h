@@ -36,13 +36,19 @@ int llm_adapter_dtype_parse(const char *s);
 /* The name of an LLM_ADAPTER_* ("auto" for LLM_ADAPTER_DEFAULT). */
 const char *llm_adapter_dtype_name(int d);
 
+/* KV page types by name ("f16", "f32", "q8_0"): the type, or -1. */
+int         llm_kv_type_parse(const char *name);
+const char *llm_kv_type_name(int type);
+
+
 typedef struct llm_engine_params {
     const char *model_path;
     const char *device;         /* "cpu" (default) or "cuda:N" */
     int         n_threads;      /* 0: all cores */
     size_t      kv_memory;      /* bytes for KV pages; 0: 256 MiB */
-    int         kv_type;        /* LLM_F16 or LLM_F32 (the zero value:
-                                   llm-engine and llm-run ask for F16) */
+    int         kv_type;        /* LLM_F16, LLM_F32 or LLM_Q8_0 (the
+                                   zero value: llm-engine and llm-run
+                                   ask for F16) */
     int         max_seqs;       /* running sequences at once; 0: 64 */
     int         max_step_tokens;/* token budget per step; 0: 512 */
     int         n_ctx;          /* max sequence length; 0: model's */

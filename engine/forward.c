@@ -31,10 +31,9 @@ size_t
 llm_forward_kv_block_bytes(const llm_model_config *c, int block_size,
                            int kv_type)
 {
-    size_t elem = kv_type == LLM_F32 ? 4 : 2;
-
     return 2 * (size_t) c->n_layers * (size_t) block_size
-           * (size_t) c->n_kv_heads * (size_t) c->head_dim * elem;
+           * llm_kv_bytes(kv_type, (size_t) c->n_kv_heads
+                                   * (size_t) c->head_dim);
 }
 
 

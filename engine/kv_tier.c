@@ -243,31 +243,19 @@ tier_checksum(const uint8_t *p, size_t n)
 
 /* ---- record codec --------------------------------------------------- */
 
-static size_t
-tier_elem_size(int dtype)
-{
-    const llm_dtype_info *di = llm_dtype_get(dtype);
-
-    if (di == NULL || di->block != 1 || di->is_quant) {
-        return 0;
-    }
-    return di->type_size;
-}
-
-
 size_t
 llm_kv_tier_payload_bytes(const llm_kv_tier_params *p)
 {
-    size_t es = tier_elem_size(p->dtype);
-
-    if (es == 0 || p->block_size <= 0 || p->n_layers <= 0
-        || p->n_kv_heads <= 0 || p->head_dim <= 0)
+    if ((p->dtype != LLM_F16 && p->dtype != LLM_F32
+         && p->dtype != LLM_Q8_0)
+        || p->block_size <= 0 || p->n_layers <= 0 || p->n_kv_heads <= 0
+        || p->head_dim <= 0 || (p->dtype == LLM_Q8_0 && p->head_dim % 32))
     {
         return 0;
     }
     /* [n_layers, 2, block_size, n_kv_heads, head_dim] */
     return (size_t) p->n_layers * 2 * (size_t) p->block_size
-           * (size_t) p->n_kv_heads * (size_t) p->head_dim * es;
+           * llm_row_bytes(p->dtype, (int64_t) p->n_kv_heads * p->head_dim);
 }
 
 
@@ -278,14 +266,21 @@ llm_kv_record_size(const llm_kv_tier_params *p)
 }
 
 
-/* The offset of the first element of p[n] (F16 or F32, little-endian)
- * that is a NaN or an infinity (all exponent bits set), or n. */
+/* The offset of the first element of p[n] (F16 or F32, little-endian;
+ * Q8_0: a block's F16 scale) that is a NaN or an infinity (all exponent
+ * bits set), or n. */
 static size_t
 tier_nonfinite(const uint8_t *p, size_t n, int dtype)
 {
     size_t i;
 
-    if (dtype == LLM_F32) {
+    if (dtype == LLM_Q8_0) {
+        for (i = 0; i + 34 <= n; i += 34) {
+            if ((llm_get_le16(p + i) & 0x7c00u) == 0x7c00u) {
+                return i;
+            }
+        }
+    } else if (dtype == LLM_F32) {
         for (i = 0; i + 4 <= n; i += 4) {
             if ((llm_get_le32(p + i) & 0x7f800000u) == 0x7f800000u) {
                 return i;
@@ -1114,9 +1109,10 @@ llm_kv_tier_new(const llm_kv_tier_params *p, llm_err *err)
         llm_err_set(err, LLM_EINVAL, "kv tier: no Redis address");
         return NULL;
     }
-    if (tier_elem_size(p->dtype) == 0) {
-        llm_err_set(err, LLM_EINVAL, "kv tier: dtype %d is not a plain "
-                    "float type", p->dtype);
+    if (p->dtype != LLM_F16 && p->dtype != LLM_F32 && p->dtype != LLM_Q8_0)
+    {
+        llm_err_set(err, LLM_EINVAL, "kv tier: dtype %d is not a KV page "
+                    "type (F16, F32, Q8_0)", p->dtype);
         return NULL;
     }
     if (p->block_size <= 0 || p->block_size > 65535 || p->n_layers <= 0

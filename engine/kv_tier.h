@@ -49,7 +49,7 @@ typedef struct llm_kv_tier_params {
 
     /* what every record must match */
     uint8_t     fingerprint[32];
-    int         dtype;          /* LLM_F16 or LLM_F32 */
+    int         dtype;          /* LLM_F16, LLM_F32 or LLM_Q8_0 */
     int         block_size;
     int         n_layers;
     int         n_kv_heads;

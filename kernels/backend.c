@@ -119,15 +119,18 @@ llm_kv_check_pool(const llm_kv_pool *kv, int layer, char *msg, size_t size)
     size_t blk_bytes;
 
     if (kv == NULL || kv->k == NULL || kv->v == NULL
-        || (kv->type != LLM_F16 && kv->type != LLM_F32)
+        || (kv->type != LLM_F16 && kv->type != LLM_F32
+            && kv->type != LLM_Q8_0)
         || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
-        || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+        || kv->n_kv_heads <= 0 || kv->head_dim <= 0
+        || (kv->type == LLM_Q8_0 && kv->head_dim % 32 != 0))
     {
         snprintf(msg, size, "bad KV pool");
         return LLM_EINVAL;
     }
-    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
-                * (kv->type == LLM_F16 ? 2 : 4);
+    blk_bytes = (size_t) kv->block_size
+                * llm_kv_bytes(kv->type, (size_t) kv->n_kv_heads
+                                         * kv->head_dim);
     if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
         snprintf(msg, size, "KV pool layer_bytes %zu < %d blocks of %zu",
                  kv->layer_bytes, kv->n_blocks, blk_bytes);

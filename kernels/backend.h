@@ -57,7 +57,8 @@ typedef struct llm_kv_pool {
     void     *k;        /* backend address of layer 0's K; layer l at
                            k + l * layer_bytes */
     void     *v;
-    int       type;     /* LLM_F16 or LLM_F32 */
+    int       type;     /* LLM_F16, LLM_F32, or LLM_Q8_0 where the backend
+                           sets kv_q8_0 (head_dim a multiple of 32) */
     int       n_layers;
     int       n_blocks;
     int       block_size;
@@ -65,6 +66,14 @@ typedef struct llm_kv_pool {
     int       head_dim;
     size_t    layer_bytes;
 } llm_kv_pool;
+
+/* Bytes of n consecutive KV elements of type (F16, F32, or Q8_0 from a
+ * block start: 34 bytes per 32). */
+static inline size_t
+llm_kv_bytes(int type, size_t n)
+{
+    return type == LLM_F16 ? 2 * n : type == LLM_Q8_0 ? n / 32 * 34 : 4 * n;
+}
 
 /* Host-side description of one step.  Arrays are host memory owned by the
  * engine; valid until the next set_batch(). */
@@ -223,6 +232,9 @@ typedef struct llm_backend_ops {
      * has returned (the CPU): the engine may read results in place, the
      * logits, instead of downloading a copy.  0 for a device. */
     int   host_memory;
+    /* 1: the KV ops read and write Q8_0 pages (--kv-type q8_0: a scale
+     * per 32 values of a head's row, 34 bytes where F16 takes 64). */
+    int   kv_q8_0;
 
     /* Copies whole KV blocks between pools' block ids (same layout),
      * src_blocks[i] -> dst_blocks[i], every layer.  Optional (NULL). */

@@ -3,7 +3,7 @@
  *
  *   llm-bench --model PATH [--device cpu|cuda:N] [--threads N]
  *             [--prompt-tokens P] [--gen-tokens G]
- *             [--concurrency 1,8,32] [--repeat R] [--kv f16|f32]
+ *             [--concurrency 1,8,32] [--repeat R] [--kv f16|f32|q8_0]
  *             [--profile]
  *
  * For each concurrency c: c sequences of P prompt tokens are submitted at
@@ -594,7 +594,7 @@ main(int argc, char **argv)
     llm_err            err = { 0, "" };
     const char        *model = NULL, *device = "cpu";
     int                threads = 0, P = 128, G = 64, repeat = 2, prof = 0;
-    int                kv_f32 = 0;
+    int                kv_type = LLM_F16;
     int                conc[16] = { 1, 8, 32 }, n_conc = 3, i, r, maxc = 0;
     char               desc[2048];
 
@@ -608,9 +608,9 @@ main(int argc, char **argv)
         else if (strcmp(argv[i], "--repeat") == 0) { repeat = atoi(v); i++; }
         else if (strcmp(argv[i], "--profile") == 0) { prof = 1; }
         else if (strcmp(argv[i], "--kv") == 0) {
-            kv_f32 = strcmp(v, "f32") == 0;
-            if (!kv_f32 && strcmp(v, "f16") != 0) {
-                fprintf(stderr, "llm-bench: --kv f16|f32\n");
+            kv_type = llm_kv_type_parse(v);
+            if (kv_type < 0) {
+                fprintf(stderr, "llm-bench: --kv f16|f32|q8_0\n");
                 return 2;
             }
             i++;
@@ -623,7 +623,7 @@ main(int argc, char **argv)
                     "usage: llm-bench --model PATH [--device cpu|cuda:N] "
                     "[--threads N] "
                     "[--prompt-tokens P] [--gen-tokens G] "
-                    "[--concurrency 1,8,32] [--repeat R] [--kv f16|f32] "
+                    "[--concurrency 1,8,32] [--repeat R] [--kv f16|f32|q8_0] "
                     "[--profile]\n");
             return 2;
         }
@@ -644,7 +644,7 @@ main(int argc, char **argv)
             for (r = 0; r < repeat; r++) {
                 memset(&prof_st, 0, sizeof(prof_st));
                 if (profile(model, device, threads, conc[i], P, G,
-                            kv_f32 ? LLM_F32 : LLM_F16) != 0)
+                            kv_type) != 0)
                 {
                     return 1;
                 }
@@ -663,7 +663,7 @@ main(int argc, char **argv)
      * be LLM_F32, twice the bytes for attention to read), and room for
      * every sequence's whole context plus one block each: a benchmark of
      * the decode step must not preempt and recompute sequences */
-    ep.kv_type = kv_f32 ? LLM_F32 : LLM_F16;
+    ep.kv_type = kv_type;
     {
         llm_model_config cfg;
         size_t           blocks;
@@ -688,7 +688,7 @@ main(int argc, char **argv)
     llm_model_describe(llm_engine_model(e), desc, sizeof(desc));
     fprintf(stderr, "%s", desc);
     printf("# model=%s threads=%d prompt=%d gen=%d kv=%s\n", model, threads,
-           P, G, kv_f32 ? "f32" : "f16");
+           P, G, llm_kv_type_name(kv_type));
     printf("%-12s %16s %16s %16s %14s\n", "concurrency", "prefill tok/s",
            "decode tok/s", "per-seq tok/s", "step ms (med)");
 

@@ -4,7 +4,8 @@
  *
  *   llm-engine --model PATH [--listen unix:PATH | HOST:PORT]...
  *              [--device cpu|cuda:N] [--threads N] [--kv-memory SIZE]
- *              [--kv-type f16|f32] [--max-seqs N] [--max-step-tokens N]
+ *              [--kv-type f16|f32|q8_0] [--max-seqs N]
+ *              [--max-step-tokens N]
  *              [--ctx N] [--max-queue N] [--max-conns N]
  *              [--socket-mode OCTAL] [--drain-timeout SEC]
  *              [--adapters DIR] [--adapter-host-memory SIZE]
@@ -49,7 +50,8 @@ usage(FILE *f)
         "  --threads N            compute threads (default: all cores)\n"
         "  --kv-memory SIZE       KV cache budget, e.g. 512M, 2G "
         "(default 256M)\n"
-        "  --kv-type f16|f32      KV cache element type (default f16)\n"
+        "  --kv-type f16|f32|q8_0 KV cache element type (default f16;\n"
+        "                         q8_0: about half the bytes of f16)\n"
         "  --max-seqs N           sequences running at once (default 64)\n"
         "  --max-step-tokens N    token budget of one step (default 512)\n"
         "  --ctx N                context length (default: the model's)\n"
@@ -245,12 +247,9 @@ main(int argc, char **argv)
                 return 2;
             }
         } else if (strcmp(a, "--kv-type") == 0) {
-            if (strcmp(v, "f16") == 0) {
-                ep.kv_type = LLM_F16;
-            } else if (strcmp(v, "f32") == 0) {
-                ep.kv_type = LLM_F32;
-            } else {
-                fprintf(stderr, "llm-engine: --kv-type: f16 or f32\n");
+            ep.kv_type = llm_kv_type_parse(v);
+            if (ep.kv_type < 0) {
+                fprintf(stderr, "llm-engine: --kv-type: f16, f32 or q8_0\n");
                 return 2;
             }
         } else if (strcmp(a, "--max-seqs") == 0) {

@@ -3,7 +3,7 @@
  *
  *   llm-run --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N]
  *           [--temperature T] [--top-k K] [--top-p P] [--min-p P]
- *           [--seed S] [--threads N] [--kv-type f16|f32] [--ignore-eos]
+ *           [--seed S] [--threads N] [--kv-type f16|f32|q8_0] [--ignore-eos]
  *           [--adapter DIR] [--adapter-dtype auto|f16|f32|int8] [--tokens]
  *           [--logits-out F.npy] [--quiet]
  *
@@ -63,7 +63,7 @@ usage(void)
         "usage: llm-run --model PATH (--prompt TEXT | --chat TEXT)\n"
         "               [--max-tokens N] [--temperature T] [--top-k K]\n"
         "               [--top-p P] [--min-p P] [--seed S] [--threads N]\n"
-        "               [--kv-type f16|f32] [--ignore-eos] [--tokens]\n"
+        "               [--kv-type f16|f32|q8_0] [--ignore-eos] [--tokens]\n"
         "               [--adapter DIR] [--adapter-dtype auto|f16|f32|int8]\n"
         "               [--logits-out FILE.npy] [--quiet]\n");
 }
@@ -115,12 +115,9 @@ parse_args(int argc, char **argv, run_opts *o)
         }
         else if (strcmp(a, "--kv-type") == 0) {
             NEEDV();
-            if (strcmp(v, "f32") == 0) {
-                o->kv_type = LLM_F32;
-            } else if (strcmp(v, "f16") == 0) {
-                o->kv_type = LLM_F16;
-            } else {
-                fprintf(stderr, "--kv-type: f16 or f32\n");
+            o->kv_type = llm_kv_type_parse(v);
+            if (o->kv_type < 0) {
+                fprintf(stderr, "--kv-type: f16, f32 or q8_0\n");
                 return -1;
             }
         }

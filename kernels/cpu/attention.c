@@ -61,10 +61,11 @@ typedef struct attn_job {
 } attn_job;
 
 
+/* Bytes of n elements of the pool's rows. */
 static size_t
-esize(const llm_kv_pool *kv)
+kv_bytes(const llm_kv_pool *kv, size_t n)
 {
-    return kv->type == LLM_F16 ? 2 : 4;
+    return llm_kv_bytes(kv->type, n);
 }
 
 
@@ -85,8 +86,8 @@ esize(const llm_kv_pool *kv)
         const int32_t   *bt_ = b_->block_table                              \
                                + (size_t) (s) * b_->max_blocks;             \
         int              bs_ = (job)->kv->block_size;                       \
-        size_t           w_ = (size_t) (job)->kv->n_kv_heads * (job)->hd    \
-                              * esize((job)->kv);                           \
+        size_t           w_ = kv_bytes((job)->kv, (size_t)                 \
+                                   (job)->kv->n_kv_heads * (job)->hd);      \
         int32_t          j_ = (j0);                                         \
         while (j_ < (j1)) {                                                 \
             int32_t off_ = j_ % bs_;                                        \
@@ -109,7 +110,7 @@ first_row(const attn_job *j, const uint8_t *base, int32_t s, int32_t j0)
 {
     const llm_batch *b = &j->c->batch;
     int              bs = j->kv->block_size;
-    size_t           w = (size_t) j->kv->n_kv_heads * j->hd * esize(j->kv);
+    size_t           w = kv_bytes(j->kv, (size_t) j->kv->n_kv_heads * j->hd);
 
     return base + ((size_t) b->block_table[(size_t) s * b->max_blocks
                                            + j0 / bs] * bs + j0 % bs) * w;
@@ -130,7 +131,7 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf)
     int                    nh = j->nh, g = j->g, hd = j->hd, h, e, kvh;
     int32_t                n = it->j1 - it->j0;
     size_t                 stride = (size_t) kv->n_kv_heads * hd;
-    size_t                 hb = (size_t) hd * esize(kv);   /* a head's row */
+    size_t                 hb = kv_bytes(kv, (size_t) hd); /* a head's row */
     const float           *q = (const float *) ((const uint8_t *) j->q->data
                                                 + (size_t) it->t * j->q->nb);
     /* split context: this item's partial; else the thread's buffer */

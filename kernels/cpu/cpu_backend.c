@@ -386,6 +386,7 @@ static const llm_backend_ops cpu_ops = {
     .lora_f16 = 1,
     .lora_i8 = 1,
     .host_memory = 1,
+    .kv_q8_0 = 1,
     .kv_copy_blocks = cpu_kv_copy_blocks,
     .kv_block_to_host = cpu_kv_block_to_host,
     .kv_block_from_host = cpu_kv_block_from_host,

@@ -419,9 +419,17 @@ silu_mul_scalar(float *out, const float *gate, const float *up, int64_t n)
 }
 
 
+/* Element i of KV rows of type (Q8_0 counted from a block start). */
 static float
 kv_elem(const void *p, int type, size_t i)
 {
+    if (type == LLM_Q8_0) {
+        const uint8_t *b = (const uint8_t *) p + i / 32 * 34;
+        uint16_t       d;
+
+        memcpy(&d, b, 2);
+        return llm_f16_to_f32(d) * (float) (int8_t) b[2 + i % 32];
+    }
     return type == LLM_F16 ? llm_f16_to_f32(((const uint16_t *) p)[i])
                            : ((const float *) p)[i];
 }
@@ -432,13 +440,13 @@ attn_scores_scalar(const float *q, int g, int hd, const void *k,
                    int kv_type, size_t stride, int n, float scale,
                    float *s, int s_stride, const void *pf)
 {
-    size_t es = kv_type == LLM_F16 ? 2 : 4;
     int    i, h, e;
 
     for (i = 0; i < n; i++) {
         if (pf != NULL) {
-            llm_cpu_prefetch((const uint8_t *) pf + i * stride * es,
-                             (size_t) hd * es);
+            llm_cpu_prefetch((const uint8_t *) pf
+                             + llm_kv_bytes(kv_type, i * stride),
+                             llm_kv_bytes(kv_type, (size_t) hd));
         }
         for (h = 0; h < g; h++) {
             float dot = 0.0f;
@@ -456,13 +464,13 @@ attn_accum_scalar(float *o, int g, int hd, const float *p, int p_stride,
                   const void *v, int kv_type, size_t stride, int n,
                   const void *pf)
 {
-    size_t es = kv_type == LLM_F16 ? 2 : 4;
     int    i, h, e;
 
     for (i = 0; i < n; i++) {
         if (pf != NULL) {
-            llm_cpu_prefetch((const uint8_t *) pf + i * stride * es,
-                             (size_t) hd * es);
+            llm_cpu_prefetch((const uint8_t *) pf
+                             + llm_kv_bytes(kv_type, i * stride),
+                             llm_kv_bytes(kv_type, (size_t) hd));
         }
         for (h = 0; h < g; h++) {
             float pv = p[h * p_stride + i];

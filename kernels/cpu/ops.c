@@ -362,10 +362,11 @@ llm_cpu_rope(llm_cpu_ctx *c, llm_tensor *x, int n_heads, int head_dim,
 
 /* ------------------------------------------------------------- kv cache */
 
+/* Bytes of one position's row (every KV head) and of a block. */
 static size_t
-kv_elem_size(const llm_kv_pool *kv)
+kv_row_bytes(const llm_kv_pool *kv)
 {
-    return kv->type == LLM_F16 ? 2 : 4;
+    return llm_kv_bytes(kv->type, (size_t) kv->n_kv_heads * kv->head_dim);
 }
 
 
@@ -395,7 +396,7 @@ kv_slot(const llm_cpu_ctx *c, const llm_kv_pool *kv, uint8_t *base,
     size_t           row = (size_t) blk * kv->block_size
                            + pos % kv->block_size;
 
-    return base + row * kv->n_kv_heads * kv->head_dim * kv_elem_size(kv);
+    return base + row * kv_row_bytes(kv);
 }
 
 
@@ -423,6 +424,10 @@ store_task(void *arg, int ith, int nth)
         if (j->kv->type == LLM_F16) {
             j->c->kern.f32_to_f16(row_f32(j->k, t), (uint16_t *) kd, n);
             j->c->kern.f32_to_f16(row_f32(j->v, t), (uint16_t *) vd, n);
+        } else if (j->kv->type == LLM_Q8_0) {
+            /* blocks of 32 never straddle heads: head_dim % 32 == 0 */
+            llm_quantize_row(LLM_Q8_0, row_f32(j->k, t), kd, n);
+            llm_quantize_row(LLM_Q8_0, row_f32(j->v, t), vd, n);
         } else {
             memcpy(kd, row_f32(j->k, t), (size_t) n * 4);
             memcpy(vd, row_f32(j->v, t), (size_t) n * 4);
@@ -466,6 +471,7 @@ int
 llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
                        const int32_t *src, const int32_t *dst, int n)
 {
+    char   msg[128];
     size_t blk_bytes;
     int    i, l;
 
@@ -473,17 +479,15 @@ llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
         return 0;
     }
     if (kv == NULL || kv->k == NULL || kv->v == NULL || n < 0 || src == NULL
-        || dst == NULL || (kv->type != LLM_F16 && kv->type != LLM_F32)
-        || kv->block_size <= 0 || kv->n_kv_heads <= 0 || kv->head_dim <= 0)
+        || dst == NULL)
     {
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: bad"
                             " arguments");
     }
-    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
-                * kv_elem_size(kv);
-    if (kv->layer_bytes < (size_t) kv->n_blocks * blk_bytes) {
-        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: bad pool");
+    if (llm_kv_check_pool(kv, 0, msg, sizeof(msg)) != 0) {
+        return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: %s", msg);
     }
+    blk_bytes = (size_t) kv->block_size * kv_row_bytes(kv);
     for (i = 0; i < n; i++) {
         if (src[i] < 0 || src[i] >= kv->n_blocks || dst[i] < 0
             || dst[i] >= kv->n_blocks)
@@ -530,8 +534,7 @@ llm_cpu_kv_block_host(llm_cpu_ctx *c, const llm_kv_pool *kv, int32_t block,
                             "outside the pool of %d", (int) block,
                             kv->n_blocks);
     }
-    blk_bytes = (size_t) kv->block_size * kv->n_kv_heads * kv->head_dim
-                * kv_elem_size(kv);
+    blk_bytes = (size_t) kv->block_size * kv_row_bytes(kv);
     for (l = 0; l < kv->n_layers; l++, h += 2 * blk_bytes) {
         uint8_t *kb = (uint8_t *) kv->k + (size_t) l * kv->layer_bytes
                       + (size_t) block * blk_bytes;

@@ -164,6 +164,15 @@ silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n)
 INLINE __m256
 kv_load(const void *p, int type, size_t i)
 {
+    if (type == LLM_Q8_0) {
+        /* 8 lanes never straddle a block: i % 8 == 0 */
+        const uint8_t *b = (const uint8_t *) p + i / 32 * 34;
+
+        return _mm256_mul_ps(
+            _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *) b)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                (const __m128i *) (b + 2 + i % 32)))));
+    }
     if (type == LLM_F16) {
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)
                                                ((const uint16_t *) p + i)));
@@ -175,6 +184,12 @@ kv_load(const void *p, int type, size_t i)
 INLINE float
 kv_elem(const void *p, int type, size_t i)
 {
+    if (type == LLM_Q8_0) {
+        const uint8_t *b = (const uint8_t *) p + i / 32 * 34;
+
+        return _cvtsh_ss(*(const uint16_t *) b)
+               * (float) (int8_t) b[2 + i % 32];
+    }
     return type == LLM_F16 ? _cvtsh_ss(((const uint16_t *) p)[i])
                            : ((const float *) p)[i];
 }
@@ -187,7 +202,6 @@ scores_g(const float *q, int G, int hd, const void *k, int type,
          size_t stride, int n, float scale, float *s, int s_stride,
          const void *pf)
 {
-    size_t es = type == LLM_F16 ? 2 : 4;
     int    hv = hd & ~7;
     int    i, h, c;
 
@@ -196,8 +210,8 @@ scores_g(const float *q, int G, int hd, const void *k, int type,
         __m256 acc[4];
 
         if (pf != NULL) {
-            llm_cpu_prefetch((const uint8_t *) pf + base * es,
-                             (size_t) hd * es);
+            llm_cpu_prefetch((const uint8_t *) pf + llm_kv_bytes(type, base),
+                             llm_kv_bytes(type, (size_t) hd));
         }
 
 #pragma GCC unroll 4
@@ -255,7 +269,6 @@ INLINE void
 accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
         const void *v, int type, size_t stride, int n, const void *pf)
 {
-    size_t es = type == LLM_F16 ? 2 : 4;
     __m256 acc[4][2];
     int    i, h, c;
 
@@ -268,8 +281,9 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
         __m256 v0, v1;
 
         if (pf != NULL) {
-            llm_cpu_prefetch((const uint8_t *) pf + (size_t) i * stride * es,
-                             (size_t) hd * es);
+            llm_cpu_prefetch((const uint8_t *) pf
+                             + llm_kv_bytes(type, (size_t) i * stride),
+                             llm_kv_bytes(type, (size_t) hd));
         }
         v0 = kv_load(v, type, (size_t) i * stride + c0);
         v1 = kv_load(v, type, (size_t) i * stride + c0 + 8);

@@ -151,6 +151,15 @@ silu_mul_avx512(float *out, const float *gate, const float *up, int64_t n)
 INLINE __m512
 kv_load(const void *p, int type, size_t i, __mmask16 m)
 {
+    if (type == LLM_Q8_0) {
+        /* 16 lanes never straddle a block: i % 16 == 0 */
+        const uint8_t *b = (const uint8_t *) p + i / 32 * 34;
+        __m512         d = _mm512_cvtph_ps(_mm256_set1_epi16(
+                               *(const short *) b));
+
+        return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_maskz_loadu_epi8(m, b + 2 + i % 32))));
+    }
     if (type == LLM_F16) {
         return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
             m, (const uint16_t *) p + i));
@@ -238,10 +247,10 @@ scores_tile(const float *q, int G, int NP, int hd, const void *k, int type,
 }
 
 
-/* Prefetches rows i0 .. i0+np-1 of pf (hd elements of es bytes each):
- * a few lines per tile, so that they overlap the tile's arithmetic. */
+/* Prefetches rows i0 .. i0+np-1 of pf (hd elements of type each): a
+ * few lines per tile, so that they overlap the tile's arithmetic. */
 INLINE void
-prefetch_tile(const void *pf, int np, int hd, size_t es, size_t stride,
+prefetch_tile(const void *pf, int np, int hd, int type, size_t stride,
               int i0)
 {
     int p;
@@ -250,8 +259,9 @@ prefetch_tile(const void *pf, int np, int hd, size_t es, size_t stride,
         return;
     }
     for (p = 0; p < np; p++) {
-        llm_cpu_prefetch((const uint8_t *) pf + (size_t) (i0 + p) * stride
-                                                * es, (size_t) hd * es);
+        llm_cpu_prefetch((const uint8_t *) pf
+                         + llm_kv_bytes(type, (size_t) (i0 + p) * stride),
+                         llm_kv_bytes(type, (size_t) hd));
     }
 }
 
@@ -261,15 +271,14 @@ scores_g(const float *q, int G, int hd, const void *k, int type,
          size_t stride, int n, float scale, float *s, int s_stride,
          const void *pf)
 {
-    size_t es = type == LLM_F16 ? 2 : 4;
     int    i = 0;
 
     for (; i + 4 <= n; i += 4) {
-        prefetch_tile(pf, 4, hd, es, stride, i);
+        prefetch_tile(pf, 4, hd, type, stride, i);
         scores_tile(q, G, 4, hd, k, type, stride, i, scale, s, s_stride);
     }
     for (; i < n; i++) {
-        prefetch_tile(pf, 1, hd, es, stride, i);
+        prefetch_tile(pf, 1, hd, type, stride, i);
         scores_tile(q, G, 1, hd, k, type, stride, i, scale, s, s_stride);
     }
 }
@@ -308,7 +317,6 @@ INLINE void
 accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
         const void *v, int type, size_t stride, int n, const void *pf)
 {
-    size_t    es = type == LLM_F16 ? 2 : 4;
     __m512    acc[4][4];
     __mmask16 m[4];
     int       i, h, c;
@@ -324,7 +332,7 @@ accum_g(float *o, int G, int hd, int c0, const float *p, int p_stride,
     for (i = 0; i < n; i++) {
         __m512 vv[4];
 
-        prefetch_tile(pf, 1, hd, es, stride, i);
+        prefetch_tile(pf, 1, hd, type, stride, i);
 #pragma GCC unroll 4
         for (c = 0; c < 4; c++) {
             vv[c] = kv_load(v, type, (size_t) i * stride + c0 + 16 * c, m[c]);

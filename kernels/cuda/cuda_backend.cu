@@ -220,6 +220,10 @@ llm_cuda_check_kv(llm_cuda_ctx *c, const llm_kv_pool *kv, int layer,
     if (llm_kv_check_pool(kv, layer, msg, sizeof(msg)) != 0) {
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op, msg);
     }
+    if (kv->type == LLM_Q8_0) {     /* ops.kv_q8_0 is 0 */
+        return llm_cuda_fail(c, LLM_EUNSUP, "cuda: %s: Q8_0 KV pages are "
+                             "not implemented", op);
+    }
     if ((uintptr_t) kv->k % 16 != 0 || (uintptr_t) kv->v % 16 != 0
         || kv->layer_bytes % 16 != 0)
     {

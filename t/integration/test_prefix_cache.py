@@ -211,3 +211,30 @@ def test_usage_reports_cached_tokens_through_nginx(nginx_module,  # noqa
     assert cached % BLOCK == 0
     assert r1["choices"][0]["message"]["content"] == \
         r2["choices"][0]["message"]["content"]
+
+
+def test_q8_0_pages_through_redis(start_engine, redis_server):
+    """--kv-type q8_0: blocks go to Redis and come back after a restart
+    with the answers of a q8_0 daemon without the cache; a daemon with F16
+    pages on the same keys never takes them (the fingerprint holds the
+    page type)."""
+    q8 = ["--kv-type", "q8_0"]
+    p = long_prompt(11)
+    n_blocks = (len(p) - 1) // BLOCK
+    ref = run(start_engine(q8 + ["--prefix-cache", "off"]), p)[0]
+
+    e1 = start_engine(q8 + tier_args(redis_server, "llm:kv:q8:"))
+    cold, c0 = run(e1, p)
+    wait_until(lambda: stats(e1)["tier_puts"] >= len(p) // BLOCK, 20,
+               "tier writes")
+    assert e1.stop() == 0
+    e2 = start_engine(q8 + tier_args(redis_server, "llm:kv:q8:"))
+    warm, c1 = run(e2, p)
+    s = stats(e2)
+    assert c0 == 0 and c1 == n_blocks * BLOCK
+    assert s["tier_blocks_hit"] == n_blocks and s["tier_corrupt"] == 0
+    assert cold == warm == ref
+
+    f16 = start_engine(tier_args(redis_server, "llm:kv:q8:"))
+    _, c2 = run(f16, p)
+    assert c2 == 0 and stats(f16)["tier_blocks_hit"] == 0

@@ -524,12 +524,47 @@ mixed_prompts(ref_prompt *refs, int n_refs, int32_t (*ids)[MAX_IDS],
 }
 
 
+/* The 16 mixed prompts, each alone then all in one batch, 24 greedy
+ * tokens: the number of sequences whose tokens are the same both ways
+ * (alone: their tokens, for the caller). */
+static int
+batch_vs_alone(llm_engine *e, int32_t (*ids)[MAX_IDS], const int *lens,
+               collect *alone)
+{
+    static collect batch;
+    int            i, same = 0;
+
+    memset(alone, 0, sizeof(*alone));
+    for (i = 0; i < 16; i++) {
+        collect one;
+        memset(&one, 0, sizeof(one));
+        submit(e, &one, ids[i], lens[i], 24, NULL, 0);
+        run_all(e, &one);
+        memcpy(alone->out[i], one.out[0], sizeof(one.out[0]));
+        alone->n_out[i] = one.n_out[0];
+    }
+    memset(&batch, 0, sizeof(batch));
+    for (i = 0; i < 16; i++) {
+        submit(e, &batch, ids[i], lens[i], 24, NULL, 0);
+    }
+    if (run_all(e, &batch) != 0) {
+        return -1;
+    }
+    for (i = 0; i < 16; i++) {
+        same += batch.n_out[i] == 24 && alone->n_out[i] == 24
+                && memcmp(batch.out[i], alone->out[i], 24 * 4) == 0;
+    }
+    printf("       %d of 16 sequences identical\n", same);
+    return same;
+}
+
+
 TEST_SUITE(engine_batch_invariance)
 {
     static ref_prompt refs[16];
     static int32_t    ids[16][MAX_IDS];
     static collect    alone, batch;
-    int               lens[16], n_refs, i, same = 0;
+    int               lens[16], n_refs, i, same;
     const char       *model = llm_test_default_model();
     llm_engine       *e;
     llm_sampling      s;
@@ -546,26 +581,7 @@ TEST_SUITE(engine_batch_invariance)
     if (e == NULL) {
         return;
     }
-    memset(&alone, 0, sizeof(alone));
-    for (i = 0; i < 16; i++) {
-        collect one;
-        memset(&one, 0, sizeof(one));
-        submit(e, &one, ids[i], lens[i], 24, NULL, 0);
-        run_all(e, &one);
-        memcpy(alone.out[i], one.out[0], sizeof(one.out[0]));
-        alone.n_out[i] = one.n_out[0];
-    }
-    memset(&batch, 0, sizeof(batch));
-    for (i = 0; i < 16; i++) {
-        submit(e, &batch, ids[i], lens[i], 24, NULL, 0);
-    }
-    test_cond(run_all(e, &batch) == 0);
-    for (i = 0; i < 16; i++) {
-        same += batch.n_out[i] == 24 && alone.n_out[i] == 24
-                && memcmp(batch.out[i], alone.out[i], 24 * 4) == 0;
-    }
-    printf("       %d of 16 sequences identical\n", same);
-    test_cond(same == 16);
+    test_cond(batch_vs_alone(e, ids, lens, &alone) == 16);
 
     test("same seed, same tokens, alone or in a batch; other seeds differ");
     llm_sampling_default(&s);
@@ -620,6 +636,121 @@ TEST_SUITE(engine_batch_invariance)
         test_cond(st.kv_blocks_used == 0);
         llm_engine_free(e);
     }
+}
+
+
+/* ---- Q8_0 KV pages ------------------------------------------------ */
+
+TEST_SUITE(engine_kv_q8_0)
+{
+    static ref_prompt refs[16];
+    static int32_t    ids[16][MAX_IDS];
+    static collect    alone, c32, c8;
+    int               lens[16], n_refs, i, k;
+    int               agree[2] = { 0, 0 }, total[2] = { 0, 0 };
+    const char       *model = llm_test_default_model();
+    llm_engine       *e, *e32, *e16;
+    double            err_sum[2] = { 0, 0 };
+
+    test("Q8_0 KV pages: 16 mixed sequences in one batch give the tokens "
+         "each gives alone");
+    n_refs = load_refs(refs, 16);
+    if (model == NULL || n_refs == 0) {
+        test_skip("needs the default model and reference fixtures");
+        return;
+    }
+    mixed_prompts(refs, n_refs, ids, lens, 16);
+    e = open_engine(model, LLM_Q8_0, 16, (size_t) 64 << 20);
+    test_cond(e != NULL);
+    if (e == NULL) {
+        return;
+    }
+    test_cond(batch_vs_alone(e, ids, lens, &alone) == 16);
+
+    /*
+     * Teacher-forced on each reference prompt and its llama.cpp
+     * continuation, against F32 pages: the argmax at (nearly) every
+     * position, and logits moved hardly more than F16 pages move them
+     * (on this Q4_1 model the 8-bit activations move them most).
+     */
+    test("Q8_0 KV pages: next tokens as F32 pages give them at 95% of the "
+         "positions or more");
+    e32 = open_engine(model, LLM_F32, 1, (size_t) 64 << 20);
+    e16 = open_engine(model, LLM_F16, 1, (size_t) 64 << 20);
+    test_cond(e32 != NULL && e16 != NULL);
+    for (i = 0; e32 != NULL && e16 != NULL && i < n_refs; i++) {
+        int32_t      seq[MAX_IDS];
+        int          n = refs[i].n_tokens, g = refs[i].n_greedy_q41, v, w;
+        int          nv = llm_engine_model(e)->cfg.n_vocab;
+        llm_engine  *other[2] = { e, e16 };
+
+        if (n + g > MAX_IDS) {
+            continue;
+        }
+        memcpy(seq, refs[i].tokens, sizeof(int32_t) * n);
+        memcpy(seq + n, refs[i].greedy_q41, sizeof(int32_t) * g);
+        memset(&c32, 0, sizeof(c32));
+        c32.logits = malloc(sizeof(float) * (size_t) (n + g) * nv);
+        if (c32.logits == NULL || submit(e32, &c32, seq, n + g, 1, NULL, 1)
+            || run_all(e32, &c32) != 0 || c32.n_logits != n + g)
+        {
+            free(c32.logits);
+            continue;
+        }
+        for (w = 0; w < 2; w++) {
+            memset(&c8, 0, sizeof(c8));
+            c8.logits = malloc(sizeof(float) * (size_t) (n + g) * nv);
+            if (c8.logits != NULL
+                && submit(other[w], &c8, seq, n + g, 1, NULL, 1) == 0
+                && run_all(other[w], &c8) == 0 && c8.n_logits == n + g)
+            {
+                for (k = 0; k < n + g; k++) {
+                    const float *a = c32.logits + (size_t) k * nv;
+                    const float *b = c8.logits + (size_t) k * nv;
+                    int          ba = 0, bb = 0;
+                    float        top = 0, d = 0;
+
+                    for (v = 0; v < nv; v++) {
+                        ba = a[v] > a[ba] ? v : ba;
+                        bb = b[v] > b[bb] ? v : bb;
+                        top = fmaxf(top, fabsf(a[v]));
+                        d = fmaxf(d, fabsf(a[v] - b[v]));
+                    }
+                    agree[w] += ba == bb;
+                    total[w]++;
+                    err_sum[w] += d / top;
+                }
+            }
+            free(c8.logits);
+        }
+        free(c32.logits);
+    }
+    for (k = 0; k < 2; k++) {
+        printf("       %s: %d of %d positions with F32's argmax; logits "
+               "off by %.2f%% of the largest on average\n",
+               k == 0 ? "Q8_0" : "F16 ", agree[k], total[k],
+               total[k] ? 100 * err_sum[k] / total[k] : 0.0);
+    }
+    test_cond(total[0] > 0 && total[1] == total[0]
+              && agree[0] * 100 >= total[0] * 95
+              && err_sum[0] < 1.5 * err_sum[1]);
+    llm_engine_free(e32);
+
+    test("Q8_0 KV pages take about half the bytes of F16");
+    {
+        llm_engine_stats st8, st16;
+
+        llm_engine_get_stats(e, &st8);
+        test_cond(e16 != NULL);
+        if (e16 != NULL) {
+            llm_engine_get_stats(e16, &st16);
+            printf("       64 MiB: %d blocks of Q8_0, %d of F16\n",
+                   (int) st8.kv_blocks_total, (int) st16.kv_blocks_total);
+            test_cond(st8.kv_blocks_total * 32 >= st16.kv_blocks_total * 60);
+            llm_engine_free(e16);
+        }
+    }
+    llm_engine_free(e);
 }
 
 

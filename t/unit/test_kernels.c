@@ -1054,6 +1054,21 @@ typedef struct kt_attn {
 /* One step: new[s] tokens appended to each sequence s, stored, attended
  * (check: and compared with the reference; else only stored).  Returns 1
  * if attention and the stored pages match the reference. */
+/* x[n] as KV pages of type hold it. */
+static void
+kt_kv_round(int type, const float *x, float *out, int n)
+{
+    uint8_t buf[4096];
+
+    if (type == LLM_F32 || (size_t) n * 4 > sizeof(buf)) {
+        memcpy(out, x, sizeof(float) * (size_t) n);
+        return;
+    }
+    llm_quantize_row(type, x, buf, n);
+    llm_dequantize_row(type, buf, out, n);
+}
+
+
 static int
 kt_attn_step(kt_attn *A, const int *add, int check)
 {
@@ -1064,7 +1079,6 @@ kt_attn_step(kt_attn *A, const int *add, int check)
     llm_batch b;
     llm_tensor tq, tk, tv, to;
     float     scale = 1.0f / sqrtf((float) hd);
-    size_t    es = A->kv.type == LLM_F16 ? 2 : 4;
 
     for (s = 0; s < A->n_seqs; s++) {
         T += add[s];
@@ -1117,33 +1131,32 @@ kt_attn_step(kt_attn *A, const int *add, int check)
         ok = 0;
     }
 
-    /* the reference copy of the cache, rounded as the pool stores it */
+    /* the reference copy of the cache, rounded as the pool stores it
+     * (Q8_0: the reference quantizer's values) */
     for (t = 0; t < T; t++) {
         kt_seq *sq = &A->seqs[tseq[t]];
-        for (e = 0; e < row; e++) {
-            float kk = k[t * row + e], vv = v[t * row + e];
-            if (A->kv.type == LLM_F16) {
-                kk = llm_f16_to_f32(llm_f32_to_f16(kk));
-                vv = llm_f16_to_f32(llm_f32_to_f16(vv));
-            }
-            sq->k[(size_t) pos[t] * row + e] = kk;
-            sq->v[(size_t) pos[t] * row + e] = vv;
-        }
+        float  *kr = sq->k + (size_t) pos[t] * row;
+        float  *vr = sq->v + (size_t) pos[t] * row;
+
+        kt_kv_round(A->kv.type, k + (size_t) t * row, kr, row);
+        kt_kv_round(A->kv.type, v + (size_t) t * row, vr, row);
         /* the stored page row is exactly this */
         {
             int32_t blk = A->table[tseq[t] * A->max_blocks
                                    + pos[t] / A->kv.block_size];
             size_t  off = (size_t) A->layer * A->kv.layer_bytes
                           + ((size_t) blk * A->kv.block_size
-                             + pos[t] % A->kv.block_size) * row * es;
-            const uint8_t *kp = (const uint8_t *) A->kv.k + off;
-            for (e = 0; e < row && ok; e++) {
-                float got = es == 2 ? llm_f16_to_f32(((const uint16_t *) kp)[e])
-                                    : ((const float *) kp)[e];
-                if (got != sq->k[(size_t) pos[t] * row + e]) {
-                    printf("       kv_store: token %d elem %d\n", t, e);
-                    ok = 0;
-                }
+                             + pos[t] % A->kv.block_size)
+                            * llm_kv_bytes(A->kv.type, (size_t) row);
+            float   got[1024];
+
+            if (row > 1024 || llm_dequantize_row(A->kv.type,
+                                  (const uint8_t *) A->kv.k + off, got,
+                                  row) != 0
+                || memcmp(got, kr, sizeof(float) * (size_t) row) != 0)
+            {
+                printf("       kv_store: token %d differs\n", t);
+                ok = 0;
             }
         }
     }
@@ -1213,7 +1226,7 @@ kt_attn_run(llm_backend *be, int kv_type, int n_heads, int n_kv, int hd,
     static const int step4[4] = { 1, 1, 1, 1 };
     kt_attn A;
     int     s, i, ok = 1, n_blocks;
-    size_t  es = kv_type == LLM_F16 ? 2 : 4, row;
+    size_t  row;
 
     memset(&A, 0, sizeof(A));
     A.be = be;
@@ -1230,7 +1243,8 @@ kt_attn_run(llm_backend *be, int kv_type, int n_heads, int n_kv, int hd,
     A.kv.block_size = block_size;
     A.kv.n_kv_heads = n_kv;
     A.kv.head_dim = hd;
-    A.kv.layer_bytes = (size_t) n_blocks * block_size * row * es;
+    A.kv.layer_bytes = (size_t) n_blocks * block_size
+                       * llm_kv_bytes(kv_type, row);
     A.kv.k = calloc(2, A.kv.layer_bytes);
     A.kv.v = calloc(2, A.kv.layer_bytes);
     A.table = malloc(sizeof(int32_t) * A.n_seqs * A.max_blocks);
@@ -1286,7 +1300,6 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     llm_batch   b;
     int32_t     table[NS * MB], *tok, *pos, *seq, st[NS + 1];
     int         i, s, n = 0, ok = 1;
-    size_t      es = kv_type == LLM_F16 ? 2 : 4;
     float      *k, *q, alone[4][NH * HD], batch[4 * NH * HD];
     llm_tensor  tk, tq, to;
 
@@ -1297,7 +1310,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     kv.block_size = BS;
     kv.n_kv_heads = NKV;
     kv.head_dim = HD;
-    kv.layer_bytes = (size_t) NS * MB * BS * NKV * HD * es;
+    kv.layer_bytes = (size_t) NS * MB * BS
+                     * llm_kv_bytes(kv_type, (size_t) NKV * HD);
     kv.k = malloc(kv.layer_bytes);
     kv.v = malloc(kv.layer_bytes);
     for (i = 0; i < NS * MB; i++) {
@@ -1414,14 +1428,23 @@ TEST_SUITE(kernels_attention)
                  " group), head_dim 24 (%s)", kt_isa_name[isa]));
         test_cond(kt_attn_run(be, LLM_F16, 20, 2, 24, 32));
 
+        test(kt_name("attention, Q8_0 pages, GQA 9/3,"
+                 " head_dim 64, blocks of 16 (%s)", kt_isa_name[isa]));
+        test_cond(kt_attn_run(be, LLM_Q8_0, 9, 3, 64, 16));
+
+        test(kt_name("attention, Q8_0 pages, MHA 4/4,"
+                 " head_dim 96, blocks of 5 (%s)", kt_isa_name[isa]));
+        test_cond(kt_attn_run(be, LLM_Q8_0, 4, 4, 96, 5));
+
         test(kt_name("attention rows are bit-identical alone, in a batch"
-                     " and on 1 thread, F16 and F32 pages (%s)",
+                     " and on 1 thread, F16, F32 and Q8_0 pages (%s)",
                      kt_isa_name[isa]));
         {
             llm_backend *be1 = kt_open(isa, 1);
             test_cond(be1 != NULL
                       && kt_attn_invariance(be, be1, LLM_F16)
-                      && kt_attn_invariance(be, be1, LLM_F32));
+                      && kt_attn_invariance(be, be1, LLM_F32)
+                      && kt_attn_invariance(be, be1, LLM_Q8_0));
             if (be1 != NULL) {
                 be1->ops->free(be1);
             }

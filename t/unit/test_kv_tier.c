@@ -187,6 +187,34 @@ TEST_SUITE(kv_tier_codec)
                   == LLM_EFORMAT && has_msg(&e, "byte 64"));
     }
 
+    test("Q8_0 records: a round trip; a NaN scale is refused");
+    {
+        llm_kv_tier_params q = p;
+        uint8_t            qp[2 * 2 * 4 * 34], qr[REC_HEADER + sizeof(qp)];
+        float              x[32];
+        int                r;
+
+        q.dtype = LLM_Q8_0;
+        q.head_dim = 32;
+        test_cond(llm_kv_tier_payload_bytes(&q) == sizeof(qp)
+                  && llm_kv_record_size(&q) == sizeof(qr));
+        for (r = 0; r < 16; r++) {
+            for (k = 0; k < 32; k++) {
+                x[k] = (float) ((r * 37 + (int) k * 11) % 23) - 11.0f;
+            }
+            llm_quantize_row(LLM_Q8_0, x, qp + 34 * r, 32);
+        }
+        llm_kv_record_encode(&q, h, qp, qr);
+        test_cond(llm_kv_record_decode(&q, h, qr, sizeof(qr), &out, &e) == 0
+                  && memcmp(out, qp, sizeof(qp)) == 0);
+        memcpy(qp + 34 * 5, &(uint16_t) { 0x7e00 }, 2);
+        llm_kv_record_encode(&q, h, qp, qr);
+        test_cond(llm_kv_record_decode(&q, h, qr, sizeof(qr), &out, &e)
+                  == LLM_EFORMAT && has_msg(&e, "byte 170"));
+        q.head_dim = 16;        /* not whole Q8_0 blocks */
+        test_cond(llm_kv_tier_payload_bytes(&q) == 0);
+    }
+
     test("truncated record refused");
     test_cond(llm_kv_record_decode(&p, h, rec, rs - 1, &out, &e)
               == LLM_EFORMAT && has_msg(&e, "truncated"));

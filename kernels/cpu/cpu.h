@@ -206,11 +206,15 @@ typedef struct llm_cpu_kernels {
     void  (*silu_mul)(float *out, const float *gate, const float *up,
                       int64_t n);
 
+    /* x[n] (n a multiple of 32) to Q8_0 blocks, the bytes of
+     * llm_quantize_row(LLM_Q8_0) exactly: Q8_0 KV pages. */
+    void  (*quant_q8_0)(const float *x, void *dst, int64_t n);
+
     /*
      * Attention over n consecutive cached positions of one KV head for
      * the g query heads that share it.  kv points at the first position's
-     * row (F16 or F32, kv_type), stride elements from one position to the
-     * next.
+     * row (F16, F32, or Q8_0 at a block start: kv_type), stride elements
+     * from one position to the next.
      *
      * scores: s[h * s_stride + i] = scale * dot(q[h], k[i]),
      *         q: [g, hd] f32.

@@ -419,6 +419,13 @@ silu_mul_scalar(float *out, const float *gate, const float *up, int64_t n)
 }
 
 
+static void
+quant_q8_0_scalar(const float *x, void *dst, int64_t n)
+{
+    llm_quantize_row(LLM_Q8_0, x, dst, n);
+}
+
+
 /* Element i of KV rows of type (Q8_0 counted from a block start). */
 static float
 kv_elem(const void *p, int type, size_t i)
@@ -507,6 +514,7 @@ llm_cpu_kernels_scalar(llm_cpu_kernels *k)
 
     k->f16_to_f32 = f16_to_f32_scalar;
     k->f32_to_f16 = f32_to_f16_scalar;
+    k->quant_q8_0 = quant_q8_0_scalar;
     k->vmax = vmax_scalar;
     k->exp_sum = exp_sum_scalar;
     k->silu_mul = silu_mul_scalar;

@@ -426,8 +426,8 @@ store_task(void *arg, int ith, int nth)
             j->c->kern.f32_to_f16(row_f32(j->v, t), (uint16_t *) vd, n);
         } else if (j->kv->type == LLM_Q8_0) {
             /* blocks of 32 never straddle heads: head_dim % 32 == 0 */
-            llm_quantize_row(LLM_Q8_0, row_f32(j->k, t), kd, n);
-            llm_quantize_row(LLM_Q8_0, row_f32(j->v, t), vd, n);
+            j->c->kern.quant_q8_0(row_f32(j->k, t), kd, n);
+            j->c->kern.quant_q8_0(row_f32(j->v, t), vd, n);
         } else {
             memcpy(kd, row_f32(j->k, t), (size_t) n * 4);
             memcpy(vd, row_f32(j->v, t), (size_t) n * 4);

@@ -78,6 +78,50 @@ f32_to_f16_avx512(const float *src, uint16_t *dst, int64_t n)
 }
 
 
+/* Q8_0 as the reference quantizer: d = amax / 127, q = round(x / d) with
+ * ties away from zero (roundf), |q| <= 127.  Rounding: the truncation t
+ * and the fraction v - t are exact, so |v - t| >= 0.5 decides. */
+INLINE __m512i
+q8_round(__m512 v)
+{
+    __m512    t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO
+                                          | _MM_FROUND_NO_EXC);
+    __m512    f = _mm512_abs_ps(_mm512_sub_ps(v, t));
+    __mmask16 up = _mm512_cmp_ps_mask(f, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    __m512    one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(
+                        v, _mm512_set1_ps(-0.0f)));
+    __m512i   q = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
+
+    return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)),
+                            _mm512_set1_epi32(-127));
+}
+
+
+static void
+quant_q8_0_avx512(const float *x, void *dst, int64_t n)
+{
+    uint8_t *b = dst;
+    int64_t  i;
+
+    for (i = 0; i + 32 <= n; i += 32, b += 34) {
+        __m512 a0 = _mm512_loadu_ps(x + i), a1 = _mm512_loadu_ps(x + i + 16);
+        float  amax = _mm512_reduce_max_ps(_mm512_max_ps(
+                          _mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+        float  d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m512 s = _mm512_set1_ps(id);
+        uint16_t h = (uint16_t) _mm_extract_epi16(
+                         _mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT),
+                         0);
+
+        memcpy(b, &h, 2);
+        _mm_storeu_si128((__m128i *) (b + 2),
+                         _mm512_cvtepi32_epi8(q8_round(_mm512_mul_ps(a0, s))));
+        _mm_storeu_si128((__m128i *) (b + 18),
+                         _mm512_cvtepi32_epi8(q8_round(_mm512_mul_ps(a1, s))));
+    }
+}
+
+
 static float
 vmax_avx512(const float *x, int64_t n)
 {
@@ -391,6 +435,7 @@ llm_cpu_vec_avx512(llm_cpu_kernels *k)
 {
     k->f16_to_f32 = f16_to_f32_avx512;
     k->f32_to_f16 = f32_to_f16_avx512;
+    k->quant_q8_0 = quant_q8_0_avx512;
     k->vmax = vmax_avx512;
     k->exp_sum = exp_sum_avx512;
     k->silu_mul = silu_mul_avx512;

@@ -1405,6 +1405,72 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
 }
 
 
+/* kv_store into Q8_0 pages: the bytes of the reference quantizer, ties
+ * (x.5 at scale 1), tiny, zero and large rows included. */
+static int
+kt_q8_0_store(llm_backend *be)
+{
+    enum { HD = 64, T = 4 };
+    llm_kv_pool kv;
+    llm_batch   b;
+    int32_t     table[1] = { 0 }, tok[T] = { 0 }, pos[T], seq[T] = { 0 };
+    int32_t     st[2] = { 0, T };
+    float       k[T * HD];
+    uint8_t     want[HD / 32 * 34];
+    llm_tensor  tk;
+    int         t, e, ok = 1;
+
+    for (e = 0; e < HD; e++) {
+        k[e] = e == 0 ? 127.0f : (float) (e % 2 ? 1 : -1) * ((e % 127) + 0.5f);
+        k[HD + e] = 1e-30f * (float) (e - 31);
+        k[2 * HD + e] = 0.0f;
+        k[3 * HD + e] = 3e4f * sinf((float) e);
+    }
+    for (t = 0; t < T; t++) {
+        pos[t] = t;
+    }
+    memset(&kv, 0, sizeof(kv));
+    kv.type = LLM_Q8_0;
+    kv.n_layers = 1;
+    kv.n_blocks = 1;
+    kv.block_size = T;
+    kv.n_kv_heads = 1;
+    kv.head_dim = HD;
+    kv.layer_bytes = T * sizeof(want);
+    kv.k = calloc(1, kv.layer_bytes);
+    kv.v = calloc(1, kv.layer_bytes);
+    memset(&b, 0, sizeof(b));
+    b.n_tokens = T;
+    b.tokens = tok;
+    b.pos = pos;
+    b.tok_seq = seq;
+    b.n_seqs = 1;
+    b.seq_start = st;
+    b.block_table = table;
+    b.max_blocks = 1;
+    tk = llm_tensor_of(k, LLM_F32, HD, T);
+    if (be->ops->set_batch(be, &b) != 0
+        || be->ops->kv_store(be, &kv, 0, &tk, &tk) != 0)
+    {
+        printf("       kv_store: %s\n", llm_backend_error(be));
+        ok = 0;
+    }
+    for (t = 0; t < T && ok; t++) {
+        llm_quantize_row(LLM_Q8_0, k + t * HD, want, HD);
+        if (memcmp((uint8_t *) kv.k + t * sizeof(want), want, sizeof(want))
+            || memcmp((uint8_t *) kv.v + t * sizeof(want), want,
+                      sizeof(want)))
+        {
+            printf("       Q8_0 row %d differs from the reference\n", t);
+            ok = 0;
+        }
+    }
+    free(kv.k);
+    free(kv.v);
+    return ok;
+}
+
+
 TEST_SUITE(kernels_attention)
 {
     int  isa;
@@ -1427,6 +1493,10 @@ TEST_SUITE(kernels_attention)
         test(kt_name("attention, F16 pages, GQA 20/2 (10 per"
                  " group), head_dim 24 (%s)", kt_isa_name[isa]));
         test_cond(kt_attn_run(be, LLM_F16, 20, 2, 24, 32));
+
+        test(kt_name("Q8_0 pages hold the reference quantizer's bytes,"
+                     " ties included (%s)", kt_isa_name[isa]));
+        test_cond(kt_q8_0_store(be));
 
         test(kt_name("attention, Q8_0 pages, GQA 9/3,"
                  " head_dim 64, blocks of 16 (%s)", kt_isa_name[isa]));

@@ -98,6 +98,67 @@ f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n)
 }
 
 
+/* Q8_0 as the reference quantizer (see vec_avx512.c's q8_round): ties
+ * away from zero through the exact truncation and fraction. */
+INLINE __m256i
+q8_round(__m256 v)
+{
+    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(v, t));
+    __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f),
+                              _mm256_and_ps(v, _mm256_set1_ps(-0.0f)));
+    __m256 up = _mm256_cmp_ps(f, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
+
+    return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)),
+                            _mm256_set1_epi32(-127));
+}
+
+
+static void
+quant_q8_0_avx2(const float *x, void *dst, int64_t n)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    uint8_t     *b = dst;
+    int64_t      i;
+    int          k;
+
+    for (i = 0; i + 32 <= n; i += 32, b += 34) {
+        __m256  a[4], m;
+        __m128  m4;
+        __m256i q[4], p01, p23, p;
+        float   amax, d, id;
+        uint16_t h;
+
+        for (k = 0; k < 4; k++) {
+            a[k] = _mm256_loadu_ps(x + i + 8 * k);
+        }
+        m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]),
+                                        _mm256_andnot_ps(sign, a[1])),
+                          _mm256_max_ps(_mm256_andnot_ps(sign, a[2]),
+                                        _mm256_andnot_ps(sign, a[3])));
+        m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        amax = _mm_cvtss_f32(m4);
+        d = amax / 127.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (k = 0; k < 4; k++) {
+            q[k] = q8_round(_mm256_mul_ps(a[k], _mm256_set1_ps(id)));
+        }
+        /* 32 int32 -> 32 int8 in order (the packs work per 128-bit lane) */
+        p01 = _mm256_packs_epi32(q[0], q[1]);
+        p23 = _mm256_packs_epi32(q[2], q[3]);
+        p = _mm256_packs_epi16(p01, p23);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5,
+                                                            2, 6, 3, 7));
+        h = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        memcpy(b, &h, 2);
+        _mm256_storeu_si256((__m256i *) (b + 2), p);
+    }
+}
+
+
 static float
 vmax_avx2(const float *x, int64_t n)
 {
@@ -351,6 +412,7 @@ llm_cpu_vec_avx2(llm_cpu_kernels *k)
     k->vmax = vmax_avx2;
     k->exp_sum = exp_sum_avx2;
     k->silu_mul = silu_mul_avx2;
+    k->quant_q8_0 = quant_q8_0_avx2;
     k->attn_scores = attn_scores_avx2;
     k->attn_accum = attn_accum_avx2;
 }

@@ -4,7 +4,8 @@
  *
  *   build-x/bench-kernels [-t threads] [-r passes] [-q] [-A] [-L] [types...]
  *
- * -q: the model step and Q4_1 only; -A: decode attention only; -L: the
+ * -q: the model step and Q4_1 only; -A: attention only (decode, and prefill
+ * chunks; F16 and Q8_0 pages); -L: the
  * multi-LoRA op of a decode step only.
  *
  * Every matrix exists in 30 copies, one per layer, and a pass multiplies
@@ -278,48 +279,56 @@ bench_model(llm_backend *be, int passes)
  * own pages (as in a forward step: the KV of a whole step does not stay
  * in the caches). */
 static void
-bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
+bench_attention(llm_backend *be, int type, int ctx, int chunk, int n_seqs,
+                int passes)
 {
     enum { NH = 9, NKV = 3, HD = 64, BS = 16 };
-    int         max_blocks = (ctx + BS - 1) / BS, s, i, p;
-    int         n_blocks = max_blocks * n_seqs;
+    int         max_blocks = (ctx + BS - 1) / BS, s, i, p, c;
+    int         n_blocks = max_blocks * n_seqs, T = n_seqs * chunk;
     llm_kv_pool kv;
     llm_batch   b;
     int32_t    *table = malloc(sizeof(int32_t) * n_blocks);
-    int32_t    *pos = malloc(sizeof(int32_t) * n_seqs);
-    int32_t    *seq = malloc(sizeof(int32_t) * n_seqs);
-    int32_t    *tok = calloc(n_seqs, sizeof(int32_t));
+    int32_t    *pos = malloc(sizeof(int32_t) * T);
+    int32_t    *seq = malloc(sizeof(int32_t) * T);
+    int32_t    *tok = calloc(T, sizeof(int32_t));
     int32_t    *start = malloc(sizeof(int32_t) * (n_seqs + 1));
     llm_tensor  q, out;
-    double      best = 1e30;
+    double      best = 1e30, pairs = 0;
 
     memset(&kv, 0, sizeof(kv));
-    kv.type = LLM_F16;
+    kv.type = type;
     kv.n_layers = N_LAYERS;
     kv.n_blocks = n_blocks;
     kv.block_size = BS;
     kv.n_kv_heads = NKV;
     kv.head_dim = HD;
-    kv.layer_bytes = (size_t) n_blocks * BS * NKV * HD * 2;
+    kv.layer_bytes = (size_t) n_blocks * BS
+                     * llm_kv_bytes(type, (size_t) NKV * HD);
     kv.k = be->ops->alloc(be, kv.layer_bytes * N_LAYERS);
     kv.v = be->ops->alloc(be, kv.layer_bytes * N_LAYERS);
     if (kv.k == NULL || kv.v == NULL) {
         printf("attention: out of memory\n");
         return;
     }
+    /* 0x3c: 1.0 in F16 halves; in Q8_0 a scale of 1.0 and quants 60 */
     memset(kv.k, 0x3c, kv.layer_bytes * N_LAYERS);
     memset(kv.v, 0x3c, kv.layer_bytes * N_LAYERS);
     for (i = 0; i < n_blocks; i++) {
         table[i] = (i * 7919) % n_blocks;   /* scattered blocks */
     }
+    /* each sequence's last chunk positions: decode at chunk 1, else the
+     * last chunk of a prefill */
     for (s = 0; s < n_seqs; s++) {
-        pos[s] = ctx - 1;
-        seq[s] = s;
-        start[s] = s;
+        start[s] = s * chunk;
+        for (c = 0; c < chunk; c++) {
+            pos[s * chunk + c] = ctx - chunk + c;
+            seq[s * chunk + c] = s;
+            pairs += ctx - chunk + c + 1;
+        }
     }
-    start[n_seqs] = n_seqs;
+    start[n_seqs] = T;
     memset(&b, 0, sizeof(b));
-    b.n_tokens = n_seqs;
+    b.n_tokens = T;
     b.tokens = tok;
     b.pos = pos;
     b.tok_seq = seq;
@@ -328,9 +337,9 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
     b.block_table = table;
     b.max_blocks = max_blocks;
     be->ops->set_batch(be, &b);
-    llm_tensor_alloc(be, &q, LLM_F32, NH * HD, n_seqs);
-    llm_tensor_alloc(be, &out, LLM_F32, NH * HD, n_seqs);
-    for (i = 0; i < NH * HD * n_seqs; i++) {
+    llm_tensor_alloc(be, &q, LLM_F32, NH * HD, T);
+    llm_tensor_alloc(be, &out, LLM_F32, NH * HD, T);
+    for (i = 0; i < NH * HD * T; i++) {
         ((float *) q.data)[i] = frand();
     }
     for (p = 0; p < passes; p++) {
@@ -341,9 +350,18 @@ bench_attention(llm_backend *be, int ctx, int n_seqs, int passes)
         t0 = now_s() - t0;
         best = t0 < best ? t0 : best;
     }
-    printf("  attention decode ctx=%-5d seqs=%-2d  %7.3f ms per step"
-           " (30 layers)  %6.1f GB/s of KV\n", ctx, n_seqs, best * 1e3,
-           2.0 * n_seqs * ctx * NKV * HD * 2 * N_LAYERS / best * 1e-9);
+    if (chunk == 1) {
+        printf("  attention decode ctx=%-5d seqs=%-2d %s %7.3f ms per step"
+               " (30 layers)  %6.1f GB/s of KV\n", ctx, n_seqs,
+               type == LLM_Q8_0 ? "q8_0" : "f16 ", best * 1e3,
+               2.0 * n_seqs * llm_kv_bytes(type, (size_t) ctx * NKV * HD)
+               * N_LAYERS / best * 1e-9);
+    } else {
+        printf("  attention prefill ctx=%-5d chunk=%-4d %s %7.3f ms per "
+               "chunk (30 layers)  %6.1f GFLOP/s\n", ctx, chunk,
+               type == LLM_Q8_0 ? "q8_0" : "f16 ", best * 1e3,
+               4.0 * pairs * NH * HD * N_LAYERS / best * 1e-9);
+    }
     be->ops->release(be, kv.k);
     be->ops->release(be, kv.v);
     llm_tensor_release(be, &q);
@@ -437,10 +455,16 @@ main(int argc, char **argv)
         bench_model(be, passes);
     }
     if (!quick) {
-        bench_attention(be, 1024, 1, passes);
-        bench_attention(be, 8192, 1, passes);
-        bench_attention(be, 160, 32, passes);
-        bench_attention(be, 1024, 32, passes);
+        for (i = 0; i < 2; i++) {
+            int t = i == 0 ? LLM_F16 : LLM_Q8_0;
+
+            bench_attention(be, t, 1024, 1, 1, passes);
+            bench_attention(be, t, 8192, 1, 1, passes);
+            bench_attention(be, t, 160, 1, 32, passes);
+            bench_attention(be, t, 1024, 1, 32, passes);
+            bench_attention(be, t, 1024, 256, 1, passes);
+            bench_attention(be, t, 4096, 256, 1, passes);
+        }
     }
     if (attn_only) {
         be->ops->free(be);

@@ -1473,7 +1473,17 @@ kt_q8_0_store(llm_backend *be)
 
 TEST_SUITE(kernels_attention)
 {
-    int  isa;
+    /* after the first (SmolLM2's shape): MHA with an odd head_dim and
+     * block size, 10 query heads per KV head, Q8_0 pages */
+    static const struct {
+        int type, nh, nkv, hd, bs;
+    } cases[] = {
+        { LLM_F32, 4, 4, 36, 5 },
+        { LLM_F16, 20, 2, 24, 32 },
+        { LLM_Q8_0, 9, 3, 64, 16 },
+        { LLM_Q8_0, 4, 4, 96, 5 },
+    };
+    int  isa, c;
 
     for (isa = LLM_ISA_SCALAR; isa <= LLM_ISA_AMX; isa++) {
         llm_backend *be = kt_open(isa, 2);
@@ -1485,26 +1495,19 @@ TEST_SUITE(kernels_attention)
             continue;
         }
         test_cond(kt_attn_run(be, LLM_F16, 9, 3, 64, 16));
-
-        test(kt_name("attention, F32 pages, MHA 4/4,"
-                 " head_dim 36, blocks of 5 (%s)", kt_isa_name[isa]));
-        test_cond(kt_attn_run(be, LLM_F32, 4, 4, 36, 5));
-
-        test(kt_name("attention, F16 pages, GQA 20/2 (10 per"
-                 " group), head_dim 24 (%s)", kt_isa_name[isa]));
-        test_cond(kt_attn_run(be, LLM_F16, 20, 2, 24, 32));
+        for (c = 0; c < (int) (sizeof(cases) / sizeof(cases[0])); c++) {
+            test(kt_name("attention, %s pages, %d/%d heads, head_dim %d,"
+                         " blocks of %d (%s)", cases[c].type == LLM_F16
+                         ? "F16" : cases[c].type == LLM_F32 ? "F32"
+                         : "Q8_0", cases[c].nh, cases[c].nkv, cases[c].hd,
+                         cases[c].bs, kt_isa_name[isa]));
+            test_cond(kt_attn_run(be, cases[c].type, cases[c].nh,
+                                  cases[c].nkv, cases[c].hd, cases[c].bs));
+        }
 
         test(kt_name("Q8_0 pages hold the reference quantizer's bytes,"
                      " ties included (%s)", kt_isa_name[isa]));
         test_cond(kt_q8_0_store(be));
-
-        test(kt_name("attention, Q8_0 pages, GQA 9/3,"
-                 " head_dim 64, blocks of 16 (%s)", kt_isa_name[isa]));
-        test_cond(kt_attn_run(be, LLM_Q8_0, 9, 3, 64, 16));
-
-        test(kt_name("attention, Q8_0 pages, MHA 4/4,"
-                 " head_dim 96, blocks of 5 (%s)", kt_isa_name[isa]));
-        test_cond(kt_attn_run(be, LLM_Q8_0, 4, 4, 96, 5));
 
         test(kt_name("attention rows are bit-identical alone, in a batch"
                      " and on 1 thread, F16, F32 and Q8_0 pages (%s)",

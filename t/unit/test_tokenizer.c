@@ -1103,12 +1103,13 @@ w_kv_strs(gguf_w *w, const char *key, const char *const *v, int n)
 }
 
 
+/* An array of n 4-byte elements of GGUF type gtype (5 i32, 6 f32). */
 static void
-w_kv_i32s(gguf_w *w, const char *key, const int32_t *v, int n)
+w_kv_arr4(gguf_w *w, const char *key, uint32_t gtype, const void *v, int n)
 {
     w_str(w, key);
     w_u32(w, 9);
-    w_u32(w, 5);
+    w_u32(w, gtype);
     w_u64(w, (uint64_t) n);
     w_raw(w, v, 4 * (size_t) n);
     w->n_kv++;
@@ -1116,14 +1117,16 @@ w_kv_i32s(gguf_w *w, const char *key, const int32_t *v, int n)
 
 
 static void
+w_kv_i32s(gguf_w *w, const char *key, const int32_t *v, int n)
+{
+    w_kv_arr4(w, key, 5, v, n);
+}
+
+
+static void
 w_kv_f32s(gguf_w *w, const char *key, const float *v, int n)
 {
-    w_str(w, key);
-    w_u32(w, 9);
-    w_u32(w, 6);
-    w_u64(w, (uint64_t) n);
-    w_raw(w, v, 4 * (size_t) n);
-    w->n_kv++;
+    w_kv_arr4(w, key, 6, v, n);
 }
 
 

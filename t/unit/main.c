@@ -51,8 +51,13 @@ test_close(void)
 void
 llm_test_begin(const char *name)
 {
+    /* a copy: callers may build names in one buffer, reused for the
+     * next test before this one's line is printed */
+    static char name_buf[512];
+
     test_close();
-    current = name;
+    snprintf(name_buf, sizeof(name_buf), "%s", name);
+    current = name_buf;
     current_state = 1;
     current_failed = 0;
 }

@@ -1115,6 +1115,11 @@ llm_kv_tier_new(const llm_kv_tier_params *p, llm_err *err)
                     "type (F16, F32, Q8_0)", p->dtype);
         return NULL;
     }
+    if (p->dtype == LLM_Q8_0 && p->head_dim % 32 != 0) {
+        llm_err_set(err, LLM_EINVAL, "kv tier: Q8_0 pages need a head_dim "
+                    "that is a multiple of 32, not %d", p->head_dim);
+        return NULL;
+    }
     if (p->block_size <= 0 || p->block_size > 65535 || p->n_layers <= 0
         || p->n_layers > 65535 || p->n_kv_heads <= 0
         || p->n_kv_heads > 65535 || p->head_dim <= 0

@@ -209,6 +209,9 @@ typedef struct llm_cpu_kernels {
     /* x[n] (n a multiple of 32) to Q8_0 blocks, the bytes of
      * llm_quantize_row(LLM_Q8_0) exactly: Q8_0 KV pages. */
     void  (*quant_q8_0)(const float *x, void *dst, int64_t n);
+    /* and back: each value d * q, the floats the attention kernels read
+     * from Q8_0 pages. */
+    void  (*dequant_q8_0)(const void *src, float *dst, int64_t n);
 
     /*
      * Attention over n consecutive cached positions of one KV head for

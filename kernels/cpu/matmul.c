@@ -426,6 +426,13 @@ quant_q8_0_scalar(const float *x, void *dst, int64_t n)
 }
 
 
+static void
+dequant_q8_0_scalar(const void *src, float *dst, int64_t n)
+{
+    llm_dequantize_row(LLM_Q8_0, src, dst, n);
+}
+
+
 /* Element i of KV rows of type (Q8_0 counted from a block start). */
 static float
 kv_elem(const void *p, int type, size_t i)
@@ -515,6 +522,7 @@ llm_cpu_kernels_scalar(llm_cpu_kernels *k)
     k->f16_to_f32 = f16_to_f32_scalar;
     k->f32_to_f16 = f32_to_f16_scalar;
     k->quant_q8_0 = quant_q8_0_scalar;
+    k->dequant_q8_0 = dequant_q8_0_scalar;
     k->vmax = vmax_scalar;
     k->exp_sum = exp_sum_scalar;
     k->silu_mul = silu_mul_scalar;

@@ -242,6 +242,17 @@ kv_load(const void *p, int type, size_t i)
 }
 
 
+static void
+dequant_q8_0_avx2(const void *src, float *dst, int64_t n)
+{
+    int64_t i;
+
+    for (i = 0; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(dst + i, kv_load(src, LLM_Q8_0, (size_t) i));
+    }
+}
+
+
 INLINE float
 kv_elem(const void *p, int type, size_t i)
 {
@@ -413,6 +424,7 @@ llm_cpu_vec_avx2(llm_cpu_kernels *k)
     k->exp_sum = exp_sum_avx2;
     k->silu_mul = silu_mul_avx2;
     k->quant_q8_0 = quant_q8_0_avx2;
+    k->dequant_q8_0 = dequant_q8_0_avx2;
     k->attn_scores = attn_scores_avx2;
     k->attn_accum = attn_accum_avx2;
 }

@@ -212,6 +212,18 @@ kv_load(const void *p, int type, size_t i, __mmask16 m)
 }
 
 
+static void
+dequant_q8_0_avx512(const void *src, float *dst, int64_t n)
+{
+    int64_t i;
+
+    for (i = 0; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(dst + i, kv_load(src, LLM_Q8_0, (size_t) i,
+                                          0xffff));
+    }
+}
+
+
 /* Masks of the 16-lane chunks c .. c+3 of a head_dim of hd. */
 INLINE __mmask16
 chunk_mask(int hd, int c)
@@ -436,6 +448,7 @@ llm_cpu_vec_avx512(llm_cpu_kernels *k)
     k->f16_to_f32 = f16_to_f32_avx512;
     k->f32_to_f16 = f32_to_f16_avx512;
     k->quant_q8_0 = quant_q8_0_avx512;
+    k->dequant_q8_0 = dequant_q8_0_avx512;
     k->vmax = vmax_avx512;
     k->exp_sum = exp_sum_avx512;
     k->silu_mul = silu_mul_avx512;

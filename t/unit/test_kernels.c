@@ -1394,6 +1394,50 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
             }
         }
     }
+    /* prefill chunks (tokens of one sequence at consecutive positions
+     * share the work in tiles): seq 0 across the 1024-position range
+     * boundary, seq 2 within its first blocks; each row as the token
+     * alone gives it */
+    {
+        enum { NC = 24 };
+        int32_t cp[NC], cs[NC], ct[NC] = { 0 }, p1, s1, t0 = 0;
+        float  *cq = malloc((size_t) NC * NH * HD * 4);
+        float  *co = malloc((size_t) NC * NH * HD * 4), one[NH * HD];
+
+        for (i = 0; i < NC; i++) {
+            cs[i] = i < 14 ? 0 : 2;
+            cp[i] = i < 14 ? 1018 + i : i - 14;
+        }
+        kt_fill(cq, (int64_t) NC * NH * HD, 1.0f);
+        b.n_tokens = NC;
+        b.pos = cp;
+        b.tok_seq = cs;
+        b.tokens = ct;
+        tq = llm_tensor_of(cq, LLM_F32, NH * HD, NC);
+        to = llm_tensor_of(co, LLM_F32, NH * HD, NC);
+        ok &= be->ops->set_batch(be, &b) == 0
+              && be->ops->attention(be, &to, &tq, &kv, 0, NH, 0.125f) == 0;
+        for (i = 0; i < NC; i++) {
+            p1 = cp[i];
+            s1 = cs[i];
+            b.n_tokens = 1;
+            b.pos = &p1;
+            b.tok_seq = &s1;
+            b.tokens = &t0;
+            tq = llm_tensor_of(cq + (size_t) i * NH * HD, LLM_F32, NH * HD, 1);
+            to = llm_tensor_of(one, LLM_F32, NH * HD, 1);
+            ok &= be->ops->set_batch(be, &b) == 0
+                  && be->ops->attention(be, &to, &tq, &kv, 0, NH, 0.125f)
+                     == 0;
+            if (memcmp(one, co + (size_t) i * NH * HD, NH * HD * 4) != 0) {
+                printf("       chunk token %d (seq %d pos %d) differs from "
+                       "the token alone\n", i, cs[i], cp[i]);
+                ok = 0;
+            }
+        }
+        free(cq);
+        free(co);
+    }
     free(kv.k);
     free(kv.v);
     free(tok);
@@ -1509,8 +1553,9 @@ TEST_SUITE(kernels_attention)
                      " ties included (%s)", kt_isa_name[isa]));
         test_cond(kt_q8_0_store(be));
 
-        test(kt_name("attention rows are bit-identical alone, in a batch"
-                     " and on 1 thread, F16, F32 and Q8_0 pages (%s)",
+        test(kt_name("attention rows are bit-identical alone, in a batch,"
+                     " in a prefill chunk and on 1 thread, F16, F32 and"
+                     " Q8_0 pages (%s)",
                      kt_isa_name[isa]));
         {
             llm_backend *be1 = kt_open(isa, 1);

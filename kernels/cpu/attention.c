@@ -138,21 +138,26 @@ first_row(const attn_job *j, const uint8_t *base, int32_t s, int32_t j0)
 }
 
 
-/* The f32 values of the cnt rows at row (every KV head), for a tile:
- * F32 pages are read in place, others converted into buf. */
-static const void *
-run_rows_f32(const attn_job *j, const uint8_t *row, int32_t cnt, float *buf)
+/* For a tile: the f32 values of the cnt rows at row (every KV head),
+ * F32 pages in place, others converted into buf; the rows of the next
+ * run (next, may be NULL) are prefetched. */
+static const uint8_t *
+tile_rows(const attn_job *j, const uint8_t *row, int32_t cnt,
+          const uint8_t *next, float *buf)
 {
     const llm_cpu_kernels *kn = &j->c->kern;
-    int64_t                n = (int64_t) cnt * j->kv->n_kv_heads * j->hd;
+    size_t                 n = (size_t) cnt * j->kv->n_kv_heads * j->hd;
 
+    if (next != NULL) {
+        llm_cpu_prefetch(next, kv_bytes(j->kv, n));
+    }
     switch (j->kv->type) {
     case LLM_F16:
-        kn->f16_to_f32((const uint16_t *) row, buf, n);
-        return buf;
+        kn->f16_to_f32((const uint16_t *) row, buf, (int64_t) n);
+        return (const uint8_t *) buf;
     case LLM_Q8_0:
-        kn->dequant_q8_0(row, buf, n);
-        return buf;
+        kn->dequant_q8_0(row, buf, (int64_t) n);
+        return (const uint8_t *) buf;
     default:
         return row;
     }
@@ -209,11 +214,8 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
     }
 
     FOR_EACH_RUN(j, j->kbase, v_first, s, it->j0, it->j1,
-        const uint8_t *r_ = tiled
-            ? (const uint8_t *) run_rows_f32(j, row_, cnt_, rows) : row_;
-        if (tiled && next_ != NULL) {
-            llm_cpu_prefetch(next_, kv_bytes(kv, stride) * (size_t) cnt_);
-        }
+        const uint8_t *r_ = tiled ? tile_rows(j, row_, cnt_, next_, rows)
+                                  : row_;
         for (k = 0; k < nt; k++) {
             int32_t nk = end[k] - (it->j0 + at_);
             const float *q = (const float *) ((const uint8_t *) j->q->data
@@ -245,11 +247,8 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
     }
 
     FOR_EACH_RUN(j, j->vbase, k_next, s, it->j0, it->j1,
-        const uint8_t *r_ = tiled
-            ? (const uint8_t *) run_rows_f32(j, row_, cnt_, rows) : row_;
-        if (tiled && next_ != NULL) {
-            llm_cpu_prefetch(next_, kv_bytes(kv, stride) * (size_t) cnt_);
-        }
+        const uint8_t *r_ = tiled ? tile_rows(j, row_, cnt_, next_, rows)
+                                  : row_;
         for (k = 0; k < nt; k++) {
             int32_t nk = end[k] - (it->j0 + at_);
 

@@ -7,7 +7,9 @@
  *           [--adapter DIR] [--adapter-dtype auto|f16|f32|int8] [--tokens]
  *           [--logits-out F.npy] [--quiet]
  *
- * --tokens prints the prompt's token ids and exits; --logits-out writes
+ * --tokens prints the prompt's token ids and exits (it reads the
+ * tokenizer alone: no weights are loaded, a vocabulary-only GGUF file
+ * will do); --logits-out writes
  * the teacher-forced logits of every prompt position as a float32 .npy
  * array [n_tokens, vocab] and exits.  --adapter applies a PEFT LoRA
  * adapter through the engine's batched multi-LoRA path, its weights on
@@ -252,6 +254,71 @@ on_event(void *ud, const llm_event *ev)
 }
 
 
+/* The prompt's token ids (*ids, allocated; returns their count or a
+ * negative code, err set): the chat template applied with --chat,
+ * whose special token texts are tokens; BOS is the tokenizer's to add
+ * (make_chat_prompt left the template's first one out), as for the
+ * NGINX module. */
+static int
+prompt_ids(const llm_tokenizer *tok, const run_opts *o, int32_t **ids,
+           llm_err *err)
+{
+    char *text;
+    int   n, cap;
+
+    *ids = NULL;
+    text = o->chat ? make_chat_prompt(tok, o->prompt, err)
+                   : llm_strdup(o->prompt);
+    if (text == NULL) {
+        if (err->msg[0] == '\0') {
+            llm_err_set(err, LLM_ENOMEM, "out of memory");
+        }
+        return LLM_ENOMEM;
+    }
+    cap = (int) strlen(text) + 16;
+    *ids = llm_malloc((size_t) cap * sizeof(int32_t));
+    n = *ids ? llm_tokenize(tok, text, strlen(text), 1, o->chat, *ids, cap)
+             : LLM_ENOMEM;
+    llm_free(text);
+    if (n < 0 || n > cap) {
+        llm_err_set(err, n < 0 ? n : LLM_EFULL, "tokenization failed (%d)",
+                    n);
+        return n < 0 ? n : LLM_EFULL;
+    }
+    return n;
+}
+
+
+/* --tokens: the tokenizer alone, no weights (a vocabulary-only GGUF
+ * will do). */
+static int
+print_tokens(const run_opts *o)
+{
+    llm_err        err = { 0, "" };
+    llm_tokenizer *tok = llm_tokenizer_load(o->model, &err);
+    int32_t       *ids = NULL;
+    int            n, i;
+
+    if (tok == NULL) {
+        fprintf(stderr, "llm-run: %s\n", err.msg);
+        return 1;
+    }
+    n = prompt_ids(tok, o, &ids, &err);
+    if (n < 0) {
+        fprintf(stderr, "llm-run: %s\n", err.msg);
+    }
+    for (i = 0; i < n; i++) {
+        printf(i ? " %d" : "%d", ids[i]);
+    }
+    if (n >= 0) {
+        printf("\n");
+    }
+    llm_free(ids);
+    llm_tokenizer_free(tok);
+    return n < 0;
+}
+
+
 int
 main(int argc, char **argv)
 {
@@ -261,13 +328,16 @@ main(int argc, char **argv)
     llm_engine        *e;
     llm_request        req;
     llm_err            err = { 0, "" };
-    int32_t           *ids;
-    char              *text, buf[64];
-    int                n, cap, i, rc = 0;
+    int32_t           *ids = NULL;
+    char               buf[64];
+    int                n, rc = 0;
     uint64_t           t0, t1;
 
     if (parse_args(argc, argv, &o) != 0) {
         return 2;
+    }
+    if (o.print_tokens) {
+        return print_tokens(&o);
     }
 
     memset(&ep, 0, sizeof(ep));
@@ -311,33 +381,10 @@ main(int argc, char **argv)
     st.tok = llm_engine_tokenizer(e);
     llm_detok_init(&st.detok, 0);
 
-    text = o.chat ? make_chat_prompt(st.tok, o.prompt, &err)
-                  : llm_strdup(o.prompt);
-    if (text == NULL) {
-        fprintf(stderr, "llm-run: %s\n", err.msg[0] ? err.msg
-                                                    : "out of memory");
-        llm_engine_free(e);
-        return 1;
-    }
-
-    cap = (int) strlen(text) + 16;
-    ids = llm_malloc((size_t) cap * sizeof(int32_t));
-    /* special token texts in a rendered chat prompt are tokens; BOS is
-     * the tokenizer's to add (make_chat_prompt left the template's first
-     * one out), as for the NGINX module */
-    n = ids ? llm_tokenize(st.tok, text, strlen(text), 1, o.chat, ids, cap)
-            : LLM_ENOMEM;
-    if (n < 0 || n > cap) {
-        fprintf(stderr, "llm-run: tokenization failed (%d)\n", n);
+    n = prompt_ids(st.tok, &o, &ids, &err);
+    if (n < 0) {
+        fprintf(stderr, "llm-run: %s\n", err.msg);
         rc = 1;
-        goto done;
-    }
-
-    if (o.print_tokens) {
-        for (i = 0; i < n; i++) {
-            printf(i ? " %d" : "%d", ids[i]);
-        }
-        printf("\n");
         goto done;
     }
 
@@ -413,7 +460,6 @@ done:
         fclose(st.npy);
     }
     llm_free(ids);
-    llm_free(text);
     llm_engine_free(e);
     return rc;
 }

@@ -34,7 +34,7 @@ def spm_model(tmp_path_factory):
         pytest.skip("default model not installed")
     assert out.returncode == 0, out.stderr
     return {"gguf": str(d / "tiny" / "model.gguf"),
-            "hf": str(d / "tiny" / "hf")}
+            "hf": str(d / "tiny" / "hf"), "vocab": str(d / "spm.gguf")}
 
 
 @pytest.fixture(scope="module", params=["gguf", "hf"])
@@ -140,3 +140,14 @@ def test_llama2_turns_each_open_with_bos(served):
                           {"role": "assistant", "content": a1},
                           {"role": "user", "content": q2}])
     assert both == one + ans + 1 + two
+
+
+def test_tokens_from_a_vocabulary_only_file(spm_model):
+    """llm-run --tokens reads the tokenizer alone: the vocabulary-only
+    GGUF gives the model's ids, the Hugging Face folder too."""
+    for prompt in ("Hello there, caf\u00e9 \U0001F600", "[INST] x [/INST]"):
+        want = llm_run(spm_model["gguf"], "--prompt", prompt, "--tokens")
+        assert llm_run(spm_model["vocab"], "--prompt", prompt,
+                       "--tokens") == want
+        assert llm_run(spm_model["hf"], "--prompt", prompt,
+                       "--tokens") == want

@@ -492,7 +492,8 @@ llm_engine_new(const llm_engine_params *p, llm_err *err)
     }
 
     if (e->p.kv_type == LLM_Q8_0
-        && (!e->be->ops->kv_q8_0 || e->model->cfg.head_dim % 32 != 0))
+        && (!e->be->ops->kv_q8_0
+            || !llm_kv_type_ok(LLM_Q8_0, e->model->cfg.head_dim)))
     {
         llm_err_set(err, LLM_EUNSUP, "KV type q8_0: %s", !e->be->ops->kv_q8_0
                     ? "the backend does not implement Q8_0 KV pages; use "

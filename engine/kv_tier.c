@@ -26,6 +26,7 @@
 
 #include "byteorder.h"
 #include "sha256.h"
+#include "kernels/backend.h"
 #include "kernels/dtype.h"
 
 
@@ -246,16 +247,14 @@ tier_checksum(const uint8_t *p, size_t n)
 size_t
 llm_kv_tier_payload_bytes(const llm_kv_tier_params *p)
 {
-    if ((p->dtype != LLM_F16 && p->dtype != LLM_F32
-         && p->dtype != LLM_Q8_0)
-        || p->block_size <= 0 || p->n_layers <= 0 || p->n_kv_heads <= 0
-        || p->head_dim <= 0 || (p->dtype == LLM_Q8_0 && p->head_dim % 32))
+    if (!llm_kv_type_ok(p->dtype, p->head_dim) || p->block_size <= 0
+        || p->n_layers <= 0 || p->n_kv_heads <= 0 || p->head_dim <= 0)
     {
         return 0;
     }
     /* [n_layers, 2, block_size, n_kv_heads, head_dim] */
     return (size_t) p->n_layers * 2 * (size_t) p->block_size
-           * llm_row_bytes(p->dtype, (int64_t) p->n_kv_heads * p->head_dim);
+           * llm_kv_bytes(p->dtype, (size_t) p->n_kv_heads * p->head_dim);
 }
 
 
@@ -267,30 +266,24 @@ llm_kv_record_size(const llm_kv_tier_params *p)
 
 
 /* The offset of the first element of p[n] (F16 or F32, little-endian;
- * Q8_0: a block's F16 scale) that is a NaN or an infinity (all exponent
- * bits set), or n. */
+ * Q8_0: a block's F16 scale, every 34 bytes) that is a NaN or an
+ * infinity (all exponent bits set), or n. */
 static size_t
 tier_nonfinite(const uint8_t *p, size_t n, int dtype)
 {
-    size_t i;
+    size_t i, step = dtype == LLM_Q8_0 ? 34 : 2;
 
-    if (dtype == LLM_Q8_0) {
-        for (i = 0; i + 34 <= n; i += 34) {
-            if ((llm_get_le16(p + i) & 0x7c00u) == 0x7c00u) {
-                return i;
-            }
-        }
-    } else if (dtype == LLM_F32) {
+    if (dtype == LLM_F32) {
         for (i = 0; i + 4 <= n; i += 4) {
             if ((llm_get_le32(p + i) & 0x7f800000u) == 0x7f800000u) {
                 return i;
             }
         }
-    } else {
-        for (i = 0; i + 2 <= n; i += 2) {
-            if ((llm_get_le16(p + i) & 0x7c00u) == 0x7c00u) {
-                return i;
-            }
+        return n;
+    }
+    for (i = 0; i + step <= n; i += step) {
+        if ((llm_get_le16(p + i) & 0x7c00u) == 0x7c00u) {
+            return i;
         }
     }
     return n;
@@ -1109,15 +1102,10 @@ llm_kv_tier_new(const llm_kv_tier_params *p, llm_err *err)
         llm_err_set(err, LLM_EINVAL, "kv tier: no Redis address");
         return NULL;
     }
-    if (p->dtype != LLM_F16 && p->dtype != LLM_F32 && p->dtype != LLM_Q8_0)
-    {
-        llm_err_set(err, LLM_EINVAL, "kv tier: dtype %d is not a KV page "
-                    "type (F16, F32, Q8_0)", p->dtype);
-        return NULL;
-    }
-    if (p->dtype == LLM_Q8_0 && p->head_dim % 32 != 0) {
-        llm_err_set(err, LLM_EINVAL, "kv tier: Q8_0 pages need a head_dim "
-                    "that is a multiple of 32, not %d", p->head_dim);
+    if (!llm_kv_type_ok(p->dtype, p->head_dim)) {
+        llm_err_set(err, LLM_EINVAL, "kv tier: dtype %d with head_dim %d "
+                    "is not a KV page type (F16, F32, or Q8_0 with a "
+                    "head_dim multiple of 32)", p->dtype, p->head_dim);
         return NULL;
     }
     if (p->block_size <= 0 || p->block_size > 65535 || p->n_layers <= 0

@@ -119,11 +119,9 @@ llm_kv_check_pool(const llm_kv_pool *kv, int layer, char *msg, size_t size)
     size_t blk_bytes;
 
     if (kv == NULL || kv->k == NULL || kv->v == NULL
-        || (kv->type != LLM_F16 && kv->type != LLM_F32
-            && kv->type != LLM_Q8_0)
         || kv->n_layers <= 0 || kv->n_blocks <= 0 || kv->block_size <= 0
         || kv->n_kv_heads <= 0 || kv->head_dim <= 0
-        || (kv->type == LLM_Q8_0 && kv->head_dim % 32 != 0))
+        || !llm_kv_type_ok(kv->type, kv->head_dim))
     {
         snprintf(msg, size, "bad KV pool");
         return LLM_EINVAL;

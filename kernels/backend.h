@@ -67,6 +67,16 @@ typedef struct llm_kv_pool {
     size_t    layer_bytes;
 } llm_kv_pool;
 
+/* 1 if KV pages can be of type for heads of head_dim elements: F16, F32,
+ * or Q8_0 with head_dim a multiple of 32 (a block never straddles two
+ * heads).  Whether a backend implements Q8_0 is its ops.kv_q8_0. */
+static inline int
+llm_kv_type_ok(int type, int head_dim)
+{
+    return type == LLM_F16 || type == LLM_F32
+           || (type == LLM_Q8_0 && head_dim % 32 == 0);
+}
+
 /* Bytes of n consecutive KV elements of type (F16, F32, or Q8_0 from a
  * block start: 34 bytes per 32). */
 static inline size_t

@@ -478,9 +478,7 @@ llm_cpu_kv_copy_blocks(llm_cpu_ctx *c, const llm_kv_pool *kv,
     if (n == 0) {
         return 0;
     }
-    if (kv == NULL || kv->k == NULL || kv->v == NULL || n < 0 || src == NULL
-        || dst == NULL)
-    {
+    if (n < 0 || src == NULL || dst == NULL) {
         return llm_cpu_fail(c, LLM_EINVAL, "cpu: kv_copy_blocks: bad"
                             " arguments");
     }

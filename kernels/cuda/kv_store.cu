@@ -241,12 +241,12 @@ llm_cuda_kv_block_host(llm_cuda_ctx *c, const llm_kv_pool *kv, int32_t block,
     int         rc;
 
     /* the pool only: no batch is involved */
-    if (llm_kv_check_pool(kv, 0, msg, sizeof(msg)) != 0
-        || kv->type == LLM_Q8_0)
-    {
-        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op,
-                             kv->type == LLM_Q8_0 ? "Q8_0 KV pages are not "
-                             "implemented" : msg);
+    if (llm_kv_check_pool(kv, 0, msg, sizeof(msg)) != 0) {
+        return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: %s", op, msg);
+    }
+    if (kv->type == LLM_Q8_0) {     /* ops.kv_q8_0 is 0 */
+        return llm_cuda_fail(c, LLM_EUNSUP, "cuda: %s: Q8_0 KV pages are "
+                             "not implemented", op);
     }
     if (host == NULL || block < 0 || block >= kv->n_blocks) {
         return llm_cuda_fail(c, LLM_EINVAL, "cuda: %s: block %d outside "

@@ -53,6 +53,9 @@ enum {
     TOK_EOG     = 0x100
 };
 
+/* SentencePiece's escaped space, U+2581 in UTF-8 (3 bytes). */
+#define SPM_SPACE  "\xe2\x96\x81"
+
 /* Where a SentencePiece vocabulary puts a space before a raw fragment
  * (the text between special tokens). */
 enum {
@@ -604,6 +607,15 @@ tok_set_pre(llm_tokenizer *t, const char *name, size_t n)
 }
 
 
+/* SentencePiece: no pre-tokenizer split; reported as "spm". */
+static void
+tok_set_pre_spm(llm_tokenizer *t)
+{
+    tok_set_pre(t, "default", 7);
+    snprintf(t->pre_name, sizeof(t->pre_name), "spm");
+}
+
+
 static void
 tok_mark_eog_text(llm_tokenizer *t, const char *const *list)
 {
@@ -723,7 +735,7 @@ tok_piece(const llm_tokenizer *t, int32_t id, char *out)
             return tok_decode_text(s, n, out);
         }
         for (i = 0, o = 0; i < n; o++) {
-            if (i + 3 <= n && memcmp(s + i, "\xe2\x96\x81", 3) == 0) {
+            if (i + 3 <= n && memcmp(s + i, SPM_SPACE, 3) == 0) {
                 if (out != NULL) {
                     out[o] = ' ';
                 }
@@ -1182,8 +1194,7 @@ tok_load_gguf(llm_tokenizer *t, const llm_gguf *g, llm_err *err)
     if (t->spm) {
         /* llama.cpp's SPM defaults: no pre-tokenizer, BOS added, ids
          * 1 (BOS), 2 (EOS) and 0 (unknown) unless the file says */
-        tok_set_pre(t, "default", 7);
-        snprintf(t->pre_name, sizeof(t->pre_name), "spm");
+        tok_set_pre_spm(t);
         add_bos = 1;
         space = 1;
         t->bos = t->n_vocab > 1 ? 1 : -1;
@@ -1615,7 +1626,7 @@ hf_load_config(llm_tokenizer *t, const char *dir, json_t *root,
 static int
 hf_is_meta(const char *s)
 {
-    return s != NULL && strcmp(s, "\xe2\x96\x81") == 0;
+    return s != NULL && strcmp(s, SPM_SPACE) == 0;
 }
 
 
@@ -1674,7 +1685,6 @@ hf_spm_config(llm_tokenizer *t, const char *path, json_t *root,
     if (!meta && !escape && t->spm_prefix == SPM_PREFIX_NONE
         && !json_flag(model, "byte_fallback", 0))
     {
-        t->spm_prefix = SPM_PREFIX_NONE;
         return 0;               /* byte-level (or not ours at all) */
     }
     t->spm = 1;
@@ -1907,8 +1917,7 @@ tok_load_hf(llm_tokenizer *t, const char *path, llm_err *err)
 
     pre = hf_pre_name(json_object_get(root, "pre_tokenizer"));
     if (t->spm) {
-        tok_set_pre(t, "default", 7);
-        snprintf(t->pre_name, sizeof(t->pre_name), "spm");
+        tok_set_pre_spm(t);
         key = json_str(model, "unk_token");
         t->unk = key != NULL ? tok_lookup(t, key, strlen(key)) : -1;
     } else if (pre == NULL) {
@@ -2209,6 +2218,36 @@ ws_grow(void **p, size_t *cap, size_t need, size_t elem)
 }
 
 
+/* Room for n symbols in *arr (elem bytes each) and for the merge heap
+ * they start with (every adjacent pair, 2n + 2 with slack). */
+static int
+ws_reserve(tok_ws *ws, void **arr, size_t *cap, size_t n, size_t elem)
+{
+    if (n > INT32_MAX / 2 || ws_grow(arr, cap, n, elem) != 0
+        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * n + 2,
+                   sizeof(tok_pair)) != 0)
+    {
+        return LLM_ENOMEM;
+    }
+    return 0;
+}
+
+
+/* Room for the two pairs a merge may queue: the heap holds at most one
+ * live entry per adjacent pair plus stale ones. */
+static int
+ws_heap_room(tok_ws *ws)
+{
+    if (ws->heap_n + 2 > ws->heap_cap
+        && ws_grow((void **) &ws->heap, &ws->heap_cap, ws->heap_n + 2,
+                   sizeof(tok_pair)) != 0)
+    {
+        return LLM_ENOMEM;
+    }
+    return 0;
+}
+
+
 static void
 ws_free(tok_ws *ws)
 {
@@ -2368,10 +2407,8 @@ bpe_word(tok_ws *ws, const uint8_t *w, size_t n)
         }
         return 0;
     }
-    if (n > INT32_MAX / 2
-        || ws_grow((void **) &ws->sym, &ws->sym_cap, n, sizeof(tok_sym))
-        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * n + 2,
-                   sizeof(tok_pair)))
+    if (ws_reserve(ws, (void **) &ws->sym, &ws->sym_cap, n,
+                   sizeof(tok_sym)) != 0)
     {
         return LLM_ENOMEM;
     }
@@ -2427,12 +2464,7 @@ bpe_merge(tok_ws *ws, int32_t n)
         ws->sym[p.right].id = -2;           /* dead */
         ws->sym[p.right].next = -1;
 
-        /* the heap holds at most one live entry per adjacent pair plus
-         * stale ones; each merge adds two */
-        if (ws->heap_n + 2 > ws->heap_cap
-            && ws_grow((void **) &ws->heap, &ws->heap_cap,
-                       ws->heap_n + 2, sizeof(tok_pair)) != 0)
-        {
+        if (ws_heap_room(ws) != 0) {
             return LLM_ENOMEM;
         }
         bpe_try_pair(ws, ws->sym[p.left].prev, p.left);
@@ -2940,10 +2972,8 @@ spm_encode(tok_ws *ws, size_t n)
     if (n == 0) {
         return 0;
     }
-    if (n > INT32_MAX / 2
-        || ws_grow((void **) &ws->ssym, &ws->ssym_cap, n, sizeof(spm_sym))
-        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * n + 2,
-                   sizeof(tok_pair)))
+    if (ws_reserve(ws, (void **) &ws->ssym, &ws->ssym_cap, n,
+                   sizeof(spm_sym)) != 0)
     {
         return LLM_ENOMEM;
     }
@@ -2975,10 +3005,7 @@ spm_encode(tok_ws *ws, size_t n)
         if (sym[p.right].next >= 0) {
             sym[sym[p.right].next].prev = p.left;
         }
-        if (ws->heap_n + 2 > ws->heap_cap
-            && ws_grow((void **) &ws->heap, &ws->heap_cap,
-                       ws->heap_n + 2, sizeof(tok_pair)) != 0)
-        {
+        if (ws_heap_room(ws) != 0) {
             return LLM_ENOMEM;
         }
         spm_try_pair(ws, sym[p.left].prev, p.left);
@@ -3027,10 +3054,8 @@ spm_rank_encode(tok_ws *ws, size_t a, size_t b)
     if (b <= a) {
         return 0;
     }
-    if (b - a > INT32_MAX / 2
-        || ws_grow((void **) &ws->sym, &ws->sym_cap, b - a, sizeof(tok_sym))
-        || ws_grow((void **) &ws->heap, &ws->heap_cap, 2 * (b - a) + 2,
-                   sizeof(tok_pair)))
+    if (ws_reserve(ws, (void **) &ws->sym, &ws->sym_cap, b - a,
+                   sizeof(tok_sym)) != 0)
     {
         return LLM_ENOMEM;
     }
@@ -3088,12 +3113,12 @@ spm_fragment(tok_ws *ws, const char *s, size_t n, int space_prefix)
         return LLM_ENOMEM;
     }
     if (space_prefix) {
-        memcpy(ws->bytes, "\xe2\x96\x81", 3);
+        memcpy(ws->bytes, SPM_SPACE, 3);
         o = 3;
     }
     for (i = 0; i < n; i++) {
         if (s[i] == ' ') {
-            memcpy(ws->bytes + o, "\xe2\x96\x81", 3);
+            memcpy(ws->bytes + o, SPM_SPACE, 3);
             o += 3;
         } else {
             ws->bytes[o++] = (uint8_t) s[i];
@@ -3107,7 +3132,7 @@ spm_fragment(tok_ws *ws, const char *s, size_t n, int space_prefix)
     }
     for (w = 0, i = 1; i <= o; i++) {
         if (i == o || (i + 3 <= o
-                       && memcmp(ws->bytes + i, "\xe2\x96\x81", 3) == 0))
+                       && memcmp(ws->bytes + i, SPM_SPACE, 3) == 0))
         {
             if ((rc = spm_rank_encode(ws, w, i)) != 0) {
                 return rc;
@@ -3266,7 +3291,7 @@ spm_prefix_here(const llm_tokenizer *t, const char *text, const tok_frag *f)
 {
     int spaced = text[f->off] == ' '
                  || (f->len >= 3
-                     && memcmp(text + f->off, "\xe2\x96\x81", 3) == 0);
+                     && memcmp(text + f->off, SPM_SPACE, 3) == 0);
 
     switch (t->spm_prefix) {
     case SPM_PREFIX_EACH:

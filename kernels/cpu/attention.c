@@ -41,8 +41,10 @@
 /* Partials kept at once (one per item of a split context). */
 #define MAX_PARTIALS      256
 
-/* Tokens of one sequence that share an item. */
-#define TILE              4
+/* Tokens of one sequence that share an item: with transposed K blocks
+ * (kernels with attn_scores_kt), and without (Q8_0 pages only). */
+#define TILE              16
+#define TILE_CONVERTED    4
 
 
 typedef struct attn_item {
@@ -73,11 +75,15 @@ typedef struct attn_job {
                                            each token, -1 if not split */
     int32_t            *nparts;         /* [t1 - t0] its slots */
     float              *partial;        /* [partials, nh, hd + 2] */
-    float              *scores;         /* [n_threads, TILE, nh, s_stride] */
-    float              *obuf;           /* [n_threads, TILE, nh, hd + 2] */
+    float              *scores;         /* [n_threads, tile, nh, s_stride] */
+    float              *obuf;           /* [n_threads, tile, nh, hd + 2] */
     float              *rows;           /* [n_threads, block_size, kv row]
                                            f32 copies of a run's rows */
+    float              *kt;             /* [n_threads, kt_size] a block's
+                                           K rows of one head, transposed */
+    size_t              kt_size;
     int                 s_stride;
+    int                 tile;           /* tokens per item at most */
     _Atomic int64_t     next;
 } attn_job;
 
@@ -170,9 +176,62 @@ tile_rows(const attn_job *j, const uint8_t *row, int32_t cnt,
  * are in L1.  next: the item this thread runs after this one (-1:
  * none), whose first K rows are prefetched during this one's last V
  * rows. */
+/* The scores of a tile's tokens over one run of cnt positions (at its
+ * offset at from the item's start), from its rows converted to f32:
+ * each KV head's block transposed once, then every token whose context
+ * covers the run's groups of four positions in one call; a token's last
+ * positions short of a group of four, as alone. */
+static void
+tile_scores_kt(attn_job *j, const attn_item *it, const int32_t *end,
+               const float *r, int32_t cnt, int32_t at, float *sc,
+               float *kt)
+{
+    const llm_cpu_kernels *kn = &j->c->kern;
+    int                    g = j->g, hd = j->hd, nt = it->nt, kvh, k, k1, i;
+    size_t                 stride = (size_t) j->kv->n_kv_heads * hd;
+    size_t                 sc_tok = (size_t) j->nh * j->s_stride;
+    size_t                 q_tok = j->q->nb / sizeof(float);
+    const float           *q0 = (const float *) j->q->data
+                                + (size_t) it->t * q_tok;
+
+    for (kvh = 0; kvh < j->kv->n_kv_heads; kvh++) {
+        const float *rh = r + (size_t) kvh * hd;
+        size_t       qh = (size_t) kvh * g * hd;
+        size_t       sh = (size_t) kvh * g * j->s_stride + at;
+
+        kn->kt_build(rh, stride, cnt, hd, kt);
+        for (k = 0; k < nt; k = k1) {
+            int32_t nk = end[k] - (it->j0 + at), n4;
+
+            nk = nk < cnt ? nk : cnt;
+            k1 = k + 1;
+            if (nk <= 0) {
+                continue;
+            }
+            if (nk == cnt) {
+                k1 = nt;        /* the later tokens see the whole run too */
+            }
+            n4 = nk & ~3;
+            if (n4 > 0) {
+                kn->attn_scores_kt(kt, hd, q0 + (size_t) k * q_tok + qh, g,
+                                   q_tok, k1 - k, j->scale,
+                                   sc + k * sc_tok + sh, j->s_stride, sc_tok,
+                                   n4);
+            }
+            for (i = k; nk > n4 && i < k1; i++) {
+                kn->attn_scores(q0 + (size_t) i * q_tok + qh, g, hd,
+                                rh + (size_t) n4 * stride, LLM_F32, stride,
+                                nk - n4, j->scale, sc + i * sc_tok + sh + n4,
+                                j->s_stride, NULL);
+            }
+        }
+    }
+}
+
+
 static void
 attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
-              float *rows)
+              float *rows, float *kt)
 {
     const attn_item       *it = &j->items[idx];
     const llm_cpu_kernels *kn = &j->c->kern;
@@ -186,9 +245,15 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
     size_t                 sc_tok = (size_t) nh * j->s_stride;
     size_t                 slot_sz = (size_t) nh * (hd + 2);
     int                    tiled = nt > 1;
-    /* f32 rows (tiled: the converted copy) */
-    int                    rtype = tiled ? LLM_F32 : kv->type;
-    size_t                 rhb = tiled ? (size_t) hd * 4 : hb;
+    int                    kt_tiles = tiled && j->kt_size > 0;
+    /* K rows of a tile: converted to f32 once for its tokens (and
+     * transposed from that copy); V rows only from Q8_0 pages (the
+     * kernels convert F16 as fast as they would read an f32 copy) */
+    int                    ktype = tiled ? LLM_F32 : kv->type;
+    size_t                 khb = tiled ? (size_t) hd * 4 : hb;
+    int                    vconv = tiled && kv->type == LLM_Q8_0;
+    int                    vtype = vconv ? LLM_F32 : kv->type;
+    size_t                 vhb = vconv ? (size_t) hd * 4 : hb;
     const uint8_t         *v_first, *k_next = NULL;
     int32_t                end[TILE];
     float                 *slot[TILE];
@@ -216,20 +281,25 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
     FOR_EACH_RUN(j, j->kbase, v_first, s, it->j0, it->j1,
         const uint8_t *r_ = tiled ? tile_rows(j, row_, cnt_, next_, rows)
                                   : row_;
-        for (k = 0; k < nt; k++) {
-            int32_t nk = end[k] - (it->j0 + at_);
-            const float *q = (const float *) ((const uint8_t *) j->q->data
-                             + (size_t) (it->t + k) * j->q->nb);
+        if (kt_tiles) {
+            tile_scores_kt(j, it, end, (const float *) r_, cnt_, at_, sc, kt);
+        } else {
+            for (k = 0; k < nt; k++) {
+                int32_t nk = end[k] - (it->j0 + at_);
+                const float *q = (const float *) ((const uint8_t *)
+                                 j->q->data + (size_t) (it->t + k) * j->q->nb);
 
-            nk = nk < cnt_ ? nk : cnt_;
-            for (kvh = 0; nk > 0 && kvh < kv->n_kv_heads; kvh++) {
-                kn->attn_scores(q + (size_t) kvh * g * hd, g, hd,
-                                r_ + kvh * rhb, rtype, stride, nk, j->scale,
-                                sc + k * sc_tok
-                                + (size_t) kvh * g * j->s_stride + at_,
-                                j->s_stride,
-                                !tiled && next_ != NULL ? next_ + kvh * hb
-                                                        : NULL);
+                nk = nk < cnt_ ? nk : cnt_;
+                for (kvh = 0; nk > 0 && kvh < kv->n_kv_heads; kvh++) {
+                    kn->attn_scores(q + (size_t) kvh * g * hd, g, hd,
+                                    r_ + kvh * khb, ktype, stride, nk,
+                                    j->scale,
+                                    sc + k * sc_tok
+                                    + (size_t) kvh * g * j->s_stride + at_,
+                                    j->s_stride,
+                                    !tiled && next_ != NULL ? next_ + kvh * hb
+                                                            : NULL);
+                }
             }
         });
 
@@ -247,7 +317,7 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
     }
 
     FOR_EACH_RUN(j, j->vbase, k_next, s, it->j0, it->j1,
-        const uint8_t *r_ = tiled ? tile_rows(j, row_, cnt_, next_, rows)
+        const uint8_t *r_ = vconv ? tile_rows(j, row_, cnt_, next_, rows)
                                   : row_;
         for (k = 0; k < nt; k++) {
             int32_t nk = end[k] - (it->j0 + at_);
@@ -257,8 +327,8 @@ attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
                 kn->attn_accum(slot[k] + (size_t) kvh * g * hd, g, hd,
                                sc + k * sc_tok
                                + (size_t) kvh * g * j->s_stride + at_,
-                               j->s_stride, r_ + kvh * rhb, rtype, stride,
-                               nk, !tiled && next_ != NULL
+                               j->s_stride, r_ + kvh * vhb, vtype, stride,
+                               nk, !vconv && k == 0 && next_ != NULL
                                    ? next_ + kvh * hb : NULL);
             }
         });
@@ -286,10 +356,11 @@ static void
 attn_task(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
-    float    *sc = j->scores + (size_t) ith * TILE * j->nh * j->s_stride;
-    float    *obuf = j->obuf + (size_t) ith * TILE * j->nh * (j->hd + 2);
+    float    *sc = j->scores + (size_t) ith * j->tile * j->nh * j->s_stride;
+    float    *obuf = j->obuf + (size_t) ith * j->tile * j->nh * (j->hd + 2);
     float    *rows = j->rows + (size_t) ith * j->kv->block_size
                                * j->kv->n_kv_heads * j->hd;
+    float    *kt = j->kt + (size_t) ith * j->kt_size;
     int64_t   idx, next;
 
     /* each item is claimed one item ahead, so that its first rows can
@@ -298,7 +369,7 @@ attn_task(void *arg, int ith, int nth)
     while (idx < j->n_items) {
         next = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         attn_item_run(j, idx, next < j->n_items ? next : -1, sc, obuf,
-                      rows);
+                      rows, kt);
         idx = next;
     }
 }
@@ -363,9 +434,9 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     attn_job         j;
     int64_t          T, t, n_items, parts, width;
     int              nkv, rc, nt, k;
-    int              tile = kv != NULL && kv->type == LLM_Q8_0 ? TILE : 1;
+    int              tile;
     int32_t          maxlen;
-    size_t           sz_items, sz_first, sz_part, sz_sc, sz_o, sz_rows;
+    size_t           sz_items, sz_first, sz_part, sz_sc, sz_o, sz_rows, sz_kt;
     size_t           need;
     uint8_t         *mem;
 
@@ -407,6 +478,16 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     j.g = n_heads / nkv;
     j.hd = kv->head_dim;
     j.scale = scale;
+    /* tiles of a prefill chunk: with the K blocks transposed (kernels
+     * that have them, blocks of up to 16 positions); else only for Q8_0
+     * pages, whose rows the kernels would convert once per token */
+    if (c->kern.attn_scores_kt != NULL && kv->block_size <= 16) {
+        tile = TILE;
+    } else {
+        tile = kv->type == LLM_Q8_0 ? TILE_CONVERTED : 1;
+    }
+    j.tile = tile;
+    j.kt_size = tile == TILE ? (size_t) ((j.hd + 15) & ~15) * 16 : 0;
 
     /* buffers sized for the largest wave: every item of a split context
      * needs a partial; a wave holds MAX_PARTIALS of them, or one token */
@@ -429,13 +510,14 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     sz_items = align64((size_t) n_items * sizeof(attn_item));
     sz_first = align64(2 * ((size_t) T + 1) * sizeof(int32_t));
     sz_part = align64((size_t) parts * j.nh * (j.hd + 2) * sizeof(float));
-    sz_sc = align64((size_t) c->n_threads * TILE * j.nh * j.s_stride
+    sz_sc = align64((size_t) c->n_threads * tile * j.nh * j.s_stride
                     * sizeof(float));
-    sz_o = align64((size_t) c->n_threads * TILE * j.nh * (j.hd + 2)
+    sz_o = align64((size_t) c->n_threads * tile * j.nh * (j.hd + 2)
                    * sizeof(float));
     sz_rows = align64((size_t) c->n_threads * kv->block_size * nkv * j.hd
                       * sizeof(float));
-    need = sz_items + sz_first + sz_part + sz_sc + sz_o + sz_rows;
+    sz_kt = (size_t) c->n_threads * j.kt_size * sizeof(float);
+    need = sz_items + sz_first + sz_part + sz_sc + sz_o + sz_rows + sz_kt;
     if (need > c->attn_scratch_size) {
         void *p = llm_cpu_aligned_alloc(need + need / 4);
         if (p == NULL) {
@@ -454,6 +536,8 @@ llm_cpu_attention(llm_cpu_ctx *c, llm_tensor *out, const llm_tensor *q,
     j.scores = (float *) (mem + sz_items + sz_first + sz_part);
     j.obuf = (float *) (mem + sz_items + sz_first + sz_part + sz_sc);
     j.rows = (float *) (mem + sz_items + sz_first + sz_part + sz_sc + sz_o);
+    j.kt = (float *) (mem + sz_items + sz_first + sz_part + sz_sc + sz_o
+                      + sz_rows);
 
     for (j.t0 = 0; j.t0 < T; j.t0 = j.t1) {
         int64_t used = 0;

@@ -234,6 +234,22 @@ typedef struct llm_cpu_kernels {
     void  (*attn_accum)(float *o, int g, int hd, const float *p,
                         int p_stride, const void *v, int kv_type,
                         size_t stride, int n, const void *pf);
+
+    /*
+     * Prefill tiles (NULL where the kernels have none): kt_build writes n
+     * (<= 16) f32 rows of hd values, stride apart, transposed:
+     * kt[d * 16 + p] = row p's value d, for d < hd rounded up to 16 and
+     * p < 16 (zero past the rows and past hd; kt 64-byte aligned).
+     * attn_scores_kt gives nt tokens' g query heads (q + k * q_tok + h *
+     * hd) their scores against the first n (a multiple of 4) of those
+     * positions, s[k * s_tok + h * s_stride + i], the same bits as
+     * attn_scores gives each token alone over those positions.
+     */
+    void  (*kt_build)(const float *rows, size_t stride, int n, int hd,
+                      float *kt);
+    void  (*attn_scores_kt)(const float *kt, int hd, const float *q, int g,
+                            size_t q_tok, int nt, float scale, float *s,
+                            int s_stride, size_t s_tok, int n);
 } llm_cpu_kernels;
 
 /* Prefetches the cache lines of [p, p + bytes) (a hint; p may be any

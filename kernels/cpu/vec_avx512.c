@@ -367,6 +367,194 @@ attn_scores_avx512(const float *q, int g, int hd, const void *k,
 }
 
 
+/*
+ * Prefill tiles: the scores of many query rows against one block held
+ * transposed, kt[d][p] = k_p[d] (16 positions per vector), so that each
+ * position's sum is built from broadcast products without reducing
+ * across lanes.  The arithmetic is that of scores_tile with NP = 4, lane
+ * by lane: lane l of chunk c holds the chain over c of k[16c + l] *
+ * q[16c + l], and sum4 adds the 16 lanes as (C0 + C2) + (C1 + C3) with
+ * C_j = (x[4j] + x[4j+2]) + (x[4j+1] + x[4j+3]).  So a token's scores
+ * are the same bits in a tile as alone, for positions in whole groups
+ * of four (the caller does the rest with attn_scores).
+ */
+
+/* 16 x 16 f32 transpose in registers. */
+INLINE void
+transpose16(__m512 r[16])
+{
+    __m512 t[16], u[16];
+    int    i;
+
+#pragma GCC unroll 8
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    /* u[4i + j]: rows 4i .. 4i+3, column j of each 128-bit lane */
+#pragma GCC unroll 4
+    for (i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xdd);
+        t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xdd);
+    }
+#pragma GCC unroll 4
+    for (i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+        r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+    }
+}
+
+
+static void
+kt_build_avx512(const float *rows, size_t stride, int n, int hd, float *kt)
+{
+    int c, p;
+
+    for (c = 0; 16 * c < hd; c++) {
+        __mmask16 m = chunk_mask(hd, c);
+        __m512    r[16];
+
+#pragma GCC unroll 16
+        for (p = 0; p < 16; p++) {
+            r[p] = p < n ? _mm512_maskz_loadu_ps(m, rows + (size_t) p * stride
+                                                    + 16 * c)
+                         : _mm512_setzero_ps();
+        }
+        transpose16(r);
+#pragma GCC unroll 16
+        for (p = 0; p < 16; p++) {
+            _mm512_store_ps(kt + (size_t) (16 * c + p) * 16, r[p]);
+        }
+    }
+}
+
+
+/* Lane l's chain for R rows: the sum over chunks of kt[16c + l] q[16c + l]
+ * (a chunk past hd adds the +0 that a masked lane's product is). */
+INLINE void
+kt_chain(const float *kt, int hd, const float *const *qr, int R, int l,
+         __m512 *acc)
+{
+    int c, r;
+
+#pragma GCC unroll 4
+    for (r = 0; r < R; r++) {
+        acc[r] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 8
+    for (c = 0; 16 * c < hd; c++) {
+        int d = 16 * c + l;
+
+        if (d < hd) {
+            __m512 k = _mm512_load_ps(kt + (size_t) d * 16);
+#pragma GCC unroll 4
+            for (r = 0; r < R; r++) {
+                acc[r] = _mm512_fmadd_ps(k, _mm512_set1_ps(qr[r][d]), acc[r]);
+            }
+        } else {
+#pragma GCC unroll 4
+            for (r = 0; r < R; r++) {
+                acc[r] = _mm512_add_ps(acc[r], _mm512_setzero_ps());
+            }
+        }
+    }
+}
+
+
+/* C_j of sum4 for R rows: (x[4j] + x[4j+2]) + (x[4j+1] + x[4j+3]). */
+INLINE void
+kt_quad(const float *kt, int hd, const float *const *qr, int R, int j,
+        __m512 *cj)
+{
+    __m512 a[4], b[4], e[4];
+    int    r;
+
+    kt_chain(kt, hd, qr, R, 4 * j, a);
+    kt_chain(kt, hd, qr, R, 4 * j + 2, b);
+#pragma GCC unroll 4
+    for (r = 0; r < R; r++) {
+        e[r] = _mm512_add_ps(a[r], b[r]);
+    }
+    kt_chain(kt, hd, qr, R, 4 * j + 1, a);
+    kt_chain(kt, hd, qr, R, 4 * j + 3, b);
+#pragma GCC unroll 4
+    for (r = 0; r < R; r++) {
+        cj[r] = _mm512_add_ps(e[r], _mm512_add_ps(a[r], b[r]));
+    }
+}
+
+
+INLINE void
+kt_rows(const float *kt, int hd, const float *const *qr, int R, float scale,
+        float *const *sr, __mmask16 m)
+{
+    __m512 c0[4], c1[4], c2[4];
+    int    r;
+
+    kt_quad(kt, hd, qr, R, 0, c0);
+    kt_quad(kt, hd, qr, R, 2, c2);
+#pragma GCC unroll 4
+    for (r = 0; r < R; r++) {
+        c0[r] = _mm512_add_ps(c0[r], c2[r]);
+    }
+    kt_quad(kt, hd, qr, R, 1, c1);
+    kt_quad(kt, hd, qr, R, 3, c2);
+#pragma GCC unroll 4
+    for (r = 0; r < R; r++) {
+        __m512 v = _mm512_add_ps(c0[r], _mm512_add_ps(c1[r], c2[r]));
+        _mm512_mask_storeu_ps(sr[r], m, _mm512_mul_ps(v,
+                                                      _mm512_set1_ps(scale)));
+    }
+}
+
+
+static void
+attn_scores_kt_avx512(const float *kt, int hd, const float *q, int g,
+                      size_t q_tok, int nt, float scale, float *s,
+                      int s_stride, size_t s_tok, int n)
+{
+    __mmask16    m = n >= 16 ? 0xffff : (__mmask16) ((1u << n) - 1);
+    int          rows = nt * g, r0, r;
+    const float *qr[4];
+    float       *sr[4];
+
+    for (r0 = 0; r0 < rows; r0 += 4) {
+        int R = rows - r0 < 4 ? rows - r0 : 4;
+
+        for (r = 0; r < R; r++) {
+            int k = (r0 + r) / g, h = (r0 + r) % g;
+
+            qr[r] = q + (size_t) k * q_tok + (size_t) h * hd;
+            sr[r] = s + (size_t) k * s_tok + (size_t) h * s_stride;
+        }
+        /* the common head sizes with their loops unrolled */
+        if (R == 4 && hd == 64) {
+            kt_rows(kt, 64, qr, 4, scale, sr, m);
+        } else if (R == 4 && hd == 128) {
+            kt_rows(kt, 128, qr, 4, scale, sr, m);
+        } else {
+            switch (R) {
+            case 4: kt_rows(kt, hd, qr, 4, scale, sr, m); break;
+            case 3: kt_rows(kt, hd, qr, 3, scale, sr, m); break;
+            case 2: kt_rows(kt, hd, qr, 2, scale, sr, m); break;
+            default: kt_rows(kt, hd, qr, 1, scale, sr, m); break;
+            }
+        }
+    }
+}
+
+
 /* o[h][c0 .. c0+63] += sum_i p[h][i] v_i for G (<= 4) heads: 4 chunks of
  * 16 per head in registers, each V chunk converted once. */
 INLINE void
@@ -454,4 +642,6 @@ llm_cpu_vec_avx512(llm_cpu_kernels *k)
     k->silu_mul = silu_mul_avx512;
     k->attn_scores = attn_scores_avx512;
     k->attn_accum = attn_accum_avx512;
+    k->kt_build = kt_build_avx512;
+    k->attn_scores_kt = attn_scores_kt_avx512;
 }

@@ -1289,9 +1289,10 @@ kt_attn_run(llm_backend *be, int kv_type, int n_heads, int n_kv, int hd,
 /* Attention of a token alone, in batches with others, and on another
  * thread count: bit-identical rows. */
 static int
-kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
+kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type, int NH,
+                   int NKV, int HD, int BS)
 {
-    enum { NS = 3, NH = 9, NKV = 3, HD = 64, BS = 16, MB = 100 };
+    enum { NS = 3, MB = 1600 / 5 };
     static const int32_t lens[NS] = { 1500, 300, 40 };
     /* queries: (seq, pos) */
     static const int32_t qs[4] = { 0, 1, 2, 0 }, qp[4] = { 1499, 299, 39, 700 };
@@ -1300,7 +1301,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     llm_batch   b;
     int32_t     table[NS * MB], *tok, *pos, *seq, st[NS + 1];
     int         i, s, n = 0, ok = 1;
-    float      *k, *q, alone[4][NH * HD], batch[4 * NH * HD];
+    float      *k, *q, *alone, *batch;
     llm_tensor  tk, tq, to;
 
     memset(&kv, 0, sizeof(kv));
@@ -1315,7 +1316,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     kv.k = malloc(kv.layer_bytes);
     kv.v = malloc(kv.layer_bytes);
     for (i = 0; i < NS * MB; i++) {
-        table[i] = (i * 37 + 11) % (NS * MB);   /* 37 is coprime to 300 */
+        table[i] = (i * 37 + 11) % (NS * MB);   /* 37 is coprime to 960 */
     }
     /* store every position of every sequence */
     for (s = 0; s < NS; s++) {
@@ -1326,6 +1327,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     seq = malloc(n * 4);
     k = malloc((size_t) n * NKV * HD * 4);
     q = malloc(4 * NH * HD * 4);
+    alone = malloc(4 * NH * HD * 4);
+    batch = malloc(4 * NH * HD * 4);
     n = 0;
     for (s = 0; s < NS; s++) {
         st[s] = n;
@@ -1359,13 +1362,13 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
         b.tok_seq = &s1;
         b.tokens = &t0;
         tq = llm_tensor_of(q + i * NH * HD, LLM_F32, NH * HD, 1);
-        to = llm_tensor_of(alone[i], LLM_F32, NH * HD, 1);
+        to = llm_tensor_of(alone + i * NH * HD, LLM_F32, NH * HD, 1);
         ok &= be->ops->set_batch(be, &b) == 0
               && be->ops->attention(be, &to, &tq, &kv, 0, NH, 0.125f) == 0;
     }
     {
         int32_t bp[4], bsq[4], bt[4] = { 0, 0, 0, 0 };
-        float   bq[4 * NH * HD];
+        float  *bq = malloc(4 * NH * HD * 4);
         int     pass;
 
         for (i = 0; i < 4; i++) {
@@ -1384,7 +1387,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
             ok &= e->ops->set_batch(e, &b) == 0
                   && e->ops->attention(e, &to, &tq, &kv, 0, NH, 0.125f) == 0;
             for (i = 0; i < 4; i++) {
-                if (memcmp(batch + i * NH * HD, alone[order[i]],
+                if (memcmp(batch + i * NH * HD, alone + order[i] * NH * HD,
                            NH * HD * 4) != 0)
                 {
                     printf("       query %d differs in a batch (%d threads)\n",
@@ -1393,6 +1396,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
                 }
             }
         }
+        free(bq);
     }
     /* prefill chunks (tokens of one sequence at consecutive positions
      * share the work in tiles): seq 0 across the 1024-position range
@@ -1402,7 +1406,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
         enum { NC = 24 };
         int32_t cp[NC], cs[NC], ct[NC] = { 0 }, p1, s1, t0 = 0;
         float  *cq = malloc((size_t) NC * NH * HD * 4);
-        float  *co = malloc((size_t) NC * NH * HD * 4), one[NH * HD];
+        float  *co = malloc((size_t) NC * NH * HD * 4);
+        float  *one = malloc((size_t) NH * HD * 4);
 
         for (i = 0; i < NC; i++) {
             cs[i] = i < 14 ? 0 : 2;
@@ -1437,6 +1442,7 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
         }
         free(cq);
         free(co);
+        free(one);
     }
     free(kv.k);
     free(kv.v);
@@ -1445,6 +1451,8 @@ kt_attn_invariance(llm_backend *be, llm_backend *be1, int kv_type)
     free(seq);
     free(k);
     free(q);
+    free(alone);
+    free(batch);
     return ok;
 }
 
@@ -1555,14 +1563,17 @@ TEST_SUITE(kernels_attention)
 
         test(kt_name("attention rows are bit-identical alone, in a batch,"
                      " in a prefill chunk and on 1 thread, F16, F32 and"
-                     " Q8_0 pages (%s)",
-                     kt_isa_name[isa]));
+                     " Q8_0 pages, head_dim 64 / 36 / 128, blocks of 16 /"
+                     " 5 / 32 (%s)", kt_isa_name[isa]));
         {
             llm_backend *be1 = kt_open(isa, 1);
             test_cond(be1 != NULL
-                      && kt_attn_invariance(be, be1, LLM_F16)
-                      && kt_attn_invariance(be, be1, LLM_F32)
-                      && kt_attn_invariance(be, be1, LLM_Q8_0));
+                      && kt_attn_invariance(be, be1, LLM_F16, 9, 3, 64, 16)
+                      && kt_attn_invariance(be, be1, LLM_F32, 9, 3, 64, 16)
+                      && kt_attn_invariance(be, be1, LLM_Q8_0, 9, 3, 64, 16)
+                      && kt_attn_invariance(be, be1, LLM_F16, 4, 2, 36, 5)
+                      && kt_attn_invariance(be, be1, LLM_F32, 8, 2, 128, 16)
+                      && kt_attn_invariance(be, be1, LLM_Q8_0, 4, 1, 96, 32));
             if (be1 != NULL) {
                 be1->ops->free(be1);
             }

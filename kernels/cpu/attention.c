@@ -19,15 +19,16 @@
  * processed in waves so that the partials of a long prefill stay within
  * a bounded buffer.
  *
- * With Q8_0 pages, consecutive tokens of one sequence (a prefill chunk)
- * share items, up to TILE of them: each block's K and V rows are
- * converted to f32 once and read by every token of the tile, instead of
- * converted by the kernels once per token.  Each token still goes
- * through the same kernel calls over the same runs of positions, and the
- * conversion is exact (the floats the kernels would make themselves), so
- * its output is the same bits as alone.  (F16 pages do not gain: their
- * conversion is one instruction per 16 values, and reading f32 copies
- * doubles the bytes the kernels load: 10-15% slower, measured.)
+ * Consecutive tokens of one sequence (a prefill chunk) share items, up
+ * to TILE of them.  Each block's K rows are converted to f32 once for
+ * the tile and transposed (kt_build), so that every token's scores over
+ * the block come from broadcast products, summed lane by lane in the
+ * order the per-token kernel sums them (attn_scores_kt): the same bits
+ * as the token alone, without its reductions across lanes.  V rows are
+ * read in place, or converted once per tile from Q8_0 pages (converting
+ * F16 is one instruction per 16 values; an f32 copy only doubles the
+ * bytes loaded).  Kernels without attn_scores_kt tile only Q8_0 pages,
+ * TILE_CONVERTED tokens sharing the converted rows.
  */
 #include "cpu.h"
 

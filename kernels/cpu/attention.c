@@ -171,12 +171,6 @@ tile_rows(const attn_job *j, const uint8_t *row, int32_t cnt,
 }
 
 
-/* One item: every query head of the tile's tokens over positions
- * [j0, j1) (each token up to its own length).  A token alone reads the
- * pages in place, its KV heads one after the other while a run's rows
- * are in L1.  next: the item this thread runs after this one (-1:
- * none), whose first K rows are prefetched during this one's last V
- * rows. */
 /* The scores of a tile's tokens over one run of cnt positions (at its
  * offset at from the item's start), from its rows converted to f32:
  * each KV head's block transposed once, then every token whose context
@@ -230,6 +224,12 @@ tile_scores_kt(attn_job *j, const attn_item *it, const int32_t *end,
 }
 
 
+/* One item: every query head of the tile's tokens over positions
+ * [j0, j1) (each token up to its own length).  A token alone reads the
+ * pages in place, its KV heads one after the other while a run's rows
+ * are in L1.  next: the item this thread runs after this one (-1:
+ * none), whose first K rows are prefetched during this one's last V
+ * rows. */
 static void
 attn_item_run(attn_job *j, int64_t idx, int64_t next, float *sc, float *obuf,
               float *rows, float *kt)

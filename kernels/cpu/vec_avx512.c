@@ -196,10 +196,16 @@ INLINE __m512
 kv_load(const void *p, int type, size_t i, __mmask16 m)
 {
     if (type == LLM_Q8_0) {
-        /* 16 lanes never straddle a block: i % 16 == 0 */
+        /* 16 lanes never straddle a block: i % 16 == 0; a chunk wholly
+         * past the row (accum_g's groups of four chunks) has no block,
+         * so no scale to read */
         const uint8_t *b = (const uint8_t *) p + i / 32 * 34;
-        __m512         d = _mm512_cvtph_ps(_mm256_set1_epi16(
-                               *(const short *) b));
+        __m512         d;
+
+        if (m == 0) {
+            return _mm512_setzero_ps();
+        }
+        d = _mm512_cvtph_ps(_mm256_set1_epi16(*(const short *) b));
 
         return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
             _mm_maskz_loadu_epi8(m, b + 2 + i % 32))));
